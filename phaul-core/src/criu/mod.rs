@@ -1,0 +1,11 @@
+//! Driving CRIU: finding the binary, its RPC (`criu swrk`), and the options phaul hands it.
+
+mod locate;
+mod log;
+mod options;
+pub mod rpc;
+
+pub use locate::{locate_criu, CriuLocation, LocateError, MIN_CRIU, SETUP_DEFAULT_CRIU};
+pub use log::error_lines;
+pub use options::{build_opts, network_lock_method};
+pub use rpc::{Criu, CriuError, Features, NotifyHandler, SwrkSession, Version};

@@ -1,0 +1,43 @@
+//! The iteration engine: the source side (`phaul migrate`) and the destination side (`phaul serve`).
+//!
+//! docs/protocol.md has the conversation between them as a sequence diagram.
+
+mod destination;
+mod files;
+mod policy;
+mod progress;
+mod report;
+mod source;
+
+use std::fs::DirBuilder;
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::Path;
+
+pub use destination::{serve_session, DestinationChannels, DestinationConfig, ServeError, ServeSummary};
+pub use files::FileTransferError;
+pub use policy::{PhaulPolicy, StopReason};
+pub use progress::Progress;
+pub use report::{ChannelBytes, MemoryStrategy, Report, RoundReport};
+pub use source::{migrate, MigrateError, PreDump, SourceChannels, SourceConfig};
+
+/// Where images go when `--img-path` is not given. Images hold the workload's memory, so directories are 0700.
+pub const DEFAULT_IMG_PATH: &str = "/var/lib/phaul/images";
+
+/// Default bound on any single wait for the peer or for CRIU.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 600;
+
+/// Creates `dir` (and its parents) readable only by its owner.
+pub(crate) fn private_dir(dir: &Path, parents: bool) -> io::Result<()> {
+    DirBuilder::new().recursive(parents).mode(0o700).create(dir)
+}
+
+/// The system page size.
+pub(crate) fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().map(|v| v as u64).unwrap_or(4096)
+}
+
+/// Turns an operator-given id into something safe inside a directory name.
+pub(crate) fn sanitize(id: &str) -> String {
+    id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).take(48).collect()
+}

@@ -1,0 +1,162 @@
+//! The migration report: what `phaul migrate` prints at the end, and emits as JSON with `--json`.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::images::{DumpStats, RestoreStats};
+
+/// One memory round.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundReport {
+    pub round: u32,
+    /// `pre-dump` (the workload keeps running) or `dump` (the final one, frozen).
+    pub kind: &'static str,
+    pub pages_scanned: u64,
+    pub pages_written: u64,
+    pub pages_skipped_parent: u64,
+    pub bytes_written: u64,
+    pub duration_ms: f64,
+    /// Pages written per second of the round, in MiB/s.
+    pub rate_mib_s: f64,
+}
+
+impl RoundReport {
+    pub fn new(round: u32, kind: &'static str, s: &DumpStats, duration_ms: f64, page_size: u64) -> Self {
+        let bytes = s.pages_written * page_size;
+        let secs = duration_ms / 1000.0;
+        RoundReport {
+            round,
+            kind,
+            pages_scanned: s.pages_scanned,
+            pages_written: s.pages_written,
+            pages_skipped_parent: s.pages_skipped_parent,
+            bytes_written: bytes,
+            duration_ms,
+            rate_mib_s: if secs > 0.0 { bytes as f64 / (1 << 20) as f64 / secs } else { 0.0 },
+        }
+    }
+}
+
+/// How memory was moved, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryStrategy {
+    /// `pre-copy` or `stop-and-copy`.
+    pub strategy: &'static str,
+    pub reason: String,
+    pub stop_reason: Option<String>,
+}
+
+/// Bytes per channel.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChannelBytes {
+    /// Control messages, both directions.
+    pub control: u64,
+    /// Memory pages CRIU sent to the destination's page server (from CRIU's stats: pages written × page size).
+    pub memory_pages: u64,
+    /// Non-page image files and the host type's extra files, sent by phaul on the memory channel.
+    pub memory_images: u64,
+    /// What the filesystem driver reports it moved.
+    pub filesystem: u64,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// `migrated`, or `failed` (the workload still runs on the source).
+    pub outcome: &'static str,
+    pub error: Option<String>,
+    pub htype: String,
+    pub id: String,
+    pub fs_driver: String,
+    pub mode: &'static str,
+    pub memory: MemoryStrategy,
+    pub source_criu: String,
+    pub destination_criu: String,
+    pub rounds: Vec<RoundReport>,
+    pub fs_rounds: u32,
+    pub total_ms: f64,
+    /// How long the workload was frozen (CRIU's own measure; it includes the restore on the destination, because
+    /// the source stays frozen until the destination confirms).
+    pub frozen_ms: Option<f64>,
+    /// The destination's RESTORE request, as phaul measured it.
+    pub restore_ms: Option<f64>,
+    /// CRIU's own measure of the restore.
+    pub criu_restore_ms: Option<f64>,
+    pub restore_stats: Option<RestoreStats>,
+    pub channels: ChannelBytes,
+    pub source_pid: Option<i32>,
+    pub restored_pid: Option<i32>,
+    pub source_images: Option<String>,
+    pub destination_images: Option<String>,
+    pub images_kept: bool,
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "migration of {} {}: {}", self.htype, self.id, self.outcome)?;
+        if let Some(e) = &self.error {
+            writeln!(f, "  error:        {e}")?;
+        }
+        writeln!(f, "  memory:       {} ({})", self.memory.strategy, self.memory.reason)?;
+        if let Some(s) = &self.memory.stop_reason {
+            writeln!(f, "  pre-copy end: {s}")?;
+        }
+        writeln!(
+            f,
+            "  filesystem:   {} ({} rounds, {})",
+            self.fs_driver,
+            self.fs_rounds,
+            mib(self.channels.filesystem)
+        )?;
+        writeln!(f, "  CRIU:         source {}, destination {}", self.source_criu, self.destination_criu)?;
+        writeln!(f, "  total time:   {:.0} ms", self.total_ms)?;
+        if let Some(v) = self.frozen_ms {
+            writeln!(f, "  frozen time:  {v:.0} ms")?;
+        }
+        if let Some(v) = self.restore_ms {
+            write!(f, "  restore time: {v:.0} ms")?;
+            if let Some(c) = self.criu_restore_ms {
+                write!(f, " (CRIU: {c:.0} ms)")?;
+            }
+            writeln!(f)?;
+        }
+        writeln!(f, "  rounds:")?;
+        writeln!(
+            f,
+            "    {:>5}  {:<8}  {:>10}  {:>10}  {:>10}  {:>10}",
+            "round", "kind", "written", "skipped", "ms", "MiB/s"
+        )?;
+        for r in &self.rounds {
+            writeln!(
+                f,
+                "    {:>5}  {:<8}  {:>10}  {:>10}  {:>10.0}  {:>10.1}",
+                r.round, r.kind, r.pages_written, r.pages_skipped_parent, r.duration_ms, r.rate_mib_s
+            )?;
+        }
+        writeln!(
+            f,
+            "  channels:     control {}, memory {} pages + {} images, filesystem {}",
+            mib(self.channels.control),
+            mib(self.channels.memory_pages),
+            mib(self.channels.memory_images),
+            mib(self.channels.filesystem)
+        )?;
+        if let (Some(a), Some(b)) = (self.source_pid, self.restored_pid) {
+            writeln!(f, "  pid:          {a} on the source, {b} on the destination")?;
+        }
+        if self.images_kept {
+            if let Some(p) = &self.source_images {
+                writeln!(f, "  images kept:  {p} (source)")?;
+            }
+            if let Some(p) = &self.destination_images {
+                writeln!(f, "                {p} (destination)")?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,616 @@
+//! The source side of a live migration.
+//!
+//! Invariant: until the destination has confirmed a restore, the workload is never killed. Every failure before
+//! that point leaves it running: either CRIU was never asked to freeze it, or the failure happens inside CRIU's
+//! `post-dump` notification, which phaul answers with an error so that CRIU resumes the tree.
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use abi_stable::std_types::RResult;
+use phaul_abi::{CriuStage, Outcome, PluginError};
+use phaul_proto::criu::{CriuOpts, CriuPageServerInfo, CriuReqType};
+use phaul_proto::wire::envelope::Body;
+use phaul_proto::wire::{
+    self as w, ChannelKind, ChannelOpen, CpuCheck, EndRound, Finish, FsRoundDone, Hello, KeyValue, Restore, Setup,
+    StartRound,
+};
+use phaul_proto::PROTOCOL_VERSION;
+
+use super::files::{self, FileTransferError};
+use super::policy::PhaulPolicy;
+use super::report::{ChannelBytes, MemoryStrategy, Report, RoundReport};
+use super::{page_size, private_dir, sanitize, Progress};
+use crate::criu::{build_opts, rpc, Criu, CriuError, Features, Version, MIN_CRIU};
+use crate::images::{self, ImageError};
+use crate::plugins::{PluginLoadError, Registry};
+use crate::transport::{self, Channel, ChannelName, TransportError};
+use crate::wire::{self, WireError};
+use crate::{expect_reply, sys};
+
+/// `--pre-dump`: whether to run pre-copy rounds before the final dump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreDump {
+    /// When CRIU can track memory on this kernel and the host type allows it.
+    Auto,
+    /// Always; fail before touching the workload when it cannot be done.
+    On,
+    /// Never: stop-and-copy.
+    Off,
+}
+
+/// What the operator asked for.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub htype: String,
+    pub id: String,
+    pub htype_options: Vec<(String, String)>,
+    pub fs: Option<String>,
+    pub fs_options: Vec<(String, String)>,
+    pub pre_dump: PreDump,
+    pub policy: PhaulPolicy,
+    pub keep_images: bool,
+    pub img_path: PathBuf,
+    pub skip_cpu_check: bool,
+    pub skip_criu_check: bool,
+    pub timeout: Duration,
+    pub progress: bool,
+    /// A file on the destination to write the restored root pid into.
+    pub dst_rpid: Option<PathBuf>,
+}
+
+/// How the source reaches the destination.
+#[derive(Debug)]
+pub enum SourceChannels {
+    /// Connections handed in by a caller.
+    Given { rpc: Channel, mem: Channel, fs: Option<Channel> },
+    /// phaul connects to `phaul serve --listen ADDR` itself.
+    Connect { addr: String },
+}
+
+/// Why a migration failed. In every case the report says whether the workload still runs on the source.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Plugin(#[from] PluginLoadError),
+    #[error("the {role} {kind} driver '{name}' failed: {error}")]
+    Driver { role: &'static str, kind: &'static str, name: String, error: PluginError },
+    #[error(transparent)]
+    Criu(#[from] CriuError),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Files(#[from] FileTransferError),
+    #[error(transparent)]
+    Images(#[from] ImageError),
+    #[error("cannot create the image directory {path}: {source}; choose another with --img-path")]
+    ImageDir { path: PathBuf, source: std::io::Error },
+    #[error("pre-copy was requested with --pre-dump on, but {reason}; use --pre-dump auto or off")]
+    PreDumpUnavailable { reason: String },
+    #[error("no filesystem driver is chosen for host type '{htype}': pass --fs NAME, or add [host-type.{htype}] fs = \"NAME\" to {config}")]
+    NoFsDriver { htype: String, config: PathBuf },
+    #[error("the destination speaks phaul protocol version {theirs}, this source speaks {ours}; run the same phaul release on both hosts")]
+    Protocol { ours: u32, theirs: u32 },
+    #[error("this host's CRIU {found} is older than {min}, the oldest phaul supports; run scripts/setup or point --criu at a newer CRIU")]
+    CriuTooOld { found: String, min: String },
+    #[error("after CRIU reported a successful dump, the source tree (pid {pid}) is still alive; the destination copy was removed and the source keeps running")]
+    SourceSurvived { pid: i32 },
+}
+
+impl MigrateError {
+    fn driver(role: &'static str, kind: &'static str, name: &str, error: PluginError) -> Self {
+        MigrateError::Driver { role, kind, name: name.to_string(), error }
+    }
+}
+
+fn plugin<T>(r: RResult<T, PluginError>, kind: &'static str, name: &str) -> Result<T, MigrateError> {
+    r.into_result().map_err(|e| MigrateError::driver("source", kind, name, e))
+}
+
+fn kvs(v: &[(String, String)]) -> Vec<KeyValue> {
+    v.iter().map(|(k, v)| KeyValue { key: k.clone(), value: v.clone() }).collect()
+}
+
+fn wire_version(v: &Version) -> w::CriuVersion {
+    w::CriuVersion { major: v.major, minor: v.minor, sublevel: v.sublevel, text: v.to_string() }
+}
+
+fn version_text(v: &Option<w::CriuVersion>) -> String {
+    v.as_ref().map(|v| v.text.clone()).unwrap_or_else(|| "unknown".into())
+}
+
+/// Runs one migration. Always returns a report; the error, if any, is also in the report.
+pub fn migrate(
+    reg: &Registry,
+    criu: &Criu,
+    cfg: &SourceConfig,
+    channels: SourceChannels,
+) -> (Report, Result<(), MigrateError>) {
+    let started = Instant::now();
+    let mut run = SourceRun::new(cfg);
+    let result = run.run(reg, criu, channels);
+    let mut report = run.report;
+    report.total_ms = started.elapsed().as_secs_f64() * 1000.0;
+    match &result {
+        Ok(()) => report.outcome = "migrated",
+        Err(e) => {
+            report.outcome = if run.migrated { "migrated" } else { "failed" };
+            report.error = Some(e.to_string());
+            report.images_kept = report.source_images.is_some();
+        }
+    }
+    (report, result)
+}
+
+struct SourceRun<'c> {
+    cfg: &'c SourceConfig,
+    report: Report,
+    progress: Progress,
+    migrated: bool,
+    final_fs_round: u32,
+}
+
+/// Everything a running migration holds.
+struct Live {
+    rpc: Channel,
+    mem: Channel,
+    fs_ch: Option<Channel>,
+    htype: phaul_abi::HostTypeBox,
+    fs: phaul_abi::FsSenderBox,
+    fs_name: String,
+    root_pid: i32,
+    dir: PathBuf,
+}
+
+impl<'c> SourceRun<'c> {
+    fn new(cfg: &'c SourceConfig) -> Self {
+        SourceRun {
+            cfg,
+            progress: Progress::new(cfg.progress),
+            migrated: false,
+            final_fs_round: 0,
+            report: Report {
+                outcome: "failed",
+                error: None,
+                htype: cfg.htype.clone(),
+                id: cfg.id.clone(),
+                fs_driver: cfg.fs.clone().unwrap_or_default(),
+                mode: "live",
+                memory: MemoryStrategy {
+                    strategy: "stop-and-copy",
+                    reason: "not decided yet".into(),
+                    stop_reason: None,
+                },
+                source_criu: String::new(),
+                destination_criu: String::new(),
+                rounds: Vec::new(),
+                fs_rounds: 0,
+                total_ms: 0.0,
+                frozen_ms: None,
+                restore_ms: None,
+                criu_restore_ms: None,
+                restore_stats: None,
+                channels: ChannelBytes::default(),
+                source_pid: None,
+                restored_pid: None,
+                source_images: None,
+                destination_images: None,
+                images_kept: cfg.keep_images,
+            },
+        }
+    }
+
+    fn run(&mut self, reg: &Registry, criu: &Criu, channels: SourceChannels) -> Result<(), MigrateError> {
+        let cfg = self.cfg;
+        // Everything local is checked before the destination is contacted, and long before the workload is touched.
+        let version = criu.version()?;
+        self.report.source_criu = version.to_string();
+        if version.triple() < MIN_CRIU {
+            return Err(MigrateError::CriuTooOld {
+                found: version.to_string(),
+                min: format!("{}.{}.{}", MIN_CRIU.0, MIN_CRIU.1, MIN_CRIU.2),
+            });
+        }
+        let session =
+            sys::random_hex(6).map_err(|source| MigrateError::ImageDir { path: cfg.img_path.clone(), source })?;
+        private_dir(&cfg.img_path, true)
+            .map_err(|source| MigrateError::ImageDir { path: cfg.img_path.clone(), source })?;
+        let dir = cfg.img_path.join(format!("{}-{}-{session}-source", sanitize(&cfg.htype), sanitize(&cfg.id)));
+        private_dir(&dir, false).map_err(|source| MigrateError::ImageDir { path: dir.clone(), source })?;
+        self.report.source_images = Some(dir.display().to_string());
+
+        let mut htype = reg.new_host_type(&cfg.htype, phaul_abi::Role::Source, &cfg.id, &cfg.htype_options, &dir)?;
+        let root_pid = plugin(htype.root_pid(), "host type", &cfg.htype)?;
+        self.report.source_pid = Some(root_pid);
+        let fs_name = match cfg.fs.clone().or_else(|| reg.default_fs(&cfg.htype).map(str::to_string)) {
+            Some(f) => f,
+            None => {
+                return Err(MigrateError::NoFsDriver {
+                    htype: cfg.htype.clone(),
+                    config: reg.config_path().to_path_buf(),
+                })
+            }
+        };
+        self.report.fs_driver = fs_name.clone();
+        let features = criu.features()?;
+        let pre_copy = self.decide_pre_copy(features, htype.can_pre_dump())?;
+
+        // Connect (or take) the channels and greet the destination.
+        let (mut rpc, given, addr) = match channels {
+            SourceChannels::Given { rpc, mem, fs } => (rpc, Some((mem, fs)), None),
+            SourceChannels::Connect { addr } => {
+                (transport::connect(&addr, ChannelName::Rpc, Duration::from_secs(10))?, None, Some(addr))
+            }
+        };
+        let _ = rpc.set_read_timeout(cfg.timeout);
+        self.progress.phase("greeting the destination");
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            phaul_version: env!("CARGO_PKG_VERSION").into(),
+            criu: Some(wire_version(&version)),
+            session: session.clone(),
+            skip_criu_check: cfg.skip_criu_check,
+        };
+        let reply = expect_reply!(wire::request(&mut rpc, Body::Hello(hello))?, HelloReply)?;
+        if reply.protocol_version != PROTOCOL_VERSION {
+            return Err(MigrateError::Protocol { ours: PROTOCOL_VERSION, theirs: reply.protocol_version });
+        }
+        self.report.destination_criu = version_text(&reply.criu);
+        let (mem, fs_ch) = match (given, addr) {
+            (Some(g), _) => g,
+            (None, Some(addr)) => {
+                // Own TCP: the other two channels open once the destination knows the session.
+                let open = |name, kind: ChannelKind| -> Result<Channel, MigrateError> {
+                    let mut c = transport::connect(&addr, name, Duration::from_secs(10))?;
+                    wire::send(&mut c, Body::ChannelOpen(ChannelOpen { session: session.clone(), kind: kind as i32 }))?;
+                    Ok(c)
+                };
+                (
+                    open(ChannelName::Mem, ChannelKind::ChannelMemory)?,
+                    Some(open(ChannelName::Fs, ChannelKind::ChannelFs)?),
+                )
+            }
+            (None, None) => unreachable!("channels are either given or connected"),
+        };
+        let _ = mem.set_read_timeout(cfg.timeout);
+
+        let fs_roots =
+            plugin(htype.fs_roots(), "host type", &cfg.htype)?.into_iter().map(|s| s.into_string()).collect::<Vec<_>>();
+        let fs_fd = fs_ch.as_ref().map(|c| c.as_fd().as_raw_fd());
+        let fs = reg.new_fs_sender(&fs_name, &cfg.fs_options, fs_fd, &fs_roots, &dir)?;
+
+        let mut live = Live { rpc, mem, fs_ch, htype, fs, fs_name, root_pid, dir };
+        let result = self.migrate_live(criu, &mut live, pre_copy, &session, &fs_roots);
+        self.tally(&live);
+        match &result {
+            Ok(()) => {
+                let _ = live.fs.finish(Outcome::Migrated);
+                let _ = live.htype.finish(Outcome::Migrated);
+                if !cfg.keep_images {
+                    if let Err(e) = std::fs::remove_dir_all(&live.dir) {
+                        log::warn!("could not remove {}: {e}", live.dir.display());
+                    }
+                }
+            }
+            Err(e) => {
+                if !self.migrated {
+                    // Tell the destination to drop whatever it holds; the workload stays here.
+                    let _ = live.rpc.set_read_timeout(Duration::from_secs(30));
+                    let _ =
+                        wire::request(&mut live.rpc, Body::Finish(Finish { migrated: false, reason: e.to_string() }));
+                    let _ = live.fs.finish(Outcome::RolledBack);
+                    let _ = live.htype.finish(Outcome::RolledBack);
+                }
+            }
+        }
+        self.progress.done();
+        result
+    }
+
+    fn tally(&mut self, live: &Live) {
+        let (s, r) = live.rpc.counters();
+        self.report.channels.control = s + r;
+        let (ms, _) = live.mem.counters();
+        self.report.channels.memory_images = ms;
+    }
+
+    fn decide_pre_copy(&mut self, f: Features, htype_allows: bool) -> Result<bool, MigrateError> {
+        let missing = if !f.mem_track {
+            Some("CRIU reports that this kernel cannot track dirty memory (it needs CONFIG_MEM_SOFT_DIRTY)".to_string())
+        } else if !htype_allows {
+            Some(format!("the '{}' host type does not allow pre-dumps", self.cfg.htype))
+        } else {
+            None
+        };
+        let (pre, reason) = match (self.cfg.pre_dump, missing) {
+            (PreDump::Off, _) => (false, "--pre-dump off".to_string()),
+            (PreDump::On, Some(reason)) => return Err(MigrateError::PreDumpUnavailable { reason }),
+            (PreDump::On, None) => (true, "--pre-dump on".to_string()),
+            (PreDump::Auto, Some(reason)) => (false, reason),
+            (PreDump::Auto, None) => (true, "memory tracking is available".to_string()),
+        };
+        self.report.memory =
+            MemoryStrategy { strategy: if pre { "pre-copy" } else { "stop-and-copy" }, reason, stop_reason: None };
+        Ok(pre)
+    }
+
+    fn migrate_live(
+        &mut self,
+        criu: &Criu,
+        live: &mut Live,
+        pre_copy: bool,
+        _session: &str,
+        fs_roots: &[String],
+    ) -> Result<(), MigrateError> {
+        let cfg = self.cfg;
+        if !cfg.skip_cpu_check {
+            self.progress.phase("checking the destination's CPU");
+            let cpu_dir = live.dir.join("cpuinfo");
+            private_dir(&cpu_dir, false).map_err(|source| MigrateError::ImageDir { path: cpu_dir.clone(), source })?;
+            let image = criu.cpuinfo_dump(&cpu_dir)?;
+            expect_reply!(
+                wire::request(&mut live.rpc, Body::CpuCheck(CpuCheck { cpuinfo_image: image }))?,
+                CpuCheckReply
+            )?;
+        }
+        let setup = Setup {
+            htype: cfg.htype.clone(),
+            id: cfg.id.clone(),
+            mode: w::Mode::Live as i32,
+            htype_options: kvs(&cfg.htype_options),
+            fs_driver: live.fs_name.clone(),
+            fs_options: kvs(&cfg.fs_options),
+            fs_roots: fs_roots.to_vec(),
+            keep_images: cfg.keep_images,
+            has_fs_channel: live.fs_ch.is_some(),
+            dst_rpid: cfg.dst_rpid.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        };
+        let reply = expect_reply!(wire::request(&mut live.rpc, Body::Setup(setup))?, SetupReply)?;
+        self.report.destination_images = Some(reply.image_dir);
+        plugin(live.fs.start(), "filesystem", &live.fs_name)?;
+
+        // Memory rounds and filesystem rounds are numbered separately; each pre-dump round is followed by one
+        // filesystem round, and stop-and-copy still syncs the filesystem once while the workload runs.
+        let mut round = 0u32;
+        let mut fs_round = 0u32;
+        if pre_copy {
+            let mut history = Vec::new();
+            loop {
+                round += 1;
+                let stats = self.memory_round(criu, live, round)?;
+                history.push(stats);
+                fs_round += 1;
+                self.fs_round(live, fs_round, false)?;
+                if let Some(why) = cfg.policy.should_stop(&history) {
+                    self.report.memory.stop_reason = Some(
+                        match why {
+                            super::StopReason::MaxRounds => "reached the round limit",
+                            super::StopReason::SmallEnough => "the last round wrote few enough pages",
+                            super::StopReason::Growing => "the pages written grew from one round to the next",
+                        }
+                        .to_string(),
+                    );
+                    break;
+                }
+            }
+        } else {
+            self.progress.phase("syncing the filesystem");
+            fs_round += 1;
+            self.fs_round(live, fs_round, false)?;
+        }
+        round += 1;
+        self.final_fs_round = fs_round + 1;
+        self.final_dump(criu, live, round, pre_copy)
+    }
+
+    fn round_dir(&self, live: &Live, round: u32) -> Result<PathBuf, MigrateError> {
+        let d = live.dir.join(round.to_string());
+        private_dir(&d, false).map_err(|source| MigrateError::ImageDir { path: d.clone(), source })?;
+        Ok(d)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn base_opts(
+        &self,
+        live: &mut Live,
+        dir: &Path,
+        log: &str,
+        stage: CriuStage,
+    ) -> Result<(CriuOpts, rpc::OpenDir, Vec<(std::os::fd::OwnedFd, i32)>), MigrateError> {
+        let (base, open_dir) = rpc::dir_opts(dir, log)?;
+        let mut fds = Vec::new();
+        let h = plugin(live.htype.criu_options(stage), "host type", &self.cfg.htype)?;
+        let mut opts = build_opts(base, &h);
+        opts.pid = Some(live.root_pid);
+        opts.ps = Some(CriuPageServerInfo { fd: Some(rpc::MEM_FD), ..Default::default() });
+        if !live.fs.persistent_inodes() {
+            opts.force_irmap = Some(true);
+        }
+        let mem =
+            live.mem.dup_fd().map_err(|source| CriuError::Io { op: "handing CRIU the memory channel", source })?;
+        fds.push((mem, rpc::MEM_FD));
+        Ok((opts, open_dir, fds))
+    }
+
+    fn memory_round(&mut self, criu: &Criu, live: &mut Live, round: u32) -> Result<images::DumpStats, MigrateError> {
+        self.progress.phase(&format!("round {round}: pre-dump"));
+        let dir = self.round_dir(live, round)?;
+        expect_reply!(
+            wire::request(&mut live.rpc, Body::StartRound(StartRound { round, r#final: false }))?,
+            StartRoundReply
+        )?;
+        let (mut opts, _open_dir, fds) = self.base_opts(live, &dir, "pre-dump.log", CriuStage::PreDump)?;
+        opts.track_mem = Some(true);
+        if round > 1 {
+            opts.parent_img = Some(format!("../{}", round - 1));
+        }
+        let t = Instant::now();
+        let mut s = criu.start(fds, Some(&dir.join("criu-stderr.log")))?;
+        s.set_log(dir.join("pre-dump.log"));
+        s.call("PRE_DUMP", rpc::req(CriuReqType::PreDump, Some(opts)), &mut |_, _| Ok(()))?;
+        drop(s);
+        expect_reply!(wire::request(&mut live.rpc, Body::EndRound(EndRound { round }))?, EndRoundReply)?;
+        let secs = t.elapsed().as_secs_f64();
+        let stats = images::read_dump_stats(&dir)?;
+        let r = RoundReport::new(round, "pre-dump", &stats, secs * 1000.0, page_size());
+        self.progress.round(round, "pre-dump", r.bytes_written, secs);
+        self.report.channels.memory_pages += r.bytes_written;
+        self.report.rounds.push(r);
+        Ok(stats)
+    }
+
+    fn fs_round(&mut self, live: &mut Live, round: u32, frozen: bool) -> Result<(), MigrateError> {
+        let moved = if frozen { live.fs.final_round() } else { live.fs.next_round() };
+        let moved = plugin(moved, "filesystem", &live.fs_name)?;
+        let reply = expect_reply!(
+            wire::request(&mut live.rpc, Body::FsRoundDone(FsRoundDone { round, r#final: frozen }))?,
+            FsRoundReply
+        )?;
+        self.report.fs_rounds += 1;
+        self.report.channels.filesystem += moved.bytes.max(reply.bytes);
+        Ok(())
+    }
+
+    fn final_dump(&mut self, criu: &Criu, live: &mut Live, round: u32, pre_copied: bool) -> Result<(), MigrateError> {
+        self.progress.phase("final dump (the workload is frozen)");
+        let dir = self.round_dir(live, round)?;
+        expect_reply!(
+            wire::request(&mut live.rpc, Body::StartRound(StartRound { round, r#final: true }))?,
+            StartRoundReply
+        )?;
+        let (mut opts, _open_dir, fds) = self.base_opts(live, &dir, "dump.log", CriuStage::Dump)?;
+        opts.notify_scripts = Some(true);
+        opts.leave_running = Some(false);
+        if pre_copied {
+            opts.track_mem = Some(true);
+            opts.parent_img = Some(format!("../{}", round - 1));
+        }
+        let t = Instant::now();
+        let mut s = criu.start(fds, Some(&dir.join("criu-stderr.log")))?;
+        s.set_log(dir.join("dump.log"));
+
+        let mut failure: Option<MigrateError> = None;
+        let mut frozen_work_ms = 0.0;
+        let resp = {
+            let this = &mut *self;
+            let live = &mut *live;
+            let dir = &dir;
+            let failure = &mut failure;
+            let frozen_work_ms = &mut frozen_work_ms;
+            let mut handler = |script: &str, _pid: Option<i32>| -> Result<(), String> {
+                let r = match script {
+                    "post-dump" => {
+                        let t = Instant::now();
+                        let r = this.while_frozen(live, dir, round);
+                        *frozen_work_ms = t.elapsed().as_secs_f64() * 1000.0;
+                        r
+                    }
+                    "network-lock" => plugin(live.htype.net_lock(), "host type", &this.cfg.htype),
+                    "network-unlock" => plugin(live.htype.net_unlock(), "host type", &this.cfg.htype),
+                    _ => Ok(()),
+                };
+                r.map_err(|e| {
+                    let m = e.to_string();
+                    *failure = Some(e);
+                    m
+                })
+            };
+            s.call("DUMP", rpc::req(CriuReqType::Dump, Some(opts)), &mut handler)
+        };
+        drop(s);
+        let dump_ms = t.elapsed().as_secs_f64() * 1000.0;
+        if let Err(e) = resp {
+            // CRIU resumed the tree (a failed post-dump or a failed dump both leave it running).
+            return Err(match (failure, e) {
+                (Some(f), CriuError::Notify { .. }) => f,
+                (_, e) => MigrateError::Criu(e),
+            });
+        }
+        self.migrated = true;
+        log::debug!("frozen work took {frozen_work_ms:.0} ms");
+        let stats = images::read_dump_stats(&dir).ok();
+        if let Some(st) = &stats {
+            let r = RoundReport::new(round, "dump", st, dump_ms, page_size());
+            self.report.channels.memory_pages += r.bytes_written;
+            self.report.frozen_ms = Some(st.frozen_time_us as f64 / 1000.0);
+            self.report.rounds.push(r);
+        }
+        // CRIU killed the tree; make sure before telling the destination it owns the workload now.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sys::pid_alive(live.root_pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if sys::pid_alive(live.root_pid) {
+            self.migrated = false;
+            let _ = wire::request(
+                &mut live.rpc,
+                Body::Finish(Finish { migrated: false, reason: "the source tree survived the dump".into() }),
+            );
+            return Err(MigrateError::SourceSurvived { pid: live.root_pid });
+        }
+        self.progress.phase("confirming");
+        let reply = expect_reply!(
+            wire::request(&mut live.rpc, Body::Finish(Finish { migrated: true, reason: String::new() }))?,
+            FinishReply
+        )?;
+        if !reply.kept_images.is_empty() {
+            self.report.destination_images = Some(reply.kept_images);
+        }
+        Ok(())
+    }
+
+    /// Runs inside CRIU's post-dump notification: the tree is dumped and frozen. Whatever fails here makes CRIU
+    /// resume it.
+    fn while_frozen(&mut self, live: &mut Live, dir: &Path, round: u32) -> Result<(), MigrateError> {
+        self.progress.phase("waiting for the destination's page server");
+        expect_reply!(wire::request(&mut live.rpc, Body::EndRound(EndRound { round }))?, EndRoundReply)?;
+        self.progress.phase("final filesystem sync");
+        self.fs_round(live, self.final_fs_round, true)?;
+        self.progress.phase("sending images");
+        let imgs = files::image_files(dir)?;
+        self.send_files(live, round, w::files::Target::Images, imgs)?;
+        let extra = plugin(live.htype.extra_files(), "host type", &self.cfg.htype)?;
+        if !extra.is_empty() {
+            let list: Vec<(PathBuf, String)> =
+                extra.iter().map(|e| (PathBuf::from(e.path.as_str()), e.name.to_string())).collect();
+            let hdrs = files::headers_for(&list)?;
+            self.send_files(live, round, w::files::Target::Extra, hdrs)?;
+        }
+        self.progress.phase("restoring on the destination");
+        let reply = expect_reply!(wire::request(&mut live.rpc, Body::Restore(Restore { round }))?, RestoreReply)?;
+        self.report.restored_pid = Some(reply.pid);
+        self.report.restore_ms = Some(reply.restore_wall_us as f64 / 1000.0);
+        if let Some(s) = reply.stats {
+            self.report.criu_restore_ms = Some(s.restore_time_us as f64 / 1000.0);
+            self.report.restore_stats = Some(images::RestoreStats {
+                pages_compared: s.pages_compared,
+                pages_skipped_cow: s.pages_skipped_cow,
+                pages_restored: s.pages_restored,
+                forking_time_us: s.forking_time_us,
+                restore_time_us: s.restore_time_us,
+            });
+        }
+        Ok(())
+    }
+
+    fn send_files(
+        &mut self,
+        live: &mut Live,
+        round: u32,
+        target: w::files::Target,
+        list: Vec<(PathBuf, w::FileHeader)>,
+    ) -> Result<(), MigrateError> {
+        let headers = list.iter().map(|(_, h)| h.clone()).collect();
+        wire::send(&mut live.rpc, Body::Files(w::Files { round, target: target as i32, files: headers }))?;
+        files::send_files(&mut live.mem, &list)?;
+        let reply = wire::recv(&mut live.rpc)?;
+        match reply {
+            Body::FilesReply(_) => Ok(()),
+            Body::Failure(f) => Err(WireError::Remote { message: f.message, criu_errors: f.criu_errors }.into()),
+            other => Err(WireError::Unexpected { expected: "FilesReply", got: wire::body_name(&other) }.into()),
+        }
+    }
+}

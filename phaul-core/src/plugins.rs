@@ -1,0 +1,374 @@
+//! The plugin host: reads `plugins.toml`, loads each listed driver library on its own, checks it, and creates
+//! driver objects from it.
+//!
+//! ```toml
+//! [[plugin]]
+//! path = "target/release/libphaul_htype_pid.so"   # relative paths start at this file's directory
+//! enabled = true                                   # the default
+//!
+//! [host-type.pid]
+//! fs = "shared"                                    # used unless `--fs` says otherwise
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use abi_stable::library::{lib_header_from_path, LibraryError};
+use abi_stable::std_types::{RResult, RString, RVec};
+use phaul_abi::{
+    FsArgs, FsReceiverBox, FsSenderBox, HostTypeArgs, HostTypeBox, KeyValue, PluginError, PluginKind, PluginModuleRef,
+    Role, PHAUL_ABI_VERSION,
+};
+use serde::Deserialize;
+
+/// Where phaul looks for `plugins.toml` when `--plugins` is not given: `$PHAUL_PLUGINS`, then these.
+pub const DEFAULT_PLUGIN_FILES: &[&str] = &["plugins.toml", "/etc/phaul/plugins.toml"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginLoadError {
+    #[error("no plugins.toml found (looked at $PHAUL_PLUGINS, ./plugins.toml and /etc/phaul/plugins.toml); pass one with --plugins FILE")]
+    NoConfig,
+    #[error("cannot read the plugin list {path}: {source}; pass another with --plugins FILE")]
+    ConfigRead { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a valid plugin list: {message}")]
+    ConfigParse { path: PathBuf, message: String },
+    #[error("plugin file {file} (listed in {config}) does not exist; build it (scripts/setup builds every plugin) or set `enabled = false` on its entry")]
+    Missing { file: PathBuf, config: PathBuf },
+    #[error("{file} (listed in {config}) cannot be loaded as a shared library: {detail}; list the .so file cargo built for the plugin")]
+    NotALibrary { file: PathBuf, config: PathBuf, detail: String },
+    #[error("{file} (listed in {config}) is not a phaul plugin: it exports no phaul root module; list only libraries built with phaul_abi::export_host_type! or export_fs_driver!")]
+    NotAPlugin { file: PathBuf, config: PathBuf },
+    #[error(
+        "{file} was built against an incompatible plugin ABI ({detail}); rebuild it against phaul-abi {host_version}"
+    )]
+    Incompatible { file: PathBuf, detail: String, host_version: &'static str },
+    #[error("{file} speaks phaul plugin ABI version {found}, this phaul speaks {expected}; rebuild the plugin against the phaul-abi that ships with this phaul")]
+    AbiVersion { file: PathBuf, found: u32, expected: u32 },
+    #[error("two plugins are named '{name}': {first} and {second}; disable one of them in {config}")]
+    Duplicate { name: String, first: PathBuf, second: PathBuf, config: PathBuf },
+    #[error("no {kind} named '{name}' is enabled in {config}; {}", available_list(available))]
+    NotEnabled { kind: &'static str, name: String, available: Vec<String>, config: PathBuf },
+    #[error("the {kind} plugin '{name}' failed: {error}")]
+    Driver { kind: &'static str, name: String, error: PluginError },
+}
+
+fn available_list(a: &[String]) -> String {
+    if a.is_empty() {
+        "none of that kind is enabled; add it to the [[plugin]] list".to_string()
+    } else {
+        format!("enabled: {}", a.join(", "))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PluginsFile {
+    #[serde(default)]
+    plugin: Vec<PluginEntry>,
+    #[serde(default, rename = "host-type")]
+    host_type: BTreeMap<String, HostTypeDefaults>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PluginEntry {
+    path: PathBuf,
+    #[serde(default = "enabled_by_default")]
+    enabled: bool,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostTypeDefaults {
+    fs: String,
+}
+
+/// One loaded plugin.
+#[derive(Clone)]
+pub struct LoadedPlugin {
+    pub kind: PluginKind,
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    pub path: PathBuf,
+    module: PluginModuleRef,
+}
+
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPlugin")
+            .field("kind", &self.kind)
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// A plugin listed but not enabled.
+#[derive(Debug, Clone)]
+pub struct DisabledPlugin {
+    pub path: PathBuf,
+}
+
+/// The plugins of one `plugins.toml`.
+#[derive(Debug)]
+pub struct Registry {
+    config: PathBuf,
+    plugins: Vec<LoadedPlugin>,
+    disabled: Vec<DisabledPlugin>,
+    default_fs: BTreeMap<String, String>,
+}
+
+/// Finds the plugin list: the explicit path, `$PHAUL_PLUGINS`, then [`DEFAULT_PLUGIN_FILES`].
+pub fn find_config(explicit: Option<&Path>) -> Result<PathBuf, PluginLoadError> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("PHAUL_PLUGINS").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    DEFAULT_PLUGIN_FILES.iter().map(PathBuf::from).find(|p| p.is_file()).ok_or(PluginLoadError::NoConfig)
+}
+
+fn to_rvec(kvs: &[(String, String)]) -> RVec<KeyValue> {
+    kvs.iter().map(|(k, v)| KeyValue { key: RString::from(k.as_str()), value: RString::from(v.as_str()) }).collect()
+}
+
+impl Registry {
+    /// Reads `config` and loads every enabled plugin it lists.
+    pub fn load(config: &Path) -> Result<Registry, PluginLoadError> {
+        let text = std::fs::read_to_string(config)
+            .map_err(|source| PluginLoadError::ConfigRead { path: config.to_path_buf(), source })?;
+        let file: PluginsFile = toml::from_str(&text).map_err(|e| PluginLoadError::ConfigParse {
+            path: config.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let base = config.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut plugins: Vec<LoadedPlugin> = Vec::new();
+        let mut disabled = Vec::new();
+        for entry in file.plugin {
+            let path = if entry.path.is_absolute() { entry.path.clone() } else { base.join(&entry.path) };
+            if !entry.enabled {
+                disabled.push(DisabledPlugin { path });
+                continue;
+            }
+            let p = load_one(&path, config)?;
+            if let Some(first) = plugins.iter().find(|q| q.name == p.name) {
+                return Err(PluginLoadError::Duplicate {
+                    name: p.name,
+                    first: first.path.clone(),
+                    second: path,
+                    config: config.to_path_buf(),
+                });
+            }
+            plugins.push(p);
+        }
+        let default_fs = file.host_type.into_iter().map(|(k, v)| (k, v.fs)).collect();
+        Ok(Registry { config: config.to_path_buf(), plugins, disabled, default_fs })
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    pub fn plugins(&self) -> &[LoadedPlugin] {
+        &self.plugins
+    }
+
+    pub fn disabled(&self) -> &[DisabledPlugin] {
+        &self.disabled
+    }
+
+    /// The filesystem driver `plugins.toml` names for a host type.
+    pub fn default_fs(&self, htype: &str) -> Option<&str> {
+        self.default_fs.get(htype).map(String::as_str)
+    }
+
+    fn find(&self, kind: PluginKind, name: &str) -> Result<&LoadedPlugin, PluginLoadError> {
+        self.plugins.iter().find(|p| p.kind == kind && p.name == name).ok_or_else(|| PluginLoadError::NotEnabled {
+            kind: kind_word(kind),
+            name: name.to_string(),
+            available: self.plugins.iter().filter(|p| p.kind == kind).map(|p| p.name.clone()).collect(),
+            config: self.config.clone(),
+        })
+    }
+
+    /// Creates a host-type driver.
+    pub fn new_host_type(
+        &self,
+        name: &str,
+        role: Role,
+        id: &str,
+        options: &[(String, String)],
+        work_dir: &Path,
+    ) -> Result<HostTypeBox, PluginLoadError> {
+        let p = self.find(PluginKind::HostType, name)?;
+        let args = HostTypeArgs {
+            role,
+            id: id.into(),
+            options: to_rvec(options),
+            work_dir: work_dir.to_string_lossy().as_ref().into(),
+        };
+        driver_result(name, "host type", (p.module.new_host_type())(&args))
+    }
+
+    fn fs_args(
+        role: Role,
+        options: &[(String, String)],
+        data_fd: Option<i32>,
+        roots: &[String],
+        work_dir: &Path,
+    ) -> FsArgs {
+        FsArgs {
+            role,
+            options: to_rvec(options),
+            data_fd: data_fd.into(),
+            roots: roots.iter().map(|r| RString::from(r.as_str())).collect(),
+            work_dir: work_dir.to_string_lossy().as_ref().into(),
+        }
+    }
+
+    /// Creates the sending half of a filesystem driver.
+    pub fn new_fs_sender(
+        &self,
+        name: &str,
+        options: &[(String, String)],
+        data_fd: Option<i32>,
+        roots: &[String],
+        work_dir: &Path,
+    ) -> Result<FsSenderBox, PluginLoadError> {
+        let p = self.find(PluginKind::FsDriver, name)?;
+        let args = Self::fs_args(Role::Source, options, data_fd, roots, work_dir);
+        driver_result(name, "filesystem driver", (p.module.new_fs_sender())(&args))
+    }
+
+    /// Creates the receiving half of a filesystem driver.
+    pub fn new_fs_receiver(
+        &self,
+        name: &str,
+        options: &[(String, String)],
+        data_fd: Option<i32>,
+        roots: &[String],
+        work_dir: &Path,
+    ) -> Result<FsReceiverBox, PluginLoadError> {
+        let p = self.find(PluginKind::FsDriver, name)?;
+        let args = Self::fs_args(Role::Destination, options, data_fd, roots, work_dir);
+        driver_result(name, "filesystem driver", (p.module.new_fs_receiver())(&args))
+    }
+}
+
+fn kind_word(k: PluginKind) -> &'static str {
+    match k {
+        PluginKind::HostType => "host type",
+        PluginKind::FsDriver => "filesystem driver",
+    }
+}
+
+fn driver_result<T>(name: &str, kind: &'static str, r: RResult<T, PluginError>) -> Result<T, PluginLoadError> {
+    r.into_result().map_err(|error| PluginLoadError::Driver { kind, name: name.to_string(), error })
+}
+
+/// Loads one library on its own (abi_stable's `RootModule::load_from*` would cache one module per interface type,
+/// and every phaul plugin shares one interface type).
+fn load_one(path: &Path, config: &Path) -> Result<LoadedPlugin, PluginLoadError> {
+    if !path.exists() {
+        return Err(PluginLoadError::Missing { file: path.to_path_buf(), config: config.to_path_buf() });
+    }
+    let header = lib_header_from_path(path).map_err(|e| match e {
+        LibraryError::OpenError { err, .. } => PluginLoadError::NotALibrary {
+            file: path.to_path_buf(),
+            config: config.to_path_buf(),
+            detail: err.to_string(),
+        },
+        LibraryError::GetSymbolError { .. } => {
+            PluginLoadError::NotAPlugin { file: path.to_path_buf(), config: config.to_path_buf() }
+        }
+        other => incompatible(path, other),
+    })?;
+    let module = header.init_root_module::<PluginModuleRef>().map_err(|e| incompatible(path, e))?;
+    let found = module.abi_version();
+    if found != PHAUL_ABI_VERSION {
+        return Err(PluginLoadError::AbiVersion { file: path.to_path_buf(), found, expected: PHAUL_ABI_VERSION });
+    }
+    let info = (module.info())();
+    log::debug!("loaded {} plugin {} {} from {}", info.kind.as_str(), info.name, info.version, path.display());
+    Ok(LoadedPlugin {
+        kind: info.kind,
+        name: info.name.into_string(),
+        version: info.version.into_string(),
+        description: info.description.into_string(),
+        path: path.to_path_buf(),
+        module,
+    })
+}
+
+fn incompatible(path: &Path, e: LibraryError) -> PluginLoadError {
+    let detail = e.to_string().lines().take(6).collect::<Vec<_>>().join(" ");
+    PluginLoadError::Incompatible { file: path.to_path_buf(), detail, host_version: env!("CARGO_PKG_VERSION") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_toml_names_line_and_column() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("plugins.toml");
+        std::fs::write(&p, "[[plugin]]\npath = \"x.so\"\nenabled = maybe\n").expect("write");
+        let e = Registry::load(&p).expect_err("must fail");
+        let msg = e.to_string();
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("column"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("plugins.toml");
+        std::fs::write(&p, "[[plugin]]\nfile = \"x.so\"\n").expect("write");
+        let msg = Registry::load(&p).expect_err("must fail").to_string();
+        assert!(msg.contains("unknown field `file`"), "{msg}");
+    }
+
+    #[test]
+    fn missing_plugin_file_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("plugins.toml");
+        std::fs::write(&p, "[[plugin]]\npath = \"nope.so\"\n").expect("write");
+        match Registry::load(&p) {
+            Err(PluginLoadError::Missing { file, .. }) => assert_eq!(file, dir.path().join("nope.so")),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_library_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("fake.so"), "not an ELF file").expect("write");
+        let p = dir.path().join("plugins.toml");
+        std::fs::write(&p, "[[plugin]]\npath = \"fake.so\"\n").expect("write");
+        assert!(matches!(Registry::load(&p), Err(PluginLoadError::NotALibrary { .. })));
+    }
+
+    #[test]
+    fn disabled_plugins_are_not_loaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("plugins.toml");
+        std::fs::write(&p, "[[plugin]]\npath = \"nope.so\"\nenabled = false\n[host-type.pid]\nfs = \"shared\"\n")
+            .expect("write");
+        let r = Registry::load(&p).expect("load");
+        assert!(r.plugins().is_empty());
+        assert_eq!(r.disabled().len(), 1);
+        assert_eq!(r.default_fs("pid"), Some("shared"));
+        match r.new_host_type("pid", Role::Source, "1", &[], dir.path()) {
+            Err(e) => assert!(e.to_string().contains("no host type named 'pid' is enabled"), "{e}"),
+            Ok(_) => panic!("a disabled plugin was used"),
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The syscall layer: the few operations that need raw file descriptors. All of phaul-core's `unsafe` outside the
+//! plugin loader is here.
+
+use std::fs::File;
+use std::io::{self, IsTerminal, Read};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::fcntl::{fcntl, FcntlArg};
+use nix::sys::socket::{getsockopt, socketpair, sockopt, AddressFamily, SockFlag, SockType};
+use nix::sys::stat::{fstat, SFlag};
+
+/// What is behind a file descriptor number handed to phaul on its command line.
+#[derive(Debug, thiserror::Error)]
+pub enum FdError {
+    #[error(
+        "fd {fd} given to {flag} is not open in this process; the caller must pass it open (without close-on-exec)"
+    )]
+    NotOpen { fd: RawFd, flag: &'static str },
+    #[error("fd {fd} given to {flag} is {what}, not a socket; pass a connected stream socket (TCP or AF_UNIX)")]
+    NotASocket { fd: RawFd, flag: &'static str, what: &'static str },
+    #[error("fd {fd} given to {flag} is a {kind} socket; phaul needs a connected stream socket (SOCK_STREAM)")]
+    NotStream { fd: RawFd, flag: &'static str, kind: String },
+    #[error("fd {fd} given to {flag} is a socket that is not connected; connect it to the peer before starting phaul")]
+    NotConnected { fd: RawFd, flag: &'static str },
+    #[error("fd {fd} is given to both {first} and {second}; each channel needs its own connection")]
+    Duplicate { fd: RawFd, first: &'static str, second: &'static str },
+    #[error("fd {fd} given to {flag} is one of phaul's standard streams (0, 1, 2); pass a descriptor of 3 or more")]
+    Standard { fd: RawFd, flag: &'static str },
+}
+
+fn describe_mode(mode: SFlag) -> &'static str {
+    match mode & SFlag::S_IFMT {
+        m if m == SFlag::S_IFREG => "a regular file",
+        m if m == SFlag::S_IFDIR => "a directory",
+        m if m == SFlag::S_IFCHR => "a character device",
+        m if m == SFlag::S_IFBLK => "a block device",
+        m if m == SFlag::S_IFIFO => "a pipe",
+        m if m == SFlag::S_IFLNK => "a symbolic link",
+        _ => "not a socket",
+    }
+}
+
+/// Takes ownership of an inherited descriptor after checking it is a connected stream socket.
+///
+/// The caller must not hand the same number to this function twice (see [`check_distinct`]).
+pub fn adopt_stream_socket(fd: RawFd, flag: &'static str) -> Result<OwnedFd, FdError> {
+    if fd <= 2 {
+        return Err(FdError::Standard { fd, flag });
+    }
+    if fcntl(fd, FcntlArg::F_GETFD).is_err() {
+        return Err(FdError::NotOpen { fd, flag });
+    }
+    let st = fstat(fd).map_err(|_| FdError::NotOpen { fd, flag })?;
+    let mode = SFlag::from_bits_truncate(st.st_mode);
+    if mode & SFlag::S_IFMT != SFlag::S_IFSOCK {
+        return Err(FdError::NotASocket { fd, flag, what: describe_mode(mode) });
+    }
+    // SAFETY: `fd` was checked open just above; the command line names each descriptor once (check_distinct), so
+    // no other owner exists in this process, and from here on the returned OwnedFd is its only owner.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    match getsockopt(&owned, sockopt::SockType) {
+        Ok(SockType::Stream) => {}
+        Ok(other) => {
+            let kind = format!("{other:?}").to_lowercase();
+            std::mem::forget(owned);
+            return Err(FdError::NotStream { fd, flag, kind });
+        }
+        Err(_) => {
+            std::mem::forget(owned);
+            return Err(FdError::NotASocket { fd, flag, what: "not a socket" });
+        }
+    }
+    if nix::sys::socket::getpeername::<nix::sys::socket::SockaddrStorage>(owned.as_raw_fd()).is_err() {
+        // Leave the caller's descriptor alone: we do not own it after all.
+        std::mem::forget(owned);
+        return Err(FdError::NotConnected { fd, flag });
+    }
+    Ok(owned)
+}
+
+/// Rejects the same descriptor number given to two channel flags.
+pub fn check_distinct(fds: &[(Option<RawFd>, &'static str)]) -> Result<(), FdError> {
+    for (i, (a, fa)) in fds.iter().enumerate() {
+        for (b, fb) in &fds[i + 1..] {
+            if let (Some(a), Some(b)) = (a, b) {
+                if a == b {
+                    return Err(FdError::Duplicate { fd: *a, first: fa, second: fb });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A connected SOCK_SEQPACKET pair, close-on-exec on both ends (CRIU's swrk speaks over one).
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).map_err(io::Error::from)
+}
+
+/// A connected SOCK_STREAM pair, close-on-exec on both ends.
+pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).map_err(io::Error::from)
+}
+
+/// Borrows a descriptor number that a driver was given and must not close.
+///
+/// # Safety
+/// `fd` must stay open for the returned lifetime.
+pub unsafe fn borrow_fd<'a>(fd: RawFd) -> BorrowedFd<'a> {
+    // SAFETY: guaranteed by the caller.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
+/// Whether standard error is a terminal (progress is shown only then).
+pub fn stderr_is_terminal() -> bool {
+    io::stderr().is_terminal()
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => match stat.rfind(')') {
+            Some(i) => !matches!(stat[i + 1..].trim_start().chars().next(), Some('Z') | Some('X') | None),
+            None => false,
+        },
+        Err(_) => false,
+    }
+}
+
+/// A random hex string of `bytes` bytes, from the kernel's generator.
+pub fn random_hex(bytes: usize) -> io::Result<String> {
+    let mut buf = vec![0u8; bytes];
+    File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Duplicates a descriptor (close-on-exec).
+pub fn dup(fd: impl AsFd) -> io::Result<OwnedFd> {
+    fd.as_fd().try_clone_to_owned()
+}
