@@ -1,0 +1,409 @@
+//! `phaul`: live migration of Linux process trees and containers between hosts, with CRIU.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use phaul_core::criu::{locate_criu, Criu, MIN_CRIU};
+use phaul_core::engine::{
+    self, DestinationChannels, DestinationConfig, PhaulPolicy, PreDump, SourceChannels, SourceConfig,
+};
+use phaul_core::plugins::{find_config, Registry};
+use phaul_core::transport::{self, Channel, ChannelName};
+
+/// Exit status when the migration failed and the workload still runs on the source.
+const EXIT_FAILED: u8 = 1;
+/// Exit status for bad input (options, files, descriptors).
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "phaul",
+    version,
+    about = "Live migration of Linux process trees and containers between hosts, with CRIU"
+)]
+#[command(long_about = "phaul moves a running process tree or container from this host (`phaul migrate`) to another \
+    (`phaul serve`) with CRIU: optional pre-copy rounds while it runs, a final dump while it is frozen, restore on the \
+    destination, and only then is the source killed. Any failure before the destination confirms the restore leaves \
+    the workload running on the source.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug)]
+struct Common {
+    /// The plugin list (default: $PHAUL_PLUGINS, ./plugins.toml, /etc/phaul/plugins.toml).
+    #[arg(long, global = true, value_name = "FILE")]
+    plugins: Option<PathBuf>,
+    /// The CRIU binary (default: $PHAUL_CRIU, then where scripts/setup installs it, then PATH).
+    #[arg(long, global = true, value_name = "PATH")]
+    criu: Option<PathBuf>,
+    /// Write phaul's log to this file.
+    #[arg(long, global = true, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+    /// More log output (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Longest wait for the peer or for CRIU, in seconds.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = engine::DEFAULT_TIMEOUT_SECS)]
+    timeout: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Migrate a workload from this host to a destination running `phaul serve`.
+    Migrate(MigrateArgs),
+    /// Receive migrations: the destination side.
+    Serve(ServeArgs),
+    /// List the plugins of the plugin list.
+    Plugins {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check this host: the CRIU phaul would use, its version and what the kernel lets it do.
+    Check {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print shell completions.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PreDumpArg {
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ModeArg {
+    /// Checkpoint/restore with memory migration (pre-copy when possible, else stop-and-copy).
+    Live,
+}
+
+#[derive(Args, Debug)]
+struct MigrateArgs {
+    /// Host type: what kind of workload (`pid`, `lxc`, ...; see `phaul plugins`).
+    htype: String,
+    /// Which one: a pid for `pid`, a container name for `lxc`.
+    id: String,
+    /// The destination's `phaul serve --listen` address.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["fdrpc", "fdmem", "fdfs"], required_unless_present = "fdrpc")]
+    to: Option<String>,
+    /// Control connection, already connected to the destination.
+    #[arg(long, value_name = "FD", requires = "fdmem")]
+    fdrpc: Option<i32>,
+    /// Memory-page and image connection.
+    #[arg(long, value_name = "FD", requires = "fdrpc")]
+    fdmem: Option<i32>,
+    /// Filesystem data connection (needed only by drivers that copy files).
+    #[arg(long, value_name = "FD", requires = "fdrpc")]
+    fdfs: Option<i32>,
+    /// Filesystem driver (default: the host type's entry in plugins.toml).
+    #[arg(long, value_name = "DRIVER")]
+    fs: Option<String>,
+    /// An option for the filesystem driver.
+    #[arg(long = "fs-opt", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    fs_opts: Vec<(String, String)>,
+    /// An option for the host type.
+    #[arg(long = "htype-opt", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    htype_opts: Vec<(String, String)>,
+    /// Migration mode.
+    #[arg(long, value_enum, default_value = "live")]
+    mode: ModeArg,
+    /// Pre-copy rounds: auto (when the kernel can track dirty memory), on (fail if it cannot), off (stop-and-copy).
+    #[arg(long, value_enum, default_value = "auto")]
+    pre_dump: PreDumpArg,
+    /// Keep the image directories on both hosts after a successful migration (they are always kept on failure).
+    #[arg(long)]
+    keep_images: bool,
+    /// Where image directories are created on this host.
+    #[arg(long, value_name = "DIR", default_value = engine::DEFAULT_IMG_PATH)]
+    img_path: PathBuf,
+    /// Write the restored root pid to this file on the destination once the migration is confirmed.
+    #[arg(long, value_name = "FILE")]
+    dst_rpid: Option<PathBuf>,
+    /// Migrate even if the destination's CPU lacks features of this one.
+    #[arg(long)]
+    skip_cpu_check: bool,
+    /// Migrate even if the destination's CRIU is older than this one.
+    #[arg(long)]
+    skip_criu_check: bool,
+    /// Print the report as JSON on standard output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Accept sources on this address (loopback only until phaul authenticates its peers).
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["fdrpc", "fdmem", "fdfs"], required_unless_present = "fdrpc")]
+    listen: Option<String>,
+    /// Serve one migration and exit (always so with --fdrpc).
+    #[arg(long)]
+    once: bool,
+    /// Control connection, already connected to the source.
+    #[arg(long, value_name = "FD", requires = "fdmem")]
+    fdrpc: Option<i32>,
+    /// Memory-page and image connection.
+    #[arg(long, value_name = "FD", requires = "fdrpc")]
+    fdmem: Option<i32>,
+    /// Filesystem data connection.
+    #[arg(long, value_name = "FD", requires = "fdrpc")]
+    fdfs: Option<i32>,
+    /// Where image directories are created on this host.
+    #[arg(long, value_name = "DIR", default_value = engine::DEFAULT_IMG_PATH)]
+    img_path: PathBuf,
+    /// Write the restored root pid here (the source's --dst-rpid wins).
+    #[arg(long, value_name = "FILE")]
+    dst_rpid: Option<PathBuf>,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("'{s}' is not KEY=VALUE")),
+    }
+}
+
+/// A failure with the exit status it maps to.
+struct Fail(u8, String);
+
+impl<E: std::fmt::Display> From<E> for Fail {
+    fn from(e: E) -> Self {
+        Fail(EXIT_USAGE, e.to_string())
+    }
+}
+
+fn init_logging(c: &Common) -> Result<(), Fail> {
+    let level = match c.verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    let mut b = env_logger::Builder::new();
+    b.filter_level(level).format_timestamp_millis();
+    if let Some(p) = &c.log_file {
+        let f = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| Fail(EXIT_USAGE, format!("cannot open the log file {}: {e}", p.display())))?;
+        b.target(env_logger::Target::Pipe(Box::new(f)));
+        if c.verbose == 0 {
+            b.filter_level(log::LevelFilter::Info);
+        }
+    }
+    let _ = b.try_init();
+    Ok(())
+}
+
+fn criu(c: &Common) -> Result<Criu, Fail> {
+    let loc = locate_criu(c.criu.as_deref())?;
+    log::info!("using CRIU {} (chosen by {})", loc.path.display(), loc.chosen_by);
+    Ok(Criu::new(loc.path, Duration::from_secs(c.timeout)))
+}
+
+fn registry(c: &Common) -> Result<Registry, Fail> {
+    let path = find_config(c.plugins.as_deref())?;
+    Ok(Registry::load(&path)?)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(code, msg)) => {
+            eprintln!("phaul: error: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Fail> {
+    init_logging(&cli.common)?;
+    match cli.command {
+        Command::Migrate(a) => migrate(&cli.common, a),
+        Command::Serve(a) => serve(&cli.common, a),
+        Command::Plugins { json } => plugins(&cli.common, json),
+        Command::Check { json } => check(&cli.common, json),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "phaul", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}
+
+fn given_channels(rpc: i32, mem: i32, fs: Option<i32>) -> Result<(Channel, Channel, Option<Channel>), Fail> {
+    phaul_core::sys::check_distinct(&[(Some(rpc), "--fdrpc"), (Some(mem), "--fdmem"), (fs, "--fdfs")])?;
+    let rpc = Channel::from_raw(ChannelName::Rpc, rpc, "--fdrpc")?;
+    let mem = Channel::from_raw(ChannelName::Mem, mem, "--fdmem")?;
+    let fs = fs.map(|fd| Channel::from_raw(ChannelName::Fs, fd, "--fdfs")).transpose()?;
+    Ok((rpc, mem, fs))
+}
+
+fn migrate(c: &Common, a: MigrateArgs) -> Result<(), Fail> {
+    let reg = registry(c)?;
+    let criu = criu(c)?;
+    let ModeArg::Live = a.mode;
+    let channels = match (a.to, a.fdrpc, a.fdmem) {
+        (Some(addr), _, _) => SourceChannels::Connect { addr },
+        (None, Some(rpc), Some(mem)) => {
+            let (rpc, mem, fs) = given_channels(rpc, mem, a.fdfs)?;
+            SourceChannels::Given { rpc, mem, fs }
+        }
+        _ => return Err(Fail(EXIT_USAGE, "give the destination with --to HOST:PORT or --fdrpc/--fdmem".into())),
+    };
+    let cfg = SourceConfig {
+        htype: a.htype,
+        id: a.id,
+        htype_options: a.htype_opts,
+        fs: a.fs,
+        fs_options: a.fs_opts,
+        pre_dump: match a.pre_dump {
+            PreDumpArg::Auto => PreDump::Auto,
+            PreDumpArg::On => PreDump::On,
+            PreDumpArg::Off => PreDump::Off,
+        },
+        policy: PhaulPolicy::default(),
+        keep_images: a.keep_images,
+        img_path: a.img_path,
+        skip_cpu_check: a.skip_cpu_check,
+        skip_criu_check: a.skip_criu_check,
+        timeout: Duration::from_secs(c.timeout),
+        progress: !a.json,
+        dst_rpid: a.dst_rpid,
+    };
+    let (report, result) = engine::migrate(&reg, &criu, &cfg, channels);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| Fail(EXIT_FAILED, e.to_string()))?);
+    } else {
+        print!("{report}");
+    }
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if report.outcome == "migrated" => {
+            Err(Fail(EXIT_FAILED, format!("the workload runs on the destination, but: {e}")))
+        }
+        Err(e) => Err(Fail(EXIT_FAILED, format!("{e}\nThe workload keeps running on this host."))),
+    }
+}
+
+fn serve(c: &Common, a: ServeArgs) -> Result<(), Fail> {
+    let reg = registry(c)?;
+    let criu = criu(c)?;
+    let cfg = DestinationConfig { img_path: a.img_path, dst_rpid: a.dst_rpid, timeout: Duration::from_secs(c.timeout) };
+    let report = |r: Result<engine::ServeSummary, engine::ServeError>| -> Result<(), Fail> {
+        match r {
+            Ok(s) if s.migrated => {
+                eprintln!("phaul: session {}: migrated; restored pid {}", s.session, s.restored_pid.unwrap_or(0));
+                Ok(())
+            }
+            Ok(s) => Err(Fail(EXIT_FAILED, format!("session {} rolled back: {}", s.session, s.reason))),
+            Err(e) => Err(Fail(EXIT_FAILED, e.to_string())),
+        }
+    };
+    if let (Some(rpc), Some(mem)) = (a.fdrpc, a.fdmem) {
+        let (rpc, mem, fs) = given_channels(rpc, mem, a.fdfs)?;
+        return report(engine::serve_session(&reg, &criu, &cfg, rpc, DestinationChannels::Given { mem, fs }));
+    }
+    let addr = a.listen.unwrap_or_default();
+    let listener: TcpListener = transport::listen(&addr)?;
+    eprintln!("phaul: serving on {}", listener.local_addr().map(|a| a.to_string()).unwrap_or(addr));
+    loop {
+        let (stream, peer) = listener.accept().map_err(|e| Fail(EXIT_FAILED, format!("accept failed: {e}")))?;
+        log::info!("migration from {peer}");
+        let rpc = Channel::from_tcp(ChannelName::Rpc, stream)?;
+        let r = report(engine::serve_session(&reg, &criu, &cfg, rpc, DestinationChannels::Accept(&listener)));
+        if a.once {
+            return r;
+        }
+        if let Err(Fail(_, m)) = r {
+            eprintln!("phaul: {m}");
+        }
+    }
+}
+
+fn plugins(c: &Common, json: bool) -> Result<(), Fail> {
+    let reg = registry(c)?;
+    if json {
+        let list: Vec<serde_json::Value> = reg
+            .plugins()
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "kind": p.kind.as_str(), "name": p.name, "version": p.version,
+                    "file": p.path.display().to_string(), "description": p.description,
+                    "default_fs": reg.default_fs(&p.name),
+                })
+            })
+            .chain(
+                reg.disabled()
+                    .iter()
+                    .map(|d| serde_json::json!({"file": d.path.display().to_string(), "enabled": false})),
+            )
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+        return Ok(());
+    }
+    println!("plugins from {}", reg.config_path().display());
+    println!("{:<6} {:<10} {:<8} FILE", "KIND", "NAME", "VERSION");
+    for p in reg.plugins() {
+        let fs = reg.default_fs(&p.name).map(|f| format!("  (default fs: {f})")).unwrap_or_default();
+        println!("{:<6} {:<10} {:<8} {}{fs}", p.kind.as_str(), p.name, p.version, p.path.display());
+    }
+    for d in reg.disabled() {
+        println!("{:<6} {:<10} {:<8} {}", "-", "(disabled)", "-", d.path.display());
+    }
+    Ok(())
+}
+
+fn check(c: &Common, json: bool) -> Result<(), Fail> {
+    let loc = locate_criu(c.criu.as_deref())?;
+    let criu = Criu::new(loc.path.clone(), Duration::from_secs(c.timeout));
+    let version =
+        criu.version().map_err(|e| Fail(EXIT_FAILED, format!("CRIU at {} does not work: {e}", loc.path.display())))?;
+    let features = criu.features().map_err(|e| Fail(EXIT_FAILED, e.to_string()))?;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let supported = version.triple() >= MIN_CRIU;
+    let min = format!("{}.{}.{}", MIN_CRIU.0, MIN_CRIU.1, MIN_CRIU.2);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "criu": loc.path.display().to_string(), "chosen_by": loc.chosen_by, "version": version.to_string(),
+                "minimum": min, "supported": supported, "kernel": kernel, "features": features,
+            })
+        );
+    } else {
+        println!("CRIU:        {} (chosen by {})", loc.path.display(), loc.chosen_by);
+        println!("version:     {version} (phaul needs {min} or newer: {})", if supported { "ok" } else { "TOO OLD" });
+        println!("kernel:      {kernel}");
+        println!(
+            "pre-copy:    {}",
+            if features.mem_track {
+                "available (dirty-memory tracking works)"
+            } else {
+                "unavailable: the kernel cannot track dirty memory (CONFIG_MEM_SOFT_DIRTY); migrations use stop-and-copy"
+            }
+        );
+        println!("lazy pages:  {}", if features.lazy_pages { "available" } else { "unavailable" });
+    }
+    if supported {
+        Ok(())
+    } else {
+        Err(Fail(EXIT_FAILED, format!("CRIU {version} is older than {min}; run scripts/setup")))
+    }
+}
