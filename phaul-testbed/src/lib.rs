@@ -37,6 +37,7 @@
 mod binary;
 mod cmd;
 mod error;
+mod migration;
 mod netns;
 mod process;
 mod spawn;
@@ -45,6 +46,10 @@ mod workload;
 pub use binary::locate_binary;
 pub use cmd::{describe_command, run_command, COMMAND_TIMEOUT};
 pub use error::TestbedError;
+pub use migration::{
+    collect, run_collect, write_plugins_toml, Collected, Lab, MigrateOptions, MigrationRun, ScratchDir,
+    MIGRATION_TIMEOUT, PLUGIN_FILES,
+};
 pub use netns::{socket_netns_inode, ChannelTriple, Host, HostPair, ADDR_A, ADDR_B, PREFIX_LEN};
 pub use process::{
     become_subreaper, netns_of_pid, ns_pids, pid_alive, pids_in_netns, proc_stat, reap_pid, require_root,

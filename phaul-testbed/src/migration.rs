@@ -1,0 +1,319 @@
+//! Running real migrations between the two hosts of a [`HostPair`]: `phaul serve` in host B and `phaul migrate`
+//! in host A, connected by three TCP connections over the veth (handed in as `--fdrpc/--fdmem/--fdfs`).
+
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::binary::locate_binary;
+use crate::error::TestbedError;
+use crate::netns::{Host, HostPair};
+use crate::process::{become_subreaper, require_root};
+use crate::spawn::spawn_with_fds;
+use crate::workload::Workload;
+
+/// How long a whole migration may take in a test before both sides are killed.
+pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The driver libraries the workspace builds, by plugin name.
+pub const PLUGIN_FILES: &[(&str, &str)] =
+    &[("pid", "libphaul_htype_pid.so"), ("shared", "libphaul_fs_shared.so"), ("external", "libphaul_fs_external.so")];
+
+/// A private directory that is removed when dropped.
+#[derive(Debug)]
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    pub fn new(tag: &str) -> Result<ScratchDir, TestbedError> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("phaul-{tag}-{}-{n}", std::process::id()));
+        if p.exists() {
+            std::fs::remove_dir_all(&p).map_err(|e| TestbedError::io(format!("removing {}", p.display()), e))?;
+        }
+        std::fs::create_dir_all(&p).map_err(|e| TestbedError::io(format!("creating {}", p.display()), e))?;
+        Ok(ScratchDir(p))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if std::env::var_os("PHAUL_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Writes a plugins.toml listing the workspace's driver libraries (next to the `phaul` binary), with `pid`
+/// using `shared` by default.
+pub fn write_plugins_toml(path: &Path, names: &[&str]) -> Result<(), TestbedError> {
+    let phaul = locate_binary("phaul")?;
+    let dir = phaul.parent().unwrap_or(Path::new("."));
+    let mut text = String::from("# written by phaul-testbed\n");
+    for (name, file) in PLUGIN_FILES.iter().filter(|(n, _)| names.contains(n)) {
+        text.push_str(&format!("\n[[plugin]]\n# {name}\npath = \"{}\"\n", dir.join(file).display()));
+    }
+    text.push_str("\n[host-type.pid]\nfs = \"shared\"\n");
+    std::fs::write(path, text).map_err(|e| TestbedError::io(format!("writing {}", path.display()), e))
+}
+
+/// Two hosts, a scratch directory with image directories for each, and a plugin list.
+#[derive(Debug)]
+pub struct Lab {
+    pub pair: HostPair,
+    pub scratch: ScratchDir,
+    pub plugins: PathBuf,
+    pub phaul: PathBuf,
+    pub workload_bin: PathBuf,
+}
+
+/// How to run one migration.
+#[derive(Default)]
+pub struct MigrateOptions {
+    /// Print phaul's human report instead of JSON (the demo does).
+    pub human_report: bool,
+    /// Arguments after `phaul migrate pid PID --fdrpc 3 --fdmem 4 --fdfs 5`.
+    pub src_args: Vec<String>,
+    /// Arguments after `phaul serve --fdrpc 3 --fdmem 4 --fdfs 5`.
+    pub dst_args: Vec<String>,
+    pub src_plugins: Option<PathBuf>,
+    pub dst_plugins: Option<PathBuf>,
+    /// Wrap the source: run this program with these arguments, followed by the phaul command line (for example
+    /// the sample external caller). It inherits the channel descriptors.
+    pub src_wrapper: Option<(PathBuf, Vec<String>)>,
+    /// Called while both sides run, with the pid of `phaul serve` (to kill it mid-transfer, say).
+    #[allow(clippy::type_complexity)]
+    pub while_running: Option<Box<dyn FnOnce(u32) + Send>>,
+    pub timeout: Option<Duration>,
+}
+
+/// What a migration run produced.
+#[derive(Debug)]
+pub struct MigrationRun {
+    pub src_status: ExitStatus,
+    pub src_stdout: String,
+    pub src_stderr: String,
+    pub dst_status: ExitStatus,
+    pub dst_stderr: String,
+    /// The JSON report (unless `human_report` was asked for).
+    pub report: Option<Value>,
+    /// The restored root pid from `--dst-rpid`, once the migration was confirmed.
+    pub restored_pid: Option<i32>,
+    pub src_images: PathBuf,
+    pub dst_images: PathBuf,
+}
+
+impl MigrationRun {
+    /// Both sides exited 0.
+    pub fn succeeded(&self) -> bool {
+        self.src_status.success() && self.dst_status.success()
+    }
+
+    /// A one-paragraph account for assertion messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "source exit {:?}, destination exit {:?}\n--- source stderr:\n{}\n--- source stdout:\n{}\n--- destination stderr:\n{}",
+            self.src_status.code(),
+            self.dst_status.code(),
+            self.src_stderr,
+            self.src_stdout,
+            self.dst_stderr
+        )
+    }
+}
+
+impl Lab {
+    /// Needs root; makes the calling process a subreaper so restored trees stay reapable.
+    pub fn new(tag: &str) -> Result<Lab, TestbedError> {
+        require_root()?;
+        become_subreaper()?;
+        let pair = HostPair::new(tag)?;
+        let scratch = ScratchDir::new(tag)?;
+        let plugins = scratch.path().join("plugins.toml");
+        write_plugins_toml(&plugins, &["pid", "shared", "external"])?;
+        for d in ["src-images", "dst-images", "state"] {
+            std::fs::create_dir_all(scratch.path().join(d)).map_err(|e| TestbedError::io("creating lab dirs", e))?;
+        }
+        Ok(Lab {
+            pair,
+            scratch,
+            plugins,
+            phaul: locate_binary("phaul")?,
+            workload_bin: locate_binary("phaul-workload")?,
+        })
+    }
+
+    pub fn a(&self) -> &Host {
+        self.pair.a()
+    }
+
+    pub fn b(&self) -> &Host {
+        self.pair.b()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.scratch.path().join(name)
+    }
+
+    /// Starts a workload in host A with its state directory under the scratch directory.
+    pub fn start_workload(&self, kind: &str, args: &[&str]) -> Result<Workload, TestbedError> {
+        let dir = self.path("state").join(format!("{kind}-{}", std::process::id()));
+        Workload::start(self.a(), &self.workload_bin, kind, args, &dir)
+    }
+
+    /// Migrates the tree rooted at `pid` from A to B.
+    pub fn migrate(&self, pid: i32, opts: MigrateOptions) -> Result<MigrationRun, TestbedError> {
+        let ch = self.pair.channel_triple()?;
+        let rpid = self.path(&format!("rpid-{pid}"));
+        let _ = std::fs::remove_file(&rpid);
+        let src_images = self.path("src-images");
+        let dst_images = self.path("dst-images");
+        let dst_plugins = opts.dst_plugins.clone().unwrap_or_else(|| self.plugins.clone());
+        let src_plugins = opts.src_plugins.clone().unwrap_or_else(|| self.plugins.clone());
+
+        let mut serve_args: Vec<String> = vec![
+            "--plugins".into(),
+            dst_plugins.display().to_string(),
+            "serve".into(),
+            "--fdrpc".into(),
+            "3".into(),
+            "--fdmem".into(),
+            "4".into(),
+            "--fdfs".into(),
+            "5".into(),
+            "--img-path".into(),
+            dst_images.display().to_string(),
+            "--timeout".into(),
+            "120".into(),
+        ];
+        serve_args.extend(opts.dst_args.iter().cloned());
+        let mut serve_cmd = self.b().command(&self.phaul, &serve_args);
+        serve_cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let serve = spawn_with_fds(serve_cmd, &[(ch.rpc.1.as_fd(), 3), (ch.mem.1.as_fd(), 4), (ch.fs.1.as_fd(), 5)])
+            .map_err(|e| TestbedError::io("starting phaul serve", e))?;
+
+        let mut mig_args: Vec<String> = vec![
+            "--plugins".into(),
+            src_plugins.display().to_string(),
+            "migrate".into(),
+            "pid".into(),
+            pid.to_string(),
+            "--fdrpc".into(),
+            "3".into(),
+            "--fdmem".into(),
+            "4".into(),
+            "--fdfs".into(),
+            "5".into(),
+            "--img-path".into(),
+            src_images.display().to_string(),
+            "--dst-rpid".into(),
+            rpid.display().to_string(),
+            "--timeout".into(),
+            "120".into(),
+        ];
+        if !opts.human_report {
+            mig_args.push("--json".into());
+        }
+        mig_args.extend(opts.src_args.iter().cloned());
+        let mig_cmd = match &opts.src_wrapper {
+            None => self.a().command(&self.phaul, &mig_args),
+            Some((prog, wargs)) => {
+                let mut all: Vec<String> = wargs.clone();
+                all.push("--".into());
+                all.push(self.phaul.display().to_string());
+                all.extend(mig_args.iter().cloned());
+                self.a().command(prog, &all)
+            }
+        };
+        let mut mig_cmd = mig_cmd;
+        mig_cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let migrate = spawn_with_fds(mig_cmd, &[(ch.rpc.0.as_fd(), 3), (ch.mem.0.as_fd(), 4), (ch.fs.0.as_fd(), 5)])
+            .map_err(|e| TestbedError::io("starting phaul migrate", e))?;
+        // Only the two phaul processes may hold the channels, so that either one's death is seen by the other.
+        drop(ch);
+
+        let serve_pid = serve.id();
+        let timeout = opts.timeout.unwrap_or(MIGRATION_TIMEOUT);
+        let watcher = opts.while_running.map(|f| std::thread::spawn(move || f(serve_pid)));
+        let src = collect(migrate, timeout, "phaul migrate")?;
+        let dst = collect(serve, Duration::from_secs(60), "phaul serve")?;
+        if let Some(w) = watcher {
+            let _ = w.join();
+        }
+        let report = serde_json::from_str::<Value>(&src.stdout).ok();
+        let restored_pid = std::fs::read_to_string(&rpid).ok().and_then(|s| s.trim().parse().ok());
+        Ok(MigrationRun {
+            src_status: src.status,
+            src_stdout: src.stdout,
+            src_stderr: src.stderr,
+            dst_status: dst.status,
+            dst_stderr: dst.stderr,
+            report,
+            restored_pid,
+            src_images,
+            dst_images,
+        })
+    }
+
+    /// Runs `phaul ARGS` in host A and returns (status, stdout, stderr).
+    pub fn phaul(&self, args: &[&str], fds: &[(OwnedFd, i32)]) -> Result<Collected, TestbedError> {
+        let mut cmd = self.a().command(&self.phaul, args);
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let borrowed: Vec<_> = fds.iter().map(|(fd, n)| (fd.as_fd(), *n)).collect();
+        let child = spawn_with_fds(cmd, &borrowed).map_err(|e| TestbedError::io("starting phaul", e))?;
+        collect(child, Duration::from_secs(60), "phaul")
+    }
+}
+
+/// A finished process's status and output.
+#[derive(Debug)]
+pub struct Collected {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+fn reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}
+
+/// Waits for a child at most `timeout` (then kills it), collecting its output.
+pub fn collect(mut child: Child, timeout: Duration, what: &str) -> Result<Collected, TestbedError> {
+    let out = child.stdout.take().map(reader);
+    let err = child.stderr.take().map(reader);
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(TestbedError::Timeout { what: format!("{what} to finish"), timeout });
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(TestbedError::io(format!("waiting for {what}"), e)),
+        }
+    };
+    let stdout = out.and_then(|h| h.join().ok()).unwrap_or_default();
+    let stderr = err.and_then(|h| h.join().ok()).unwrap_or_default();
+    Ok(Collected { status, stdout, stderr })
+}
+
+/// Runs a command to completion with a timeout, collecting output.
+pub fn run_collect(mut cmd: Command, timeout: Duration, what: &str) -> Result<Collected, TestbedError> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().map_err(|e| TestbedError::io(format!("starting {what}"), e))?;
+    collect(child, timeout, what)
+}
