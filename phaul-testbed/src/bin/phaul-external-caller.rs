@@ -109,11 +109,8 @@ fn main() -> ExitCode {
     drop(cmd);
     drop(theirs);
     let mut child = child;
-    loop {
-        let req = match read_message(&mut ours) {
-            Ok(m) => m,
-            Err(_) => break, // phaul closed its end: it is finishing.
-        };
+    // Serve requests until phaul closes its end (it is finishing).
+    while let Ok(req) = read_message(&mut ours) {
         if req.r#type != ExternalType::SyncFs as i32 {
             eprintln!("phaul-external-caller: unexpected message type {}", req.r#type);
             continue;
