@@ -198,6 +198,11 @@ impl Registry {
         })
     }
 
+    /// Fails unless a plugin of that kind and name is enabled.
+    pub fn ensure(&self, kind: PluginKind, name: &str) -> Result<(), PluginLoadError> {
+        self.find(kind, name).map(|_| ())
+    }
+
     /// Creates a host-type driver.
     pub fn new_host_type(
         &self,

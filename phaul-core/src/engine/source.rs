@@ -139,6 +139,13 @@ pub fn migrate(
         Err(e) => {
             report.outcome = if run.migrated { "migrated" } else { "failed" };
             report.error = Some(e.to_string());
+            // Nothing was dumped yet: do not leave an empty directory behind. Anything CRIU wrote is kept.
+            if let Some(dir) = report.source_images.clone().map(PathBuf::from) {
+                let _ = std::fs::remove_dir_all(dir.join("cpuinfo"));
+                if std::fs::remove_dir(&dir).is_ok() {
+                    report.source_images = None;
+                }
+            }
             report.images_kept = report.source_images.is_some();
         }
     }
@@ -235,17 +242,33 @@ impl<'c> SourceRun<'c> {
             }
         };
         self.report.fs_driver = fs_name.clone();
+        reg.ensure(phaul_abi::PluginKind::FsDriver, &fs_name)?;
         let features = criu.features()?;
         let pre_copy = self.decide_pre_copy(features, htype.can_pre_dump())?;
+        let fs_roots =
+            plugin(htype.fs_roots(), "host type", &cfg.htype)?.into_iter().map(|s| s.into_string()).collect::<Vec<_>>();
 
-        // Connect (or take) the channels and greet the destination.
-        let (mut rpc, given, addr) = match channels {
-            SourceChannels::Given { rpc, mem, fs } => (rpc, Some((mem, fs)), None),
+        // The channels: handed in, or phaul's own TCP (all three opened now; the memory and filesystem ones say
+        // which session they belong to, and the destination picks them up after the greeting).
+        let (mut rpc, mem, fs_ch) = match channels {
+            SourceChannels::Given { rpc, mem, fs } => (rpc, mem, fs),
             SourceChannels::Connect { addr } => {
-                (transport::connect(&addr, ChannelName::Rpc, Duration::from_secs(10))?, None, Some(addr))
+                let rpc = transport::connect(&addr, ChannelName::Rpc, Duration::from_secs(10))?;
+                let open = |name, kind: ChannelKind| -> Result<Channel, MigrateError> {
+                    let mut c = transport::connect(&addr, name, Duration::from_secs(10))?;
+                    wire::send(&mut c, Body::ChannelOpen(ChannelOpen { session: session.clone(), kind: kind as i32 }))?;
+                    Ok(c)
+                };
+                let mem = open(ChannelName::Mem, ChannelKind::ChannelMemory)?;
+                let fs = open(ChannelName::Fs, ChannelKind::ChannelFs)?;
+                (rpc, mem, Some(fs))
             }
         };
         let _ = rpc.set_read_timeout(cfg.timeout);
+        let _ = mem.set_read_timeout(cfg.timeout);
+        let fs_fd = fs_ch.as_ref().map(|c| c.as_fd().as_raw_fd());
+        let fs = reg.new_fs_sender(&fs_name, &cfg.fs_options, fs_fd, &fs_roots, &dir)?;
+
         self.progress.phase("greeting the destination");
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -259,28 +282,6 @@ impl<'c> SourceRun<'c> {
             return Err(MigrateError::Protocol { ours: PROTOCOL_VERSION, theirs: reply.protocol_version });
         }
         self.report.destination_criu = version_text(&reply.criu);
-        let (mem, fs_ch) = match (given, addr) {
-            (Some(g), _) => g,
-            (None, Some(addr)) => {
-                // Own TCP: the other two channels open once the destination knows the session.
-                let open = |name, kind: ChannelKind| -> Result<Channel, MigrateError> {
-                    let mut c = transport::connect(&addr, name, Duration::from_secs(10))?;
-                    wire::send(&mut c, Body::ChannelOpen(ChannelOpen { session: session.clone(), kind: kind as i32 }))?;
-                    Ok(c)
-                };
-                (
-                    open(ChannelName::Mem, ChannelKind::ChannelMemory)?,
-                    Some(open(ChannelName::Fs, ChannelKind::ChannelFs)?),
-                )
-            }
-            (None, None) => unreachable!("channels are either given or connected"),
-        };
-        let _ = mem.set_read_timeout(cfg.timeout);
-
-        let fs_roots =
-            plugin(htype.fs_roots(), "host type", &cfg.htype)?.into_iter().map(|s| s.into_string()).collect::<Vec<_>>();
-        let fs_fd = fs_ch.as_ref().map(|c| c.as_fd().as_raw_fd());
-        let fs = reg.new_fs_sender(&fs_name, &cfg.fs_options, fs_fd, &fs_roots, &dir)?;
 
         let mut live = Live { rpc, mem, fs_ch, htype, fs, fs_name, root_pid, dir };
         let result = self.migrate_live(criu, &mut live, pre_copy, &session, &fs_roots);
