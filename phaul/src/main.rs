@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use phaul_core::criu::{locate_criu, Criu, MIN_CRIU};
 use phaul_core::engine::{
-    self, DestinationChannels, DestinationConfig, PhaulPolicy, PreDump, SourceChannels, SourceConfig,
+    self, DestinationChannels, DestinationConfig, OnNoConverge, Policy, PreDump, SourceChannels, SourceConfig,
 };
 use phaul_core::plugins::{find_config, Registry};
 use phaul_core::transport::{self, Channel, ChannelName};
@@ -87,6 +87,22 @@ enum PreDumpArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum PolicyArg {
+    /// Stop when the predicted final downtime is under --max-downtime (QEMU's approach).
+    Downtime,
+    /// P.Haul's rules: at most 8 rounds; stop at <= 64 pages; stop when pages written grow by more than 10 %.
+    Phaul,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum NoConvergeArg {
+    /// Dump what is left while frozen, accepting a longer downtime.
+    StopAndCopy,
+    /// Give up before freezing anything; the workload keeps running on the source.
+    Abort,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum ModeArg {
     /// Checkpoint/restore with memory migration (pre-copy when possible, else stop-and-copy).
     Live,
@@ -125,6 +141,18 @@ struct MigrateArgs {
     /// Pre-copy rounds: auto (when the kernel can track dirty memory), on (fail if it cannot), off (stop-and-copy).
     #[arg(long, value_enum, default_value = "auto")]
     pre_dump: PreDumpArg,
+    /// When to stop pre-copy rounds.
+    #[arg(long, value_enum, default_value = "downtime")]
+    policy: PolicyArg,
+    /// Target frozen time for --policy downtime, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 300)]
+    max_downtime: u64,
+    /// Most pre-copy rounds for --policy downtime.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    max_rounds: u32,
+    /// What to do when pre-copy does not converge (dirtying as fast as the channel, no progress, or max rounds).
+    #[arg(long, value_enum, default_value = "stop-and-copy")]
+    on_no_converge: NoConvergeArg,
     /// Keep the image directories on both hosts after a successful migration (they are always kept on failure).
     #[arg(long)]
     keep_images: bool,
@@ -277,7 +305,19 @@ fn migrate(c: &Common, a: MigrateArgs) -> Result<(), Fail> {
             PreDumpArg::On => PreDump::On,
             PreDumpArg::Off => PreDump::Off,
         },
-        policy: PhaulPolicy::default(),
+        policy: match a.policy {
+            PolicyArg::Phaul => Policy::phaul(),
+            PolicyArg::Downtime => Policy::Downtime {
+                max_downtime_ms: a.max_downtime as f64,
+                max_rounds: a.max_rounds.max(1),
+                stall_rounds: 3,
+            },
+        },
+        on_no_converge: match a.on_no_converge {
+            NoConvergeArg::StopAndCopy => OnNoConverge::StopAndCopy,
+            NoConvergeArg::Abort => OnNoConverge::Abort,
+        },
+        post_copy_after: None,
         keep_images: a.keep_images,
         img_path: a.img_path,
         skip_cpu_check: a.skip_cpu_check,

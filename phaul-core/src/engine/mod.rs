@@ -16,7 +16,7 @@ use std::path::Path;
 
 pub use destination::{serve_session, DestinationChannels, DestinationConfig, ServeError, ServeSummary};
 pub use files::FileTransferError;
-pub use policy::{PhaulPolicy, StopReason};
+pub use policy::{rates, should_stop, OnNoConverge, Policy, Rates, RoundSample, StopReason};
 pub use progress::Progress;
 pub use report::{ChannelBytes, MemoryStrategy, Report, RoundReport};
 pub use source::{migrate, MigrateError, PreDump, SourceChannels, SourceConfig};

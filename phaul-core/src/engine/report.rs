@@ -19,6 +19,10 @@ pub struct RoundReport {
     pub duration_ms: f64,
     /// Pages written per second of the round, in MiB/s.
     pub rate_mib_s: f64,
+    /// Pre-dump rounds after the first: how fast the workload dirtied memory, in MiB/s.
+    pub dirty_rate_mib_s: Option<f64>,
+    /// Pre-dump rounds: the frozen time a final dump right after this round was predicted to take.
+    pub predicted_downtime_ms: Option<f64>,
 }
 
 impl RoundReport {
@@ -34,6 +38,8 @@ impl RoundReport {
             bytes_written: bytes,
             duration_ms,
             rate_mib_s: if secs > 0.0 { bytes as f64 / (1 << 20) as f64 / secs } else { 0.0 },
+            dirty_rate_mib_s: None,
+            predicted_downtime_ms: None,
         }
     }
 }
@@ -45,6 +51,8 @@ pub struct MemoryStrategy {
     pub strategy: &'static str,
     pub reason: String,
     pub stop_reason: Option<String>,
+    /// What `--on-no-converge` made phaul do when pre-copy did not converge.
+    pub fallback: Option<String>,
 }
 
 /// Bytes per channel.
@@ -79,6 +87,8 @@ pub struct Report {
     /// How long the workload was frozen (CRIU's own measure; it includes the restore on the destination, because
     /// the source stays frozen until the destination confirms).
     pub frozen_ms: Option<f64>,
+    /// The frozen time predicted after the last pre-copy round (compare with `frozen_ms`).
+    pub predicted_downtime_ms: Option<f64>,
     /// The destination's RESTORE request, as phaul measured it.
     pub restore_ms: Option<f64>,
     /// CRIU's own measure of the restore.
@@ -106,6 +116,9 @@ impl fmt::Display for Report {
         if let Some(s) = &self.memory.stop_reason {
             writeln!(f, "  pre-copy end: {s}")?;
         }
+        if let Some(s) = &self.memory.fallback {
+            writeln!(f, "  fallback:     {s}")?;
+        }
         writeln!(
             f,
             "  filesystem:   {} ({} rounds, {})",
@@ -116,7 +129,11 @@ impl fmt::Display for Report {
         writeln!(f, "  CRIU:         source {}, destination {}", self.source_criu, self.destination_criu)?;
         writeln!(f, "  total time:   {:.0} ms", self.total_ms)?;
         if let Some(v) = self.frozen_ms {
-            writeln!(f, "  frozen time:  {v:.0} ms")?;
+            write!(f, "  frozen time:  {v:.0} ms")?;
+            if let Some(p) = self.predicted_downtime_ms {
+                write!(f, " (predicted {p:.0} ms)")?;
+            }
+            writeln!(f)?;
         }
         if let Some(v) = self.restore_ms {
             write!(f, "  restore time: {v:.0} ms")?;

@@ -19,7 +19,7 @@ use phaul_proto::wire::{
 use phaul_proto::PROTOCOL_VERSION;
 
 use super::files::{self, FileTransferError};
-use super::policy::PhaulPolicy;
+use super::policy::{self, OnNoConverge, Policy, RoundSample, StopReason};
 use super::report::{ChannelBytes, MemoryStrategy, Report, RoundReport};
 use super::{page_size, private_dir, sanitize, Progress};
 use crate::criu::{build_opts, rpc, Criu, CriuError, Features, Version, MIN_CRIU};
@@ -49,7 +49,10 @@ pub struct SourceConfig {
     pub fs: Option<String>,
     pub fs_options: Vec<(String, String)>,
     pub pre_dump: PreDump,
-    pub policy: PhaulPolicy,
+    pub policy: Policy,
+    pub on_no_converge: OnNoConverge,
+    /// Hybrid: switch to post-copy after this many pre-copy rounds.
+    pub post_copy_after: Option<u32>,
     pub keep_images: bool,
     pub img_path: PathBuf,
     pub skip_cpu_check: bool,
@@ -96,6 +99,10 @@ pub enum MigrateError {
     Protocol { ours: u32, theirs: u32 },
     #[error("this host's CRIU {found} is older than {min}, the oldest phaul supports; run scripts/setup or point --criu at a newer CRIU")]
     CriuTooOld { found: String, min: String },
+    #[error("pre-copy did not converge after {rounds} rounds ({why}) and --on-no-converge abort was given; nothing was frozen and the workload keeps running")]
+    NoConvergence { why: &'static str, rounds: u32 },
+    #[error("post-copy was requested but {reason}; the workload was not frozen")]
+    PostCopyUnavailable { reason: String },
     #[error("after CRIU reported a successful dump, the source tree (pid {pid}) is still alive; the destination copy was removed and the source keeps running")]
     SourceSurvived { pid: i32 },
 }
@@ -190,7 +197,9 @@ impl<'c> SourceRun<'c> {
                     strategy: "stop-and-copy",
                     reason: "not decided yet".into(),
                     stop_reason: None,
+                    fallback: None,
                 },
+                predicted_downtime_ms: None,
                 source_criu: String::new(),
                 destination_criu: String::new(),
                 rounds: Vec::new(),
@@ -333,8 +342,12 @@ impl<'c> SourceRun<'c> {
             (PreDump::Auto, Some(reason)) => (false, reason),
             (PreDump::Auto, None) => (true, "memory tracking is available".to_string()),
         };
-        self.report.memory =
-            MemoryStrategy { strategy: if pre { "pre-copy" } else { "stop-and-copy" }, reason, stop_reason: None };
+        self.report.memory = MemoryStrategy {
+            strategy: if pre { "pre-copy" } else { "stop-and-copy" },
+            reason,
+            stop_reason: None,
+            fallback: None,
+        };
         Ok(pre)
     }
 
@@ -378,22 +391,54 @@ impl<'c> SourceRun<'c> {
         let mut round = 0u32;
         let mut fs_round = 0u32;
         if pre_copy {
-            let mut history = Vec::new();
+            let mut history: Vec<RoundSample> = Vec::new();
+            let mut last_start: Option<Instant> = None;
             loop {
                 round += 1;
-                let stats = self.memory_round(criu, live, round)?;
-                history.push(stats);
+                let started = Instant::now();
+                let interval = last_start.map(|t| started.duration_since(t).as_secs_f64());
+                last_start = Some(started);
+                let (stats, secs) = self.memory_round(criu, live, round)?;
+                history.push(RoundSample {
+                    pages_written: stats.pages_written,
+                    duration_s: secs,
+                    interval_s: interval.unwrap_or(secs),
+                });
+                let rt = policy::rates(&history, page_size());
+                if let Some(r) = self.report.rounds.last_mut() {
+                    if history.len() >= 2 {
+                        r.dirty_rate_mib_s = Some(rt.dirty_bytes_s / (1u64 << 20) as f64);
+                    }
+                    r.predicted_downtime_ms = rt.predicted_downtime_ms.is_finite().then_some(rt.predicted_downtime_ms);
+                }
                 fs_round += 1;
                 self.fs_round(live, fs_round, false)?;
-                if let Some(why) = cfg.policy.should_stop(&history) {
-                    self.report.memory.stop_reason = Some(
-                        match why {
-                            super::StopReason::MaxRounds => "reached the round limit",
-                            super::StopReason::SmallEnough => "the last round wrote few enough pages",
-                            super::StopReason::Growing => "the pages written grew from one round to the next",
+                let why = match cfg.post_copy_after {
+                    Some(n) if round >= n => Some(StopReason::PostCopyAfter),
+                    _ => policy::should_stop(&cfg.policy, &history, page_size()),
+                };
+                if let Some(why) = why {
+                    self.report.memory.stop_reason = Some(why.describe().to_string());
+                    self.report.predicted_downtime_ms = self.report.rounds.last().and_then(|r| r.predicted_downtime_ms);
+                    if why.is_non_convergence() {
+                        match cfg.on_no_converge {
+                            OnNoConverge::StopAndCopy => {
+                                self.report.memory.fallback = Some("stop-and-copy".into());
+                            }
+                            OnNoConverge::Abort => {
+                                return Err(MigrateError::NoConvergence { why: why.describe(), rounds: round });
+                            }
+                            OnNoConverge::PostCopy => {
+                                return Err(MigrateError::PostCopyUnavailable {
+                                    reason: "post-copy is not implemented in this phaul yet".into(),
+                                });
+                            }
                         }
-                        .to_string(),
-                    );
+                    } else if why == StopReason::PostCopyAfter {
+                        return Err(MigrateError::PostCopyUnavailable {
+                            reason: "post-copy is not implemented in this phaul yet".into(),
+                        });
+                    }
                     break;
                 }
             }
@@ -436,7 +481,13 @@ impl<'c> SourceRun<'c> {
         Ok((opts, open_dir, fds))
     }
 
-    fn memory_round(&mut self, criu: &Criu, live: &mut Live, round: u32) -> Result<images::DumpStats, MigrateError> {
+    /// One pre-dump round; returns CRIU's stats and the round's wall time in seconds.
+    fn memory_round(
+        &mut self,
+        criu: &Criu,
+        live: &mut Live,
+        round: u32,
+    ) -> Result<(images::DumpStats, f64), MigrateError> {
         self.progress.phase(&format!("round {round}: pre-dump"));
         let dir = self.round_dir(live, round)?;
         expect_reply!(
@@ -460,7 +511,7 @@ impl<'c> SourceRun<'c> {
         self.progress.round(round, "pre-dump", r.bytes_written, secs);
         self.report.channels.memory_pages += r.bytes_written;
         self.report.rounds.push(r);
-        Ok(stats)
+        Ok((stats, secs))
     }
 
     fn fs_round(&mut self, live: &mut Live, round: u32, frozen: bool) -> Result<(), MigrateError> {
