@@ -138,3 +138,75 @@ pub fn random_hex(bytes: usize) -> io::Result<String> {
 pub fn dup(fd: impl AsFd) -> io::Result<OwnedFd> {
     fd.as_fd().try_clone_to_owned()
 }
+
+/// Turns TCP_CORK off and TCP_NODELAY on, sending whatever a corked socket holds back. CRIU corks the page-server
+/// socket and leaves it so; phaul's own writes on the same connection must not sit behind the cork timer.
+/// A socket that is not TCP is left alone.
+pub fn tcp_uncork(fd: impl AsFd) -> io::Result<()> {
+    let off: libc::c_int = 0;
+    // SAFETY: `fd` is a valid open descriptor for the duration of the call (borrowed), and the option value points
+    // at a live c_int whose size is passed along.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            (&off as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOPROTOOPT) | Some(libc::ENOTSOCK) => Ok(()),
+            _ => Err(e),
+        };
+    }
+    tcp_push(fd)
+}
+
+/// Sets TCP_NODELAY, which also pushes out frames a corked TCP socket is holding. Not TCP: nothing happens.
+pub fn tcp_push(fd: impl AsFd) -> io::Result<()> {
+    match nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::TcpNoDelay, &true) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP) | Err(nix::errno::Errno::ENOPROTOOPT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// While alive, pushes out what a corked TCP socket holds every few milliseconds.
+///
+/// CRIU corks its page-server connection and, at the end of a dump, waits for the page server's answer without
+/// pushing the last partial segment, which then waits for the kernel's 200 ms cork timer (every dump pays it).
+/// phaul shares the socket, so it pushes pending frames itself while CRIU runs.
+#[derive(Debug)]
+pub struct CorkPusher {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CorkPusher {
+    pub fn start(fd: OwnedFd) -> CorkPusher {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if tcp_push(&fd).is_err() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(3));
+            }
+        });
+        CorkPusher { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for CorkPusher {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -67,7 +67,10 @@ impl Channel {
 
     /// Adopts a descriptor given on the command line after checking it is a connected stream socket.
     pub fn from_raw(name: ChannelName, fd: RawFd, flag: &'static str) -> Result<Channel, TransportError> {
-        Ok(Channel::new(name, sys::adopt_stream_socket(fd, flag)?))
+        let fd = sys::adopt_stream_socket(fd, flag)?;
+        // Control messages are small and answered at once: do not let Nagle hold them (TCP only).
+        sys::tcp_push(&fd).map_err(|source| TransportError::Setup { channel: name.as_str(), source })?;
+        Ok(Channel::new(name, fd))
     }
 
     pub fn from_tcp(name: ChannelName, s: TcpStream) -> Result<Channel, TransportError> {

@@ -452,6 +452,10 @@ impl<'c> SourceRun<'c> {
         self.final_dump(criu, live, round, pre_copy)
     }
 
+    fn cork_pusher(&self, live: &Live) -> Option<sys::CorkPusher> {
+        live.mem.dup_fd().ok().map(sys::CorkPusher::start)
+    }
+
     fn round_dir(&self, live: &Live, round: u32) -> Result<PathBuf, MigrateError> {
         let d = live.dir.join(round.to_string());
         private_dir(&d, false).map_err(|source| MigrateError::ImageDir { path: d.clone(), source })?;
@@ -502,7 +506,9 @@ impl<'c> SourceRun<'c> {
         let t = Instant::now();
         let mut s = criu.start(fds, Some(&dir.join("criu-stderr.log")))?;
         s.set_log(dir.join("pre-dump.log"));
+        let pusher = self.cork_pusher(live);
         s.call("PRE_DUMP", rpc::req(CriuReqType::PreDump, Some(opts)), &mut |_, _| Ok(()))?;
+        drop(pusher);
         drop(s);
         expect_reply!(wire::request(&mut live.rpc, Body::EndRound(EndRound { round }))?, EndRoundReply)?;
         let secs = t.elapsed().as_secs_f64();
@@ -546,15 +552,22 @@ impl<'c> SourceRun<'c> {
 
         let mut failure: Option<MigrateError> = None;
         let mut frozen_work_ms = 0.0;
+        let mut pusher = Some(self.cork_pusher(live));
         let resp = {
             let this = &mut *self;
             let live = &mut *live;
             let dir = &dir;
             let failure = &mut failure;
             let frozen_work_ms = &mut frozen_work_ms;
+            let pusher = &mut pusher;
             let mut handler = |script: &str, _pid: Option<i32>| -> Result<(), String> {
                 let r = match script {
                     "post-dump" => {
+                        // CRIU is done with the memory channel: phaul writes on it now, uncorked.
+                        drop(pusher.take());
+                        if let Err(e) = sys::tcp_uncork(&live.mem) {
+                            log::debug!("cannot uncork the memory channel: {e}");
+                        }
                         let t = Instant::now();
                         let r = this.while_frozen(live, dir, round);
                         *frozen_work_ms = t.elapsed().as_secs_f64() * 1000.0;
