@@ -32,20 +32,29 @@ pub use types::*;
 /// Re-exported so the export macros work in plugins that do not depend on abi_stable themselves.
 pub use abi_stable;
 
+/// The plugin's self-description (used by the export macros).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __phaul_plugin_info {
+    ($kind:ident, $name:expr, $desc:expr) => {
+        extern "C" fn __phaul_plugin_info() -> $crate::PluginInfo {
+            $crate::PluginInfo {
+                kind: $crate::PluginKind::$kind,
+                name: $name.into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                description: $desc.into(),
+            }
+        }
+    };
+}
+
 /// Exports a host-type plugin.
 ///
 /// `new` is a `fn(&HostTypeArgs) -> PluginResult<T>` where `T: HostType`.
 #[macro_export]
 macro_rules! export_host_type {
     (name: $name:expr, description: $desc:expr, new: $ctor:path $(,)?) => {
-        extern "C" fn __phaul_plugin_info() -> $crate::PluginInfo {
-            $crate::PluginInfo {
-                kind: $crate::PluginKind::HostType,
-                name: $name.into(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                description: $desc.into(),
-            }
-        }
+        $crate::__phaul_plugin_info!(HostType, $name, $desc);
 
         extern "C" fn __phaul_new_host_type(
             args: &$crate::HostTypeArgs,
@@ -74,14 +83,7 @@ macro_rules! export_host_type {
 #[macro_export]
 macro_rules! export_fs_driver {
     (name: $name:expr, description: $desc:expr, sender: $send:path, receiver: $recv:path $(,)?) => {
-        extern "C" fn __phaul_plugin_info() -> $crate::PluginInfo {
-            $crate::PluginInfo {
-                kind: $crate::PluginKind::FsDriver,
-                name: $name.into(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                description: $desc.into(),
-            }
-        }
+        $crate::__phaul_plugin_info!(FsDriver, $name, $desc);
 
         extern "C" fn __phaul_new_fs_sender(
             args: &$crate::FsArgs,

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Read};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::fcntl::{fcntl, FcntlArg};
 use nix::sys::socket::{getsockopt, socketpair, sockopt, AddressFamily, SockFlag, SockType};
@@ -100,15 +100,6 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 /// A connected SOCK_STREAM pair, close-on-exec on both ends.
 pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).map_err(io::Error::from)
-}
-
-/// Borrows a descriptor number that a driver was given and must not close.
-///
-/// # Safety
-/// `fd` must stay open for the returned lifetime.
-pub unsafe fn borrow_fd<'a>(fd: RawFd) -> BorrowedFd<'a> {
-    // SAFETY: guaranteed by the caller.
-    unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
 /// Whether standard error is a terminal (progress is shown only then).

@@ -108,6 +108,32 @@ enum ModeArg {
     Live,
 }
 
+/// Connections a caller hands in, already connected to the peer (stream sockets: TCP or AF_UNIX).
+#[derive(Args, Debug)]
+struct FdArgs {
+    /// Control connection.
+    #[arg(long, value_name = "FD", requires = "fdmem")]
+    fdrpc: Option<i32>,
+    /// Memory-page and image connection.
+    #[arg(long, value_name = "FD", requires = "fdrpc")]
+    fdmem: Option<i32>,
+    /// Filesystem data connection (needed only by drivers that copy files).
+    #[arg(long, value_name = "FD", requires = "fdrpc")]
+    fdfs: Option<i32>,
+}
+
+impl FdArgs {
+    /// The handed-in channels, checked; `None` when no descriptors were given.
+    fn channels(&self) -> Result<Option<(Channel, Channel, Option<Channel>)>, Fail> {
+        let (Some(rpc), Some(mem)) = (self.fdrpc, self.fdmem) else { return Ok(None) };
+        phaul_core::sys::check_distinct(&[(Some(rpc), "--fdrpc"), (Some(mem), "--fdmem"), (self.fdfs, "--fdfs")])?;
+        let rpc = Channel::from_raw(ChannelName::Rpc, rpc, "--fdrpc")?;
+        let mem = Channel::from_raw(ChannelName::Mem, mem, "--fdmem")?;
+        let fs = self.fdfs.map(|fd| Channel::from_raw(ChannelName::Fs, fd, "--fdfs")).transpose()?;
+        Ok(Some((rpc, mem, fs)))
+    }
+}
+
 #[derive(Args, Debug)]
 struct MigrateArgs {
     /// Host type: what kind of workload (`pid`, `lxc`, ...; see `phaul plugins`).
@@ -117,15 +143,8 @@ struct MigrateArgs {
     /// The destination's `phaul serve --listen` address.
     #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["fdrpc", "fdmem", "fdfs"], required_unless_present = "fdrpc")]
     to: Option<String>,
-    /// Control connection, already connected to the destination.
-    #[arg(long, value_name = "FD", requires = "fdmem")]
-    fdrpc: Option<i32>,
-    /// Memory-page and image connection.
-    #[arg(long, value_name = "FD", requires = "fdrpc")]
-    fdmem: Option<i32>,
-    /// Filesystem data connection (needed only by drivers that copy files).
-    #[arg(long, value_name = "FD", requires = "fdrpc")]
-    fdfs: Option<i32>,
+    #[command(flatten)]
+    fds: FdArgs,
     /// Filesystem driver (default: the host type's entry in plugins.toml).
     #[arg(long, value_name = "DRIVER")]
     fs: Option<String>,
@@ -181,15 +200,8 @@ struct ServeArgs {
     /// Serve one migration and exit (always so with --fdrpc).
     #[arg(long)]
     once: bool,
-    /// Control connection, already connected to the source.
-    #[arg(long, value_name = "FD", requires = "fdmem")]
-    fdrpc: Option<i32>,
-    /// Memory-page and image connection.
-    #[arg(long, value_name = "FD", requires = "fdrpc")]
-    fdmem: Option<i32>,
-    /// Filesystem data connection.
-    #[arg(long, value_name = "FD", requires = "fdrpc")]
-    fdfs: Option<i32>,
+    #[command(flatten)]
+    fds: FdArgs,
     /// Where image directories are created on this host.
     #[arg(long, value_name = "DIR", default_value = engine::DEFAULT_IMG_PATH)]
     img_path: PathBuf,
@@ -274,25 +286,16 @@ fn run(cli: Cli) -> Result<(), Fail> {
     }
 }
 
-fn given_channels(rpc: i32, mem: i32, fs: Option<i32>) -> Result<(Channel, Channel, Option<Channel>), Fail> {
-    phaul_core::sys::check_distinct(&[(Some(rpc), "--fdrpc"), (Some(mem), "--fdmem"), (fs, "--fdfs")])?;
-    let rpc = Channel::from_raw(ChannelName::Rpc, rpc, "--fdrpc")?;
-    let mem = Channel::from_raw(ChannelName::Mem, mem, "--fdmem")?;
-    let fs = fs.map(|fd| Channel::from_raw(ChannelName::Fs, fd, "--fdfs")).transpose()?;
-    Ok((rpc, mem, fs))
-}
-
 fn migrate(c: &Common, a: MigrateArgs) -> Result<(), Fail> {
     let reg = registry(c)?;
     let criu = criu(c)?;
     let ModeArg::Live = a.mode;
-    let channels = match (a.to, a.fdrpc, a.fdmem) {
-        (Some(addr), _, _) => SourceChannels::Connect { addr },
-        (None, Some(rpc), Some(mem)) => {
-            let (rpc, mem, fs) = given_channels(rpc, mem, a.fdfs)?;
-            SourceChannels::Given { rpc, mem, fs }
+    let channels = match (a.to, a.fds.channels()?) {
+        (Some(addr), _) => SourceChannels::Connect { addr },
+        (None, Some((rpc, mem, fs))) => SourceChannels::Given { rpc, mem, fs },
+        (None, None) => {
+            return Err(Fail(EXIT_USAGE, "give the destination with --to HOST:PORT or --fdrpc/--fdmem".into()))
         }
-        _ => return Err(Fail(EXIT_USAGE, "give the destination with --to HOST:PORT or --fdrpc/--fdmem".into())),
     };
     let cfg = SourceConfig {
         htype: a.htype,
@@ -355,8 +358,7 @@ fn serve(c: &Common, a: ServeArgs) -> Result<(), Fail> {
             Err(e) => Err(Fail(EXIT_FAILED, e.to_string())),
         }
     };
-    if let (Some(rpc), Some(mem)) = (a.fdrpc, a.fdmem) {
-        let (rpc, mem, fs) = given_channels(rpc, mem, a.fdfs)?;
+    if let Some((rpc, mem, fs)) = a.fds.channels()? {
         return report(engine::serve_session(&reg, &criu, &cfg, rpc, DestinationChannels::Given { mem, fs }));
     }
     let addr = a.listen.unwrap_or_default();
