@@ -124,3 +124,56 @@ fn a_panicking_plugin_becomes_an_error_and_the_workload_is_untouched() {
     );
     probe_ok(&w, w.pid());
 }
+
+/// The source's phaul is killed while CRIU streams pages: CRIU cannot report its dump to anyone, so it resumes the
+/// tree; the destination sees the control channel close and rolls back.
+#[test]
+fn source_phaul_dies_mid_transfer() {
+    let lab = lab("srcdies");
+    let w = lab.start_workload("memory", &["--size-mib", "256"]).expect("start");
+    let before = probe_ok(&w, w.pid());
+    let dst_images = lab.path("dst-images");
+    let netns_a = lab.a().netns_inode().expect("netns A");
+    let workload = w.pid();
+    let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let k = killed.clone();
+    let opts = MigrateOptions {
+        while_running: Some(Box::new(move |_serve| {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if find_file_with_prefix(&dst_images, "pages-").is_some() {
+                    // `phaul migrate` is the process in host A whose command line names the workload's pid.
+                    let me = format!("{workload}");
+                    for pid in phaul_testbed::pids_in_netns(netns_a).unwrap_or_default() {
+                        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                        let args: Vec<String> =
+                            cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+                        if args.iter().any(|a| a == "migrate") && args.iter().any(|a| *a == me) {
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid),
+                                nix::sys::signal::Signal::SIGKILL,
+                            );
+                            k.store(true, std::sync::atomic::Ordering::SeqCst);
+                            return;
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })),
+        ..Default::default()
+    };
+    let run = lab.migrate(w.pid(), opts).expect("run");
+    assert!(killed.load(std::sync::atomic::Ordering::SeqCst), "phaul migrate was never killed:\n{}", run.describe());
+    // CRIU notices at its next notification and resumes the tree; give it a moment.
+    let after = w
+        .wait_state("the resumed workload to count again", Duration::from_secs(30), |s| {
+            s["counter"].as_u64() > before["counter"].as_u64().map(|c| c + 5)
+        })
+        .expect("the workload runs on A again");
+    assert!(phaul_testbed::pid_alive(w.pid()));
+    let _ = after;
+    assert_still_on_source(&lab, &w, &run);
+    assert_eq!(probe_ok(&w, w.pid())["actual_checksum"], before["expected_checksum"]);
+    assert!(!run.dst_status.success(), "the destination must report the roll-back:\n{}", run.describe());
+}

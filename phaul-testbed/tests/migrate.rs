@@ -167,3 +167,50 @@ fn own_tcp_connections_on_loopback() {
     let after = probe_ok(&w, restored);
     assert!(u64_of(&after, "counter") >= u64_of(&before, "counter"));
 }
+
+/// `phaul serve --listen` without `--once` serves one migration after another.
+#[test]
+fn serve_handles_several_migrations_in_a_row() {
+    let lab = lab("serial");
+    let port = 40000 + (std::process::id() % 20000);
+    let addr = format!("127.0.0.1:{port}");
+    let plugins = lab.plugins.display().to_string();
+    let img = lab.path("dst-images").display().to_string();
+    let mut serve =
+        lab.a().command(&lab.phaul, ["--plugins", &plugins, "serve", "--listen", &addr, "--img-path", &img]);
+    serve.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let mut serve = serve.spawn().expect("serve");
+    std::thread::sleep(Duration::from_millis(500));
+    let src_img = lab.path("src-images").display().to_string();
+    for i in 0..2 {
+        let mut w = lab.start_workload("counter", &[]).expect("start");
+        let before = probe_ok(&w, w.pid());
+        let rpid = lab.path(&format!("serial-{i}.rpid"));
+        let out = lab
+            .phaul(
+                &[
+                    "--plugins",
+                    &plugins,
+                    "migrate",
+                    "pid",
+                    &w.pid().to_string(),
+                    "--to",
+                    &addr,
+                    "--img-path",
+                    &src_img,
+                    "--dst-rpid",
+                    &rpid.display().to_string(),
+                ],
+                &[],
+            )
+            .expect("migrate");
+        assert!(out.status.success(), "migration {i}: {}\n{}", out.stdout, out.stderr);
+        let restored: i32 = std::fs::read_to_string(&rpid).expect("rpid").trim().parse().expect("pid");
+        w.adopt_pid(restored).expect("adopt");
+        let after = probe_ok(&w, restored);
+        assert!(u64_of(&after, "counter") >= u64_of(&before, "counter"));
+    }
+    assert!(serve.try_wait().expect("wait").is_none(), "serve exited after its migrations");
+    let _ = serve.kill();
+    let _ = serve.wait();
+}
