@@ -6,6 +6,7 @@
 #   LAB                  /lab (scenarios in $LAB/scenarios)
 #   LAB_SCENARIO         this scenario's name
 #   LAB_WORK             an empty scratch directory on tmpfs, removed after the scenario
+# After the scenario /init kills every process left (workloads, restored trees, relays), so scenarios need not.
 #   LAB_PORT_BASE        first of 100 TCP ports reserved for this scenario
 #   HOSTA, HOSTB         the two "hosts": network namespaces /run/netns/hosta and /run/netns/hostb, joined by a veth
 #   HOSTA_ADDR, HOSTB_ADDR   10.91.0.1 and 10.91.0.2
@@ -19,7 +20,6 @@
 #   log MSG...                 print a line tagged with the scenario name
 #   fail MSG...                record MSG as the reason and exit 1
 #   in_a CMD... / in_b CMD...  run CMD in host A's / host B's network namespace
-#   track PID                  kill PID (with -9) when the scenario ends, whatever happens
 #   wait_for SECS CMD...       poll CMD every 0.1 s until it succeeds; status 1 after SECS seconds
 #   pid_gone PID               true if no process PID exists
 #   netns_of PID               print the network namespace of PID (net:[inode])
@@ -48,8 +48,6 @@ fail() {
 
 in_a() { nsenter --net=/run/netns/"$HOSTA" -- "$@"; }
 in_b() { nsenter --net=/run/netns/"$HOSTB" -- "$@"; }
-
-track() { echo "$1" >> "$LAB_WORK/.pids"; }
 
 _now_ds() { read -r _u _ < /proc/uptime; _s=${_u%.*}; _f=${_u#*.}; echo $((_s * 10 + ${_f%?})); }
 
@@ -82,11 +80,9 @@ start_workload() {
   WORKLOAD_STATE=$LAB_WORK/$_name
   mkdir -p "$WORKLOAD_STATE"
   in_a phaul-workload "$_kind" --state-dir "$WORKLOAD_STATE" "$@" > "$LAB_WORK/$_name.out" 2> "$LAB_WORK/$_name.err" &
-  track $!
   wait_for 60 grep -q '^PID ' "$LAB_WORK/$_name.out" ||
     fail "phaul-workload $_kind did not start: $(cat "$LAB_WORK/$_name.err")"
   WORKLOAD_PID=$(awk '/^PID / {print $2; exit}' "$LAB_WORK/$_name.out")
-  track "$WORKLOAD_PID"
   wait_for 120 test -s "$WORKLOAD_STATE/state.json" || fail "workload $_kind published no state in 120 s"
   log "workload $_kind started: pid $WORKLOAD_PID, state in $WORKLOAD_STATE"
 }
@@ -168,7 +164,6 @@ migrate() {
       in_b lab-fd-accept 3 "$_p1" 4 "$_p2" 5 "$_p3" -- "${_serve_common[@]}" --fdrpc 3 --fdmem 4 --fdfs 5 \
         > "$_mw/serve.out" 2> "$_mw/serve.err" &
       _serve=$!
-      track $_serve
       log "migrate $_m: phaul migrate pid $_m_pid $* (fds 3/4/5: TCP $HOSTA_ADDR -> $HOSTB_ADDR:$_p1/$_p2/$_p3)"
       _t0=$(_now_ds)
       MIGRATE_STATUS=0
@@ -189,11 +184,8 @@ migrate() {
       _next_port; _ps=$_lab_port; _next_port; _pb=$_lab_port; _next_port; _pa=$_lab_port
       in_b "${_serve_common[@]}" --listen "127.0.0.1:$_ps" --once > "$_mw/serve.out" 2> "$_mw/serve.err" &
       _serve=$!
-      track $_serve
       in_b socat "TCP-LISTEN:$_pb,bind=$HOSTB_ADDR,fork,reuseaddr" "TCP:127.0.0.1:$_ps" 2> "$_mw/relay-b.err" &
-      track $!
       in_a socat "TCP-LISTEN:$_pa,bind=127.0.0.1,fork,reuseaddr" "TCP:$HOSTB_ADDR:$_pb" 2> "$_mw/relay-a.err" &
-      track $!
       wait_for 30 _listening in_b "$_ps" || fail "phaul serve is not listening: $(cat "$_mw/serve.err")"
       wait_for 10 _listening in_b "$_pb" || fail "the relay in B is not listening: $(cat "$_mw/relay-b.err")"
       wait_for 10 _listening in_a "$_pa" || fail "the relay in A is not listening: $(cat "$_mw/relay-a.err")"

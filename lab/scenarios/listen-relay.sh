@@ -8,7 +8,7 @@
 # before the greeting, and `phaul serve` takes the first accepted connection as control, the second as memory, the
 # third as filesystem. A forwarder opens each onward connection independently, so they can arrive in any order
 # ("the peer did not start with a Hello" or "a memory connection arrived for session X, but session X is being
-# served"). In the lab 7 of 8 such migrations failed.
+# served"). In two lab runs 12 of 13 such migrations failed.
 . "$LAB/scenarios/lib.sh"
 export LAB_TRANSPORT=relay
 ok=0 failed=0 errors=""
@@ -16,7 +16,6 @@ for i in 1 2 3 4 5; do
   start_workload counter c$i
   if migrate m$i "$WORKLOAD_PID" --pre-dump off > "$LAB_WORK/m$i.out" 2>&1; then
     ok=$((ok + 1))
-    [ -n "$RESTORED_PID" ] && track "$RESTORED_PID"
   else
     failed=$((failed + 1))
     e=$(grep -h 'error' "$LAB_WORK/m$i/serve.err" "$LAB_WORK/m$i/migrate.err" 2>/dev/null | head -1)

@@ -19,7 +19,6 @@ log "first pre-dump wrote $first pages, the final dump $final pages ($rounds rou
 [ "$first" -ge 58982 ] || fail "the first pre-dump wrote $first pages, less than 90% of 256 MiB (65536 pages)"
 [ $((final * 10)) -lt "$first" ] || fail "the final dump wrote $final pages, not far fewer than the first pre-dump's $first"
 [ -n "$RESTORED_PID" ] || fail "no restored pid in --dst-rpid"
-track "$RESTORED_PID"
 
 wait_for 20 pid_gone "$WORKLOAD_PID" || fail "the source pid $WORKLOAD_PID still exists"
 [ "$(netns_of "$RESTORED_PID")" = "$(in_b readlink /proc/self/ns/net)" ] ||

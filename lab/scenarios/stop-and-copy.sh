@@ -14,7 +14,6 @@ expect_json "$MIGRATE_REPORT" '[.rounds[] | select(.kind == "pre-dump")] | lengt
 expect_json "$MIGRATE_REPORT" '.rounds[-1].kind == "dump" and .rounds[-1].pages_written >= 16384' \
   "the dump round did not write the 64 MiB (16384 pages)"
 [ -n "$RESTORED_PID" ] || fail "no restored pid in --dst-rpid"
-track "$RESTORED_PID"
 
 wait_for 20 pid_gone "$WORKLOAD_PID" || fail "the source pid $WORKLOAD_PID still exists"
 [ "$(netns_of "$RESTORED_PID")" = "$(in_b readlink /proc/self/ns/net)" ] ||
