@@ -47,8 +47,8 @@ pub use binary::locate_binary;
 pub use cmd::{describe_command, run_command, COMMAND_TIMEOUT};
 pub use error::TestbedError;
 pub use migration::{
-    collect, run_collect, write_plugins_toml, Collected, Lab, MigrateOptions, MigrationRun, ScratchDir,
-    MIGRATION_TIMEOUT, PLUGIN_FILES,
+    collect, collect_every, run_collect, write_plugins_toml, Collected, Lab, MigrateOptions, MigrationRun, ProcUsage,
+    ScratchDir, MIGRATION_TIMEOUT, PLUGIN_FILES,
 };
 pub use netns::{socket_netns_inode, ChannelTriple, Host, HostPair, ADDR_A, ADDR_B, PREFIX_LEN};
 pub use process::{

@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
 use serde_json::Value;
 
 use crate::binary::locate_binary;
@@ -89,10 +92,18 @@ pub struct MigrateOptions {
     /// Wrap the source: run this program with these arguments, followed by the phaul command line (for example
     /// the sample external caller). It inherits the channel descriptors.
     pub src_wrapper: Option<(PathBuf, Vec<String>)>,
+    /// Wrap the destination the same way (for example a profiler: `perf record -g -o FILE`).
+    pub dst_wrapper: Option<(PathBuf, Vec<String>)>,
     /// Called while both sides run, with the pid of `phaul serve` (to kill it mid-transfer, say).
     #[allow(clippy::type_complexity)]
     pub while_running: Option<Box<dyn FnOnce(u32) + Send>>,
     pub timeout: Option<Duration>,
+    /// Sample the peak RSS and CPU time of both processes started (`phaul migrate`, or the source wrapper when one
+    /// is given, and `phaul serve`) from /proc while they run; see [`MigrationRun::src_usage`].
+    pub sample_usage: bool,
+    /// How often to check whether the two processes have exited (and to sample them); 20 ms when not given. The
+    /// benchmark uses a finer step so that the wall time around [`Lab::migrate`] is not rounded up by polling.
+    pub poll: Option<Duration>,
 }
 
 /// What a migration run produced.
@@ -109,6 +120,112 @@ pub struct MigrationRun {
     pub restored_pid: Option<i32>,
     pub src_images: PathBuf,
     pub dst_images: PathBuf,
+    /// What the source process used, when [`MigrateOptions::sample_usage`] was set.
+    pub src_usage: Option<ProcUsage>,
+    /// What `phaul serve` used, when [`MigrateOptions::sample_usage`] was set.
+    pub dst_usage: Option<ProcUsage>,
+}
+
+/// What one process used, read from `/proc/PID/status` and `/proc/PID/stat` while it ran and once more when it
+/// had exited but was not reaped yet.
+///
+/// Only the process itself is counted: the children it reaped (CRIU, for phaul) are reported apart, in
+/// `children_*`. (GNU time and `wait4` would fold the largest reaped child's RSS and all reaped children's CPU
+/// time into the process's own figures.)
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcUsage {
+    /// The highest `VmHWM` seen (KiB): the peak resident set, up to the last sample before the exit.
+    pub peak_rss_kib: u64,
+    /// User CPU time of all its threads, seconds (clock-tick resolution).
+    pub user_s: f64,
+    /// System CPU time of all its threads, seconds.
+    pub sys_s: f64,
+    /// User CPU time of the children it waited for, seconds.
+    pub children_user_s: f64,
+    /// System CPU time of the children it waited for, seconds.
+    pub children_sys_s: f64,
+    /// How many times it was sampled while alive.
+    pub samples: u32,
+    /// Whether the final CPU times were read after the exit (false: from the last sample while alive).
+    pub final_read: bool,
+}
+
+impl ProcUsage {
+    /// User plus system time of the process itself.
+    pub fn cpu_s(&self) -> f64 {
+        self.user_s + self.sys_s
+    }
+}
+
+/// `VmHWM` of a live process (KiB), unless it is still `nsenter` (whose image is replaced by the program).
+fn read_hwm_kib(pid: u32) -> Option<u64> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    if comm.trim() == "nsenter" {
+        return None;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+    line.split_whitespace().next()?.parse().ok()
+}
+
+/// Reads utime, stime, cutime and cstime of `/proc/PID/stat` into `u` (a zombie still has them).
+fn read_cpu(pid: u32, u: &mut ProcUsage) -> bool {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let Some(close) = text.rfind(')') else { return false };
+    let fields: Vec<&str> = text[close + 1..].split_whitespace().collect();
+    // After the comm, the state is index 0; utime, stime, cutime and cstime are fields 14-17 of the line.
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().filter(|t| *t > 0).unwrap_or(100);
+    let get = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).map(|v| v as f64 / tick as f64);
+    match (get(11), get(12), get(13), get(14)) {
+        (Some(ut), Some(st), Some(cut), Some(cst)) => {
+            u.user_s = ut;
+            u.sys_s = st;
+            u.children_user_s = cut;
+            u.children_sys_s = cst;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// How often a usage sampler reads /proc (checking for the exit, a cheap `waitid`, happens at every poll).
+const SAMPLE_EVERY: Duration = Duration::from_millis(10);
+
+/// Checks every `every` whether our child `pid` has exited (without reaping it) and samples it from /proc every
+/// [`SAMPLE_EVERY`] (or every `every` if that is longer), until it has exited or `limit` passes.
+fn spawn_usage_sampler(pid: u32, every: Duration, limit: Duration) -> std::thread::JoinHandle<ProcUsage> {
+    std::thread::spawn(move || {
+        let mut u = ProcUsage::default();
+        let deadline = Instant::now() + limit;
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG;
+        let mut next_sample = Instant::now();
+        loop {
+            match waitid(Id::Pid(Pid::from_raw(pid as i32)), flags) {
+                Ok(WaitStatus::StillAlive) => {}
+                Ok(_) => {
+                    u.final_read = read_cpu(pid, &mut u);
+                    break;
+                }
+                Err(Errno::EINTR) => continue,
+                // Not (or no longer) our child: keep what was sampled.
+                Err(_) => break,
+            }
+            if Instant::now() >= next_sample {
+                if let Some(hwm) = read_hwm_kib(pid) {
+                    u.peak_rss_kib = u.peak_rss_kib.max(hwm);
+                }
+                if read_cpu(pid, &mut u) {
+                    u.samples += 1;
+                }
+                next_sample = Instant::now() + SAMPLE_EVERY.max(every);
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(every);
+        }
+        u
+    })
 }
 
 impl MigrationRun {
@@ -195,7 +312,16 @@ impl Lab {
             "120".into(),
         ];
         serve_args.extend(opts.dst_args.iter().cloned());
-        let mut serve_cmd = self.b().command(&self.phaul, &serve_args);
+        let mut serve_cmd = match &opts.dst_wrapper {
+            None => self.b().command(&self.phaul, &serve_args),
+            Some((prog, wargs)) => {
+                let mut all: Vec<String> = wargs.clone();
+                all.push("--".into());
+                all.push(self.phaul.display().to_string());
+                all.extend(serve_args.iter().cloned());
+                self.b().command(prog, &all)
+            }
+        };
         serve_cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let serve = spawn_with_fds(serve_cmd, &[(ch.rpc.1.as_fd(), 3), (ch.mem.1.as_fd(), 4), (ch.fs.1.as_fd(), 5)])
             .map_err(|e| TestbedError::io("starting phaul serve", e))?;
@@ -242,12 +368,23 @@ impl Lab {
 
         let serve_pid = serve.id();
         let timeout = opts.timeout.unwrap_or(MIGRATION_TIMEOUT);
+        let poll = opts.poll.unwrap_or(DEFAULT_POLL);
+        let samplers = opts.sample_usage.then(|| {
+            let limit = timeout + Duration::from_secs(60);
+            (spawn_usage_sampler(migrate.id(), poll, limit), spawn_usage_sampler(serve_pid, poll, limit))
+        });
         let watcher = opts.while_running.map(|f| std::thread::spawn(move || f(serve_pid)));
-        let src = collect(migrate, timeout, "phaul migrate")?;
-        let dst = collect(serve, Duration::from_secs(60), "phaul serve")?;
+        let (src_sampler, dst_sampler) = match samplers {
+            Some((s, d)) => (Some(s), Some(d)),
+            None => (None, None),
+        };
+        let src = collect_inner(migrate, timeout, "phaul migrate", poll, src_sampler.as_ref())?;
+        let dst = collect_inner(serve, Duration::from_secs(60), "phaul serve", poll, dst_sampler.as_ref())?;
         if let Some(w) = watcher {
             let _ = w.join();
         }
+        let src_usage = src_sampler.and_then(|h| h.join().ok());
+        let dst_usage = dst_sampler.and_then(|h| h.join().ok());
         let report = serde_json::from_str::<Value>(&src.stdout).ok();
         let restored_pid = std::fs::read_to_string(&rpid).ok().and_then(|s| s.trim().parse().ok());
         Ok(MigrationRun {
@@ -260,6 +397,8 @@ impl Lab {
             restored_pid,
             src_images,
             dst_images,
+            src_usage,
+            dst_usage,
         })
     }
 
@@ -289,20 +428,42 @@ fn reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> 
     })
 }
 
+/// How often [`collect`] checks whether the child has exited.
+const DEFAULT_POLL: Duration = Duration::from_millis(20);
+
 /// Waits for a child at most `timeout` (then kills it), collecting its output.
-pub fn collect(mut child: Child, timeout: Duration, what: &str) -> Result<Collected, TestbedError> {
+pub fn collect(child: Child, timeout: Duration, what: &str) -> Result<Collected, TestbedError> {
+    collect_every(child, timeout, what, DEFAULT_POLL)
+}
+
+/// [`collect`], checking every `poll` whether the child has exited.
+pub fn collect_every(child: Child, timeout: Duration, what: &str, poll: Duration) -> Result<Collected, TestbedError> {
+    collect_inner(child, timeout, what, poll, None)
+}
+
+/// Waits as [`collect`] does; when `sampler` is given, the exited child is only reaped once the sampler has read
+/// its final figures (or given up).
+fn collect_inner(
+    mut child: Child,
+    timeout: Duration,
+    what: &str,
+    poll: Duration,
+    sampler: Option<&std::thread::JoinHandle<ProcUsage>>,
+) -> Result<Collected, TestbedError> {
     let out = child.stdout.take().map(reader);
     let err = child.stderr.take().map(reader);
     let deadline = Instant::now() + timeout;
     let status = loop {
-        match child.try_wait() {
+        let may_reap = !matches!(sampler, Some(s) if !s.is_finished());
+        let state = if may_reap { child.try_wait() } else { Ok(None) };
+        match state {
             Ok(Some(s)) => break s,
             Ok(None) if Instant::now() >= deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(TestbedError::Timeout { what: format!("{what} to finish"), timeout });
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => std::thread::sleep(poll),
             Err(e) => return Err(TestbedError::io(format!("waiting for {what}"), e)),
         }
     };
