@@ -98,6 +98,8 @@ enum PolicyArg {
 enum NoConvergeArg {
     /// Dump what is left while frozen, accepting a longer downtime.
     StopAndCopy,
+    /// Switch to post-copy for what is left (hybrid; read --mode lazy's warning).
+    PostCopy,
     /// Give up before freezing anything; the workload keeps running on the source.
     Abort,
 }
@@ -106,6 +108,9 @@ enum NoConvergeArg {
 enum ModeArg {
     /// Checkpoint/restore with memory migration (pre-copy when possible, else stop-and-copy).
     Live,
+    /// Post-copy: the workload starts on the destination at once and pulls its memory on demand. RISK: from that
+    /// moment until the last page has arrived, losing either host or the connection loses the workload.
+    Lazy,
 }
 
 /// Connections a caller hands in, already connected to the peer (stream sockets: TCP or AF_UNIX).
@@ -154,9 +159,14 @@ struct MigrateArgs {
     /// An option for the host type.
     #[arg(long = "htype-opt", value_name = "KEY=VALUE", value_parser = parse_kv)]
     htype_opts: Vec<(String, String)>,
-    /// Migration mode.
+    /// Migration mode. `lazy` (post-copy) is an explicit opt-in: once the destination runs the workload, losing
+    /// either host or the connection before the last page has arrived loses the workload. phaul checks that lazy
+    /// pages work on both hosts before it freezes anything.
     #[arg(long, value_enum, default_value = "live")]
     mode: ModeArg,
+    /// Hybrid: after N pre-copy rounds, switch to post-copy for what is left (same risk as --mode lazy).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    post_copy_after: Option<u32>,
     /// Pre-copy rounds: auto (when the kernel can track dirty memory), on (fail if it cannot), off (stop-and-copy).
     #[arg(long, value_enum, default_value = "auto")]
     pre_dump: PreDumpArg,
@@ -289,7 +299,6 @@ fn run(cli: Cli) -> Result<(), Fail> {
 fn migrate(c: &Common, a: MigrateArgs) -> Result<(), Fail> {
     let reg = registry(c)?;
     let criu = criu(c)?;
-    let ModeArg::Live = a.mode;
     let channels = match (a.to, a.fds.channels()?) {
         (Some(addr), _) => SourceChannels::Connect { addr },
         (None, Some((rpc, mem, fs))) => SourceChannels::Given { rpc, mem, fs },
@@ -318,9 +327,11 @@ fn migrate(c: &Common, a: MigrateArgs) -> Result<(), Fail> {
         },
         on_no_converge: match a.on_no_converge {
             NoConvergeArg::StopAndCopy => OnNoConverge::StopAndCopy,
+            NoConvergeArg::PostCopy => OnNoConverge::PostCopy,
             NoConvergeArg::Abort => OnNoConverge::Abort,
         },
-        post_copy_after: None,
+        post_copy_after: a.post_copy_after,
+        lazy: matches!(a.mode, ModeArg::Lazy),
         keep_images: a.keep_images,
         img_path: a.img_path,
         skip_cpu_check: a.skip_cpu_check,

@@ -99,6 +99,8 @@ impl CriuError {
 
 fn reason(errmsg: &Option<String>, errno: &Option<i32>) -> String {
     let mut s = match errmsg {
+        // CRIU reports its first error line; without CAP_SYS_RESOURCE that is a harmless RLIMIT_NOFILE complaint.
+        Some(m) if m.contains("Can't setup RLIMIT_NOFILE") => "see CRIU's log below".to_string(),
         Some(m) if !m.trim().is_empty() => m.trim().to_string(),
         _ => "CRIU gave no reason".to_string(),
     };

@@ -17,7 +17,7 @@ use phaul_proto::wire::{self as w, ChannelKind, Hello, HelloReply};
 use phaul_proto::PROTOCOL_VERSION;
 
 use super::files::{self, FileTransferError};
-use super::{private_dir, sanitize};
+use super::{lazy, private_dir, sanitize};
 use crate::criu::{build_opts, rpc, Criu, CriuError, SwrkSession, Version};
 use crate::images;
 use crate::plugins::Registry;
@@ -129,6 +129,7 @@ pub fn serve_session(
         keep_images: false,
         root_prepared: false,
         dst_rpid: cfg.dst_rpid.clone(),
+        lazy: None,
     };
     s.run()
 }
@@ -206,6 +207,8 @@ struct Session<'a> {
     keep_images: bool,
     root_prepared: bool,
     dst_rpid: Option<PathBuf>,
+    /// Post-copy: CRIU's lazy-pages daemon, its relay, and when the restore finished.
+    lazy: Option<(std::process::Child, lazy::DestinationRelay, Instant)>,
 }
 
 impl Session<'_> {
@@ -223,11 +226,12 @@ impl Session<'_> {
                 Body::Finish(f) => return self.finish(f.migrated, f.reason),
                 Body::CpuCheck(c) => self.cpu_check(c.cpuinfo_image),
                 Body::Setup(s) => self.setup(s),
+                Body::StartRound(r) if r.lazy => self.start_lazy_round(r.round),
                 Body::StartRound(r) => self.start_round(r.round),
                 Body::EndRound(r) => self.end_round(r.round),
                 Body::FsRoundDone(r) => self.fs_round(r.round),
                 Body::Files(f) => self.files(f),
-                Body::Restore(r) => self.restore(r.round),
+                Body::Restore(r) => self.restore(r.round, r.lazy),
                 other => Err(Failed {
                     message: format!("unexpected request {} at this point", wire::body_name(&other)),
                     criu_errors: Vec::new(),
@@ -280,6 +284,11 @@ impl Session<'_> {
         private_dir(&dir, false)?;
         self.dir = Some(dir.clone());
         self.keep_images = s.keep_images;
+        if s.post_copy {
+            // Before the source freezes anything: do lazy pages work here at all?
+            lazy::trial(self.criu, &dir.join("lazy-trial"), "the destination")
+                .map_err(|e| Failed { message: e.to_string(), criu_errors: Vec::new() })?;
+        }
         if !s.dst_rpid.is_empty() {
             self.dst_rpid = Some(PathBuf::from(&s.dst_rpid));
         }
@@ -318,6 +327,16 @@ impl Session<'_> {
         let resp = s.call("PAGE_SERVER_CHLD", r, &mut |_, _| Ok(())).map_err(criu_failed)?;
         let pid = resp.ps.and_then(|p| p.pid).unwrap_or(0);
         self.page_server = Some((s, pid, open_dir));
+        Ok(Body::StartRoundReply(w::StartRoundReply {}))
+    }
+
+    /// The final round of a post-copy migration: only the directory (pages come on demand, after the restore).
+    fn start_lazy_round(&mut self, round: u32) -> Result<Body, Failed> {
+        let d = self.round_dir(round)?;
+        private_dir(&d, false)?;
+        if round > 1 && self.round_dir(round - 1)?.is_dir() {
+            std::os::unix::fs::symlink(format!("../{}", round - 1), d.join("parent"))?;
+        }
         Ok(Body::StartRoundReply(w::StartRoundReply {}))
     }
 
@@ -363,8 +382,14 @@ impl Session<'_> {
         Ok(Body::FilesReply(w::FilesReply { bytes: n }))
     }
 
-    fn restore(&mut self, round: u32) -> Result<Body, Failed> {
+    fn restore(&mut self, round: u32, lazy_pages: bool) -> Result<Body, Failed> {
         let d = self.round_dir(round)?;
+        if lazy_pages {
+            // The daemon's page requests reach the source's CRIU through phaul's relay and the memory channel.
+            let relay = lazy::DestinationRelay::start(self.mem.dup_fd()?)?;
+            let daemon = lazy::start_daemon(self.criu, &d, relay.port)?;
+            self.lazy = Some((daemon, relay, Instant::now()));
+        }
         let extra = self.dir()?.join("extra");
         let htype = self.htype.as_mut().ok_or_else(|| Failed::from("the source sent a request before Setup"))?;
         if extra.is_dir() {
@@ -375,6 +400,9 @@ impl Session<'_> {
         let h = plugin(htype.criu_options(CriuStage::Restore), "host type")?;
         let (base, _open_dir) = rpc::dir_opts(&d, "restore.log").map_err(criu_failed)?;
         let mut opts: CriuOpts = build_opts(base, &h);
+        if lazy_pages {
+            opts.lazy_pages = Some(true);
+        }
         if let abi_stable::std_types::RSome(r) = root {
             opts.root = Some(r.into_string());
         }
@@ -397,6 +425,9 @@ impl Session<'_> {
         let wall = t.elapsed();
         drop(s);
         let resp = resp.map_err(criu_failed)?;
+        if let Some(l) = self.lazy.as_mut() {
+            l.2 = Instant::now();
+        }
         let pid = resp.restore.map(|r| r.pid).unwrap_or(0);
         self.restored_pid = Some(pid);
         let stats = images::read_restore_stats(&d).ok().map(|s| w::RestoreStats {
@@ -411,7 +442,20 @@ impl Session<'_> {
 
     fn finish(&mut self, migrated: bool, reason: String) -> Result<ServeSummary, ServeError> {
         let mut kept = String::new();
+        let mut last_page_ms = 0;
         if migrated {
+            if let Some((mut daemon, relay, restored_at)) = self.lazy.take() {
+                // The source's CRIU served its last page before the source confirmed; the daemon exits once it
+                // has them all.
+                if !lazy::wait_child(&mut daemon, self.cfg.timeout) {
+                    log::warn!("CRIU's lazy-pages daemon did not finish cleanly");
+                }
+                last_page_ms = restored_at.elapsed().as_millis() as u64;
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !relay.finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
             if let Some(h) = self.htype.as_mut() {
                 if let Err(e) = h.finish(Outcome::Migrated).into_result() {
                     log::warn!("host type finish: {e}");
@@ -440,7 +484,7 @@ impl Session<'_> {
                 kept = d.display().to_string();
             }
         }
-        let _ = wire::send(&mut self.rpc, Body::FinishReply(w::FinishReply { kept_images: kept }));
+        let _ = wire::send(&mut self.rpc, Body::FinishReply(w::FinishReply { kept_images: kept, last_page_ms }));
         Ok(ServeSummary { session: self.session.clone(), migrated, restored_pid: self.restored_pid, reason })
     }
 
@@ -449,6 +493,10 @@ impl Session<'_> {
         log::warn!("rolling back session {}: {reason}", self.session);
         if let Some(pid) = self.restored_pid.take() {
             kill_tree(pid);
+        }
+        if let Some((mut daemon, _relay, _)) = self.lazy.take() {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
         }
         self.page_server = None;
         if let Some(h) = self.htype.as_mut() {

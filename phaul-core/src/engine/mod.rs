@@ -4,6 +4,7 @@
 
 mod destination;
 mod files;
+pub mod lazy;
 mod policy;
 mod progress;
 mod report;

@@ -89,6 +89,13 @@ pub struct Report {
     pub frozen_ms: Option<f64>,
     /// The frozen time predicted after the last pre-copy round (compare with `frozen_ms`).
     pub predicted_downtime_ms: Option<f64>,
+    /// How long the workload did not run anywhere: the frozen time, or in post-copy from the freeze until the
+    /// destination's restore.
+    pub downtime_ms: Option<f64>,
+    /// Post-copy: from the restore on the destination until its last page arrived.
+    pub post_copy_ms: Option<f64>,
+    #[serde(skip)]
+    pub freeze_started: Option<std::time::Instant>,
     /// The destination's RESTORE request, as phaul measured it.
     pub restore_ms: Option<f64>,
     /// CRIU's own measure of the restore.
@@ -134,6 +141,12 @@ impl fmt::Display for Report {
                 write!(f, " (predicted {p:.0} ms)")?;
             }
             writeln!(f)?;
+        }
+        if let Some(v) = self.downtime_ms {
+            writeln!(f, "  downtime:     {v:.0} ms")?;
+        }
+        if let Some(v) = self.post_copy_ms {
+            writeln!(f, "  post-copy:    last page arrived {v:.0} ms after the restore")?;
         }
         if let Some(v) = self.restore_ms {
             write!(f, "  restore time: {v:.0} ms")?;

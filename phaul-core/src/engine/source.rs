@@ -53,6 +53,8 @@ pub struct SourceConfig {
     pub on_no_converge: OnNoConverge,
     /// Hybrid: switch to post-copy after this many pre-copy rounds.
     pub post_copy_after: Option<u32>,
+    /// `--mode lazy`: post-copy straight away.
+    pub lazy: bool,
     pub keep_images: bool,
     pub img_path: PathBuf,
     pub skip_cpu_check: bool,
@@ -101,10 +103,19 @@ pub enum MigrateError {
     CriuTooOld { found: String, min: String },
     #[error("pre-copy did not converge after {rounds} rounds ({why}) and --on-no-converge abort was given; nothing was frozen and the workload keeps running")]
     NoConvergence { why: &'static str, rounds: u32 },
-    #[error("post-copy was requested but {reason}; the workload was not frozen")]
-    PostCopyUnavailable { reason: String },
+    #[error(transparent)]
+    PostCopy(#[from] super::lazy::LazyError),
+    #[error("post-copy failed after the workload had started on the destination ({0}); the destination's copy was killed and CRIU resumed the source's, so whatever the workload did on the destination meanwhile is lost")]
+    PostCopyBroken(String),
     #[error("after CRIU reported a successful dump, the source tree (pid {pid}) is still alive; the destination copy was removed and the source keeps running")]
     SourceSurvived { pid: i32 },
+}
+
+impl SourceConfig {
+    /// Whether this migration may end in post-copy (then lazy pages are tried out before anything is frozen).
+    pub fn may_post_copy(&self) -> bool {
+        self.lazy || self.post_copy_after.is_some() || self.on_no_converge == OnNoConverge::PostCopy
+    }
 }
 
 impl MigrateError {
@@ -165,6 +176,8 @@ struct SourceRun<'c> {
     progress: Progress,
     migrated: bool,
     final_fs_round: u32,
+    /// Post-copy: when the destination reported the restore (the workload runs there from then on).
+    restored_at: Option<Instant>,
 }
 
 /// Everything a running migration holds.
@@ -186,6 +199,7 @@ impl<'c> SourceRun<'c> {
             progress: Progress::new(cfg.progress),
             migrated: false,
             final_fs_round: 0,
+            restored_at: None,
             report: Report {
                 outcome: "failed",
                 error: None,
@@ -200,6 +214,9 @@ impl<'c> SourceRun<'c> {
                     fallback: None,
                 },
                 predicted_downtime_ms: None,
+                downtime_ms: None,
+                post_copy_ms: None,
+                freeze_started: None,
                 source_criu: String::new(),
                 destination_criu: String::new(),
                 rounds: Vec::new(),
@@ -254,6 +271,11 @@ impl<'c> SourceRun<'c> {
         reg.ensure(phaul_abi::PluginKind::FsDriver, &fs_name)?;
         let features = criu.features()?;
         let pre_copy = self.decide_pre_copy(features, htype.can_pre_dump())?;
+        if cfg.may_post_copy() {
+            // Post-copy is decided now, before anything is frozen: do lazy pages work on this host at all?
+            self.progress.phase("checking that lazy pages work here");
+            super::lazy::trial(criu, &dir.join("lazy-trial"), "this host (the source)")?;
+        }
         let fs_roots =
             plugin(htype.fs_roots(), "host type", &cfg.htype)?.into_iter().map(|s| s.into_string()).collect::<Vec<_>>();
 
@@ -328,6 +350,15 @@ impl<'c> SourceRun<'c> {
     }
 
     fn decide_pre_copy(&mut self, f: Features, htype_allows: bool) -> Result<bool, MigrateError> {
+        if self.cfg.lazy {
+            self.report.memory = MemoryStrategy {
+                strategy: "post-copy",
+                reason: "--mode lazy".into(),
+                stop_reason: None,
+                fallback: None,
+            };
+            return Ok(false);
+        }
         let missing = if !f.mem_track {
             Some("CRIU reports that this kernel cannot track dirty memory (it needs CONFIG_MEM_SOFT_DIRTY)".to_string())
         } else if !htype_allows {
@@ -381,6 +412,7 @@ impl<'c> SourceRun<'c> {
             keep_images: cfg.keep_images,
             has_fs_channel: live.fs_ch.is_some(),
             dst_rpid: cfg.dst_rpid.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            post_copy: cfg.may_post_copy(),
         };
         let reply = expect_reply!(wire::request(&mut live.rpc, Body::Setup(setup))?, SetupReply)?;
         self.report.destination_images = Some(reply.image_dir);
@@ -390,6 +422,7 @@ impl<'c> SourceRun<'c> {
         // filesystem round, and stop-and-copy still syncs the filesystem once while the workload runs.
         let mut round = 0u32;
         let mut fs_round = 0u32;
+        let mut lazy_final = cfg.lazy;
         if pre_copy {
             let mut history: Vec<RoundSample> = Vec::new();
             let mut last_start: Option<Instant> = None;
@@ -429,15 +462,14 @@ impl<'c> SourceRun<'c> {
                                 return Err(MigrateError::NoConvergence { why: why.describe(), rounds: round });
                             }
                             OnNoConverge::PostCopy => {
-                                return Err(MigrateError::PostCopyUnavailable {
-                                    reason: "post-copy is not implemented in this phaul yet".into(),
-                                });
+                                self.report.memory.fallback = Some("post-copy".into());
+                                self.report.memory.strategy = "hybrid";
+                                lazy_final = true;
                             }
                         }
                     } else if why == StopReason::PostCopyAfter {
-                        return Err(MigrateError::PostCopyUnavailable {
-                            reason: "post-copy is not implemented in this phaul yet".into(),
-                        });
+                        self.report.memory.strategy = "hybrid";
+                        lazy_final = true;
                     }
                     break;
                 }
@@ -449,7 +481,7 @@ impl<'c> SourceRun<'c> {
         }
         round += 1;
         self.final_fs_round = fs_round + 1;
-        self.final_dump(criu, live, round, pre_copy)
+        self.final_dump(criu, live, round, pre_copy, lazy_final)
     }
 
     fn cork_pusher(&self, live: &Live) -> Option<sys::CorkPusher> {
@@ -495,7 +527,7 @@ impl<'c> SourceRun<'c> {
         self.progress.phase(&format!("round {round}: pre-dump"));
         let dir = self.round_dir(live, round)?;
         expect_reply!(
-            wire::request(&mut live.rpc, Body::StartRound(StartRound { round, r#final: false }))?,
+            wire::request(&mut live.rpc, Body::StartRound(StartRound { round, r#final: false, lazy: false }))?,
             StartRoundReply
         )?;
         let (mut opts, _open_dir, fds) = self.base_opts(live, &dir, "pre-dump.log", CriuStage::PreDump)?;
@@ -532,27 +564,51 @@ impl<'c> SourceRun<'c> {
         Ok(())
     }
 
-    fn final_dump(&mut self, criu: &Criu, live: &mut Live, round: u32, pre_copied: bool) -> Result<(), MigrateError> {
+    fn final_dump(
+        &mut self,
+        criu: &Criu,
+        live: &mut Live,
+        round: u32,
+        pre_copied: bool,
+        lazy: bool,
+    ) -> Result<(), MigrateError> {
         self.progress.phase("final dump (the workload is frozen)");
         let dir = self.round_dir(live, round)?;
         expect_reply!(
-            wire::request(&mut live.rpc, Body::StartRound(StartRound { round, r#final: true }))?,
+            wire::request(&mut live.rpc, Body::StartRound(StartRound { round, r#final: true, lazy }))?,
             StartRoundReply
         )?;
-        let (mut opts, _open_dir, fds) = self.base_opts(live, &dir, "dump.log", CriuStage::Dump)?;
+        let (mut opts, _open_dir, mut fds) = self.base_opts(live, &dir, "dump.log", CriuStage::Dump)?;
         opts.notify_scripts = Some(true);
         opts.leave_running = Some(false);
         if pre_copied {
             opts.track_mem = Some(true);
             opts.parent_img = Some(format!("../{}", round - 1));
         }
+        // Post-copy: CRIU keeps the pages and serves them on loopback after the post-dump notification; phaul
+        // relays them over the memory channel to the destination's lazy-pages daemon.
+        let lazy_port = if lazy {
+            let port = super::lazy::free_port().map_err(super::lazy::LazyError::Io)?;
+            opts.lazy_pages = Some(true);
+            opts.ps = Some(CriuPageServerInfo {
+                address: Some("127.0.0.1".into()),
+                port: Some(i32::from(port)),
+                ..Default::default()
+            });
+            fds.clear();
+            Some(port)
+        } else {
+            None
+        };
         let t = Instant::now();
+        self.report.freeze_started = Some(t);
         let mut s = criu.start(fds, Some(&dir.join("criu-stderr.log")))?;
         s.set_log(dir.join("dump.log"));
 
         let mut failure: Option<MigrateError> = None;
         let mut frozen_work_ms = 0.0;
-        let mut pusher = Some(self.cork_pusher(live));
+        let mut pusher = if lazy { None } else { Some(self.cork_pusher(live)) };
+        let mut relay: Option<super::lazy::SourceRelay> = None;
         let resp = {
             let this = &mut *self;
             let live = &mut *live;
@@ -560,6 +616,7 @@ impl<'c> SourceRun<'c> {
             let failure = &mut failure;
             let frozen_work_ms = &mut frozen_work_ms;
             let pusher = &mut pusher;
+            let relay = &mut relay;
             let mut handler = |script: &str, _pid: Option<i32>| -> Result<(), String> {
                 let r = match script {
                     "post-dump" => {
@@ -568,9 +625,20 @@ impl<'c> SourceRun<'c> {
                         if let Err(e) = sys::tcp_uncork(&live.mem) {
                             log::debug!("cannot uncork the memory channel: {e}");
                         }
+                        if let Some(port) = lazy_port {
+                            match live.mem.dup_fd() {
+                                Ok(fd) => *relay = Some(super::lazy::SourceRelay::start(port, fd, this.cfg.timeout)),
+                                Err(e) => log::warn!("cannot relay lazy pages: {e}"),
+                            }
+                        }
                         let t = Instant::now();
-                        let r = this.while_frozen(live, dir, round);
+                        let r = this.while_frozen(live, dir, round, lazy);
                         *frozen_work_ms = t.elapsed().as_secs_f64() * 1000.0;
+                        if r.is_err() {
+                            if let Some(rl) = relay.as_ref() {
+                                rl.abort();
+                            }
+                        }
                         r
                     }
                     "network-lock" => plugin(live.htype.net_lock(), "host type", &this.cfg.htype),
@@ -587,7 +655,21 @@ impl<'c> SourceRun<'c> {
         };
         drop(s);
         let dump_ms = t.elapsed().as_secs_f64() * 1000.0;
+        if let Some(rl) = relay {
+            if let Err(e) = rl.join() {
+                log::warn!("the lazy-page relay ended with: {e}");
+            }
+        }
         if let Err(e) = resp {
+            if self.restored_at.is_some() && failure.is_none() {
+                // Post-copy broke after the destination had started the workload: CRIU resumed the source's copy
+                // (its memory is whole), so the destination's must go.
+                let _ = wire::request(
+                    &mut live.rpc,
+                    Body::Finish(Finish { migrated: false, reason: format!("post-copy failed: {e}") }),
+                );
+                return Err(MigrateError::PostCopyBroken(e.to_string()));
+            }
             // CRIU resumed the tree (a failed post-dump or a failed dump both leave it running).
             return Err(match (failure, e) {
                 (Some(f), CriuError::Notify { .. }) => f,
@@ -595,6 +677,9 @@ impl<'c> SourceRun<'c> {
             });
         }
         self.migrated = true;
+        if let Some(at) = self.restored_at {
+            self.report.post_copy_ms = Some(at.elapsed().as_secs_f64() * 1000.0);
+        }
         log::debug!("frozen work took {frozen_work_ms:.0} ms");
         let stats = images::read_dump_stats(&dir).ok();
         if let Some(st) = &stats {
@@ -602,6 +687,9 @@ impl<'c> SourceRun<'c> {
             self.report.channels.memory_pages += r.bytes_written;
             self.report.frozen_ms = Some(st.frozen_time_us as f64 / 1000.0);
             self.report.rounds.push(r);
+        }
+        if !lazy {
+            self.report.downtime_ms = self.report.frozen_ms;
         }
         // CRIU killed the tree; make sure before telling the destination it owns the workload now.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -624,14 +712,19 @@ impl<'c> SourceRun<'c> {
         if !reply.kept_images.is_empty() {
             self.report.destination_images = Some(reply.kept_images);
         }
+        if lazy && reply.last_page_ms > 0 {
+            self.report.post_copy_ms = Some(reply.last_page_ms as f64);
+        }
         Ok(())
     }
 
     /// Runs inside CRIU's post-dump notification: the tree is dumped and frozen. Whatever fails here makes CRIU
     /// resume it.
-    fn while_frozen(&mut self, live: &mut Live, dir: &Path, round: u32) -> Result<(), MigrateError> {
-        self.progress.phase("waiting for the destination's page server");
-        expect_reply!(wire::request(&mut live.rpc, Body::EndRound(EndRound { round }))?, EndRoundReply)?;
+    fn while_frozen(&mut self, live: &mut Live, dir: &Path, round: u32, lazy: bool) -> Result<(), MigrateError> {
+        if !lazy {
+            self.progress.phase("waiting for the destination's page server");
+            expect_reply!(wire::request(&mut live.rpc, Body::EndRound(EndRound { round }))?, EndRoundReply)?;
+        }
         self.progress.phase("final filesystem sync");
         self.fs_round(live, self.final_fs_round, true)?;
         self.progress.phase("sending images");
@@ -645,8 +738,14 @@ impl<'c> SourceRun<'c> {
             self.send_files(live, round, w::files::Target::Extra, hdrs)?;
         }
         self.progress.phase("restoring on the destination");
-        let reply = expect_reply!(wire::request(&mut live.rpc, Body::Restore(Restore { round }))?, RestoreReply)?;
+        let reply = expect_reply!(wire::request(&mut live.rpc, Body::Restore(Restore { round, lazy }))?, RestoreReply)?;
         self.report.restored_pid = Some(reply.pid);
+        if lazy {
+            // From here on the workload runs on the destination, pulling the rest of its memory.
+            self.restored_at = Some(Instant::now());
+            self.report.downtime_ms = self.report.freeze_started.map(|t| t.elapsed().as_secs_f64() * 1000.0);
+            self.progress.phase("post-copy: the workload runs on the destination; pages follow on demand");
+        }
         self.report.restore_ms = Some(reply.restore_wall_us as f64 / 1000.0);
         if let Some(s) = reply.stats {
             self.report.criu_restore_ms = Some(s.restore_time_us as f64 / 1000.0);

@@ -1,0 +1,429 @@
+//! Post-copy (lazy pages): the workload runs on the destination before all its memory is there, and the
+//! destination's CRIU `lazy-pages` daemon pulls the rest from the source's CRIU on demand.
+//!
+//! CRIU's lazy page server and daemon speak over TCP to an address; phaul carries that conversation over its
+//! memory channel instead: on the source, phaul connects to CRIU's lazy page server on loopback and pumps bytes
+//! between it and the memory channel; on the destination, phaul listens on loopback for the `lazy-pages` daemon
+//! and pumps likewise.
+//!
+//! Whether lazy pages really work cannot be read from CRIU's feature check (it reports userfaultfd, yet remote
+//! lazy pages fail on some kernel/CRIU pairs), so before anything is frozen each side runs a trial: a complete
+//! local lazy migration of a throwaway process ([`trial`]).
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use phaul_proto::criu::{CriuPageServerInfo, CriuReqType};
+
+use crate::criu::{error_lines, rpc, Criu, CriuError};
+use crate::sys;
+
+/// How long the trial may take in all.
+const TRIAL_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    #[error("post-copy cannot work on this host: CRIU reports no userfaultfd support (lazy pages)")]
+    NoFeature,
+    #[error(
+        "post-copy cannot work on {side}: a trial lazy migration of a throwaway process failed ({what}){}; nothing was frozen",
+        fmt_lines(lines)
+    )]
+    TrialFailed { side: &'static str, what: String, lines: Vec<String> },
+    #[error("cannot set up post-copy: {0}")]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Criu(#[from] CriuError),
+}
+
+fn fmt_lines(lines: &[String]) -> String {
+    if lines.is_empty() {
+        String::new()
+    } else {
+        let mut s = String::from("; CRIU's log says:");
+        for l in lines {
+            s.push_str("\n    ");
+            s.push_str(l);
+        }
+        s
+    }
+}
+
+fn first_line(e: &CriuError) -> String {
+    e.to_string().lines().next().unwrap_or_default().trim_end_matches("; CRIU's log says:").to_string()
+}
+
+/// A free TCP port on loopback (bound and released; CRIU binds it right after).
+pub fn free_port() -> io::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Whether something listens on 127.0.0.1:`port` or on all addresses at `port` in this network namespace.
+///
+/// CRIU's RPC ignores `ps.address` for lazy dumps, so its lazy page server listens on every address; it accepts
+/// one client only, and phaul connects as soon as it listens.
+pub fn listening(port: u16) -> bool {
+    let ours = [format!("0100007F:{port:04X}"), format!("00000000:{port:04X}")];
+    std::fs::read_to_string("/proc/net/tcp")
+        .map(|t| {
+            t.lines().skip(1).any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3 && ours.iter().any(|o| f[1] == o.as_str()) && f[3] == "0A"
+            })
+        })
+        .unwrap_or(false)
+}
+
+fn pump(mut from: impl Read, mut to: impl Write, done: impl FnOnce()) {
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    done();
+}
+
+/// Pumps bytes both ways between a local TCP connection and the memory channel until either side closes.
+fn pump_both(local: TcpStream, mem: OwnedFd) -> io::Result<Vec<JoinHandle<()>>> {
+    let _ = local.set_nodelay(true);
+    let local2 = local.try_clone()?;
+    let mem_r = std::fs::File::from(sys::dup(&mem)?);
+    let mem_w = std::fs::File::from(mem);
+    let mem_shut = mem_w.try_clone()?;
+    let a = std::thread::spawn(move || {
+        pump(local, mem_w, move || {
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&mem_shut),
+                nix::sys::socket::Shutdown::Write,
+            );
+        })
+    });
+    let b = std::thread::spawn(move || {
+        let shut = local2.try_clone();
+        pump(mem_r, local2, move || {
+            if let Ok(s) = shut {
+                let _ = s.shutdown(Shutdown::Write);
+            }
+        })
+    });
+    Ok(vec![a, b])
+}
+
+/// The source's half: once CRIU's lazy page server listens on `port`, connect to it and pump it over the memory
+/// channel. When told to abort first, connect and hang up at once, which makes CRIU give up serving and resume the
+/// tree (CRIU starts its lazy page server even after a failed post-dump notification).
+#[derive(Debug)]
+pub struct SourceRelay {
+    abort: Arc<AtomicBool>,
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl SourceRelay {
+    pub fn start(port: u16, mem: OwnedFd, timeout: Duration) -> SourceRelay {
+        let abort = Arc::new(AtomicBool::new(false));
+        let a = abort.clone();
+        let thread = std::thread::spawn(move || -> io::Result<()> {
+            let deadline = Instant::now() + timeout;
+            while !listening(port) {
+                if Instant::now() >= deadline {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "CRIU's lazy page server never listened"));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let s = TcpStream::connect(("127.0.0.1", port))?;
+            if a.load(Ordering::SeqCst) {
+                drop(s);
+                return Ok(());
+            }
+            for t in pump_both(s, mem)? {
+                let _ = t.join();
+            }
+            Ok(())
+        });
+        SourceRelay { abort, thread: Some(thread) }
+    }
+
+    /// The migration failed before the destination took over: make CRIU stop waiting for a client.
+    pub fn abort(&self) {
+        self.abort.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits for the relay to end (it ends when CRIU's page server closes).
+    pub fn join(mut self) -> io::Result<()> {
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(io::Error::other("the relay thread panicked")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The destination's half: a loopback listener for the `lazy-pages` daemon, pumped over the memory channel.
+#[derive(Debug)]
+pub struct DestinationRelay {
+    pub port: u16,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DestinationRelay {
+    pub fn start(mem: OwnedFd) -> io::Result<DestinationRelay> {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let port = l.local_addr()?.port();
+        let thread = std::thread::spawn(move || {
+            if let Ok((s, _)) = l.accept() {
+                if let Ok(ts) = pump_both(s, mem) {
+                    for t in ts {
+                        let _ = t.join();
+                    }
+                }
+            }
+        });
+        Ok(DestinationRelay { port, thread: Some(thread) })
+    }
+
+    /// Whether the relay has finished (the daemon and the source both hung up).
+    pub fn finished(&self) -> bool {
+        self.thread.as_ref().map(|t| t.is_finished()).unwrap_or(true)
+    }
+}
+
+/// Starts CRIU's `lazy-pages` daemon (there is no RPC request for it) fetching from a page server on loopback,
+/// and waits (bounded) until it listens for the restore on its socket in `dir`.
+pub fn start_daemon(criu: &Criu, dir: &Path, port: u16) -> io::Result<Child> {
+    let socket = dir.join("lazy-pages.socket");
+    let _ = std::fs::remove_file(&socket);
+    let mut child = spawn_daemon(criu, dir, port)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(io::Error::other(format!("CRIU's lazy-pages daemon exited at start ({st})")));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "CRIU's lazy-pages daemon did not start"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(child)
+}
+
+fn spawn_daemon(criu: &Criu, dir: &Path, port: u16) -> io::Result<Child> {
+    Command::new(criu.path())
+        .arg("lazy-pages")
+        .arg("--page-server")
+        .args(["--address", "127.0.0.1", "--port", &port.to_string()])
+        .arg("-D")
+        .arg(dir)
+        .arg("-W")
+        .arg(dir)
+        .args(["-o", "lazy-pages.log", "-v4"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+}
+
+use std::os::unix::process::CommandExt;
+
+/// Waits for a child, bounded; kills it when the bound passes. Returns whether it exited successfully in time.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return s.success(),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+        }
+    }
+}
+
+fn kill_pid(pid: i32) {
+    if pid > 1 {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// The canary of the trial: `sleep` as pid 1 of its own pid namespace and leader of its own session.
+struct Canary {
+    launcher: Child,
+    pid: i32,
+}
+
+impl Canary {
+    fn start() -> io::Result<Canary> {
+        let mut launcher = Command::new("unshare")
+            .args(["--pid", "--fork", "setsid", "sleep", "600"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let children = format!("/proc/{}/task/{}/children", launcher.id(), launcher.id());
+        loop {
+            let pid = std::fs::read_to_string(&children)
+                .ok()
+                .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<i32>().ok()));
+            if let Some(pid) = pid {
+                // Wait until setsid has exec'd sleep (the session is its own).
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                if stat.trim() == "sleep" {
+                    return Ok(Canary { launcher, pid });
+                }
+            }
+            if Instant::now() >= deadline {
+                let _ = launcher.kill();
+                let _ = launcher.wait();
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "the trial process did not start"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Canary {
+    fn drop(&mut self) {
+        kill_pid(self.pid);
+        let _ = wait_child(&mut self.launcher, Duration::from_secs(5));
+    }
+}
+
+/// A complete local lazy migration of a throwaway process, bounded in time: dump with lazy pages, the
+/// `lazy-pages` daemon fetching from CRIU's page server, restore with lazy pages, every page pulled. `work` is a
+/// private directory it may use (it is removed).
+pub fn trial(criu: &Criu, work: &Path, side: &'static str) -> Result<(), LazyError> {
+    let f = criu.features()?;
+    if !f.lazy_pages {
+        return Err(LazyError::NoFeature);
+    }
+    std::fs::create_dir_all(work)?;
+    let r = trial_inner(criu, work, side);
+    if r.is_ok() {
+        let _ = std::fs::remove_dir_all(work);
+    }
+    r
+}
+
+fn trial_inner(criu: &Criu, work: &Path, side: &'static str) -> Result<(), LazyError> {
+    let fail = |what: String, logs: &[PathBuf]| LazyError::TrialFailed {
+        side,
+        what,
+        lines: logs.iter().flat_map(|l| error_lines(l)).collect(),
+    };
+    let dump_log = work.join("dump.log");
+    let restore_log = work.join("restore.log");
+    let lazy_log = work.join("lazy-pages.log");
+    let logs = [dump_log.clone(), lazy_log.clone(), restore_log.clone()];
+    let canary = Canary::start()?;
+    let port = free_port()?;
+    let quick = Criu::new(criu.path().to_path_buf(), TRIAL_TIMEOUT);
+
+    // The dump does not return before every page was served, so it runs beside the rest.
+    let (mut opts, open_dir) = rpc::dir_opts(work, "dump.log")?;
+    opts.pid = Some(canary.pid);
+    opts.lazy_pages = Some(true);
+    opts.ps =
+        Some(CriuPageServerInfo { address: Some("127.0.0.1".into()), port: Some(port as i32), ..Default::default() });
+    let mut dump = quick.start(Vec::new(), None)?;
+    dump.set_log(dump_log.clone());
+    let dump_pid = dump.pid() as i32;
+    let dumper = std::thread::spawn(move || {
+        let r = dump.call("DUMP", rpc::req(CriuReqType::Dump, Some(opts)), &mut |_, _| Ok(()));
+        drop(open_dir);
+        r.map(|_| ())
+    });
+    let deadline = Instant::now() + TRIAL_TIMEOUT;
+    while !listening(port) {
+        if dumper.is_finished() || Instant::now() >= deadline {
+            let why = match dumper.join() {
+                Ok(Err(e)) => e.to_string(),
+                _ => "CRIU's lazy page server never started".to_string(),
+            };
+            return Err(fail(why, &logs));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Whatever fails from here on, CRIU's lazy page server must not be left waiting for a client.
+    let unblock = || {
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
+            drop(s);
+        }
+    };
+    let mut daemon = match start_daemon(&quick, work, port) {
+        Ok(d) => d,
+        Err(e) => {
+            unblock();
+            let _ = dumper.join();
+            return Err(fail(format!("the lazy-pages daemon did not start: {e}"), &logs));
+        }
+    };
+    let (ropts, _rdir) = rpc::dir_opts(work, "restore.log")?;
+    let mut ropts = ropts;
+    ropts.lazy_pages = Some(true);
+    let mut restore = quick.start(Vec::new(), None)?;
+    restore.set_log(restore_log.clone());
+    let restore_pid = restore.pid() as i32;
+    // If the dump side fails while the restore waits, end the restore's CRIU rather than wait for its timeout.
+    let watch_stop = Arc::new(AtomicBool::new(false));
+    let ws = watch_stop.clone();
+    let watcher = std::thread::spawn(move || {
+        let deadline = Instant::now() + TRIAL_TIMEOUT;
+        while !ws.load(Ordering::SeqCst) {
+            let dump_alive = sys::pid_alive(dump_pid);
+            if !dump_alive || Instant::now() >= deadline {
+                std::thread::sleep(Duration::from_millis(200));
+                if !ws.load(Ordering::SeqCst) {
+                    kill_pid(restore_pid);
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let restored = restore.call("RESTORE", rpc::req(CriuReqType::Restore, Some(ropts)), &mut |_, _| Ok(()));
+    watch_stop.store(true, Ordering::SeqCst);
+    let _ = watcher.join();
+    drop(restore);
+    let restored_pid = restored.as_ref().ok().and_then(|r| r.restore.as_ref().map(|r| r.pid));
+    let daemon_ok = if restored.is_ok() {
+        wait_child(&mut daemon, TRIAL_TIMEOUT)
+    } else {
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        false
+    };
+    if !daemon_ok {
+        unblock();
+    }
+    let dumped =
+        dumper.join().unwrap_or_else(|_| Err(CriuError::Died { op: "DUMP", log: None, log_errors: Vec::new() }));
+    if let Some(p) = restored_pid {
+        kill_pid(p);
+    }
+    drop(canary);
+    match (restored, dumped, daemon_ok) {
+        (Ok(_), Ok(()), true) => Ok(()),
+        (_, Err(e), _) => Err(fail(format!("the lazy dump failed: {}", first_line(&e)), &logs)),
+        (Err(e), _, _) => Err(fail(format!("the lazy restore failed: {}", first_line(&e)), &logs)),
+        (_, _, false) => Err(fail("the lazy-pages daemon failed".into(), &logs)),
+    }
+}
