@@ -46,8 +46,9 @@ fn phaul_equivalent_options(log: &str) -> Vec<String> {
         .collect()
 }
 
-/// Measures one bare-CRIU migration of a fresh `size_mib` workload into `s`.
-pub fn measure(ctx: &Ctx<'_>, size_mib: u64, s: &mut Sample) -> Result<()> {
+/// Measures one bare-CRIU migration of a fresh `size_mib` workload into `s`. With `keep_source`, the dump leaves
+/// the source stopped (`--leave-stopped`) and it is killed only once the restore on B succeeded.
+pub fn measure(ctx: &Ctx<'_>, size_mib: u64, s: &mut Sample, keep_source: bool) -> Result<()> {
     let (mut w, before) = ctx.start_workload(size_mib)?;
     let id = ctx.next_id();
     let run_dir = ctx.lab.path(&format!("bare-{id}"));
@@ -57,8 +58,12 @@ pub fn measure(ctx: &Ctx<'_>, size_mib: u64, s: &mut Sample) -> Result<()> {
     }
     let pidfile = run_dir.join("restored.pid");
     let port = PORT_BASE + (id % 20_000) as u16;
-    let result = migrate(ctx, w.pid(), &src, &dst, &pidfile, port, s);
+    let result = migrate(ctx, w.pid(), &src, &dst, &pidfile, port, keep_source, s);
     let restored = read_pidfile(&pidfile);
+    if keep_source && result.is_ok() {
+        // The restore succeeded: now the kept source goes, as phaul's source does once B confirms.
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid()), nix::sys::signal::Signal::SIGKILL);
+    }
     let verified = match (&result, restored) {
         (Ok(()), Some(pid)) => ctx.verify_restored(&mut w, pid, &before),
         (Ok(()), None) => Err(format!("criu restore wrote no pid to {}", pidfile.display()).into()),
@@ -184,7 +189,17 @@ fn arg(p: &Path) -> String {
     p.display().to_string()
 }
 
-fn migrate(ctx: &Ctx<'_>, pid: i32, src: &Path, dst: &Path, pidfile: &Path, port: u16, s: &mut Sample) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+fn migrate(
+    ctx: &Ctx<'_>,
+    pid: i32,
+    src: &Path,
+    dst: &Path,
+    pidfile: &Path,
+    port: u16,
+    keep_source: bool,
+    s: &mut Sample,
+) -> Result<()> {
     let (lab, criu) = (ctx.lab, &ctx.criu);
     let (addr, port) = (ADDR_B.to_string(), port.to_string());
     let t0 = Instant::now();
@@ -207,6 +222,9 @@ fn migrate(ctx: &Ctx<'_>, pid: i32, src: &Path, dst: &Path, pidfile: &Path, port
     let mut dump_args = vec!["dump".to_string(), "-t".into(), pid.to_string(), "-D".into(), arg(src)];
     dump_args.extend(["--page-server".to_string(), "--address".into(), addr, "--port".into(), port]);
     dump_args.extend(phaul_equivalent_options("dump.log"));
+    if keep_source {
+        dump_args.push("--leave-stopped".into());
+    }
     let watch = DeathWatch::start(pid);
     let t_dump = Instant::now();
     let dump = run_timed(lab.a().command(criu, &dump_args), "criu dump");
@@ -248,10 +266,15 @@ fn migrate(ctx: &Ctx<'_>, pid: i32, src: &Path, dst: &Path, pidfile: &Path, port
     let restore_stats = read_restore_stats(dst).ctx(|| "reading the restore's stats".into())?;
     let page = page_size();
     let frozen = dump_stats.frozen_time_us as f64 / 1000.0;
-    let dead_at = dead_at.unwrap_or_else(|| {
-        s.notes.push("the source was not seen dying before the dump exited; its exit time is used".into());
-        t_dump_end
-    });
+    // The end of the frozen time: CRIU killed the source (or, kept, left it stopped and exited).
+    let dead_at = match (keep_source, dead_at) {
+        (false, Some(t)) => t,
+        (true, _) => t_dump_end,
+        (false, None) => {
+            s.notes.push("the source was not seen dying before the dump exited; its exit time is used".into());
+            t_dump_end
+        }
+    };
     let pages = dump_stats.pages_written * page;
     s.set(metric::TOTAL_MS, ms(t_end - t0));
     s.set(metric::CRIU_FROZEN_MS, frozen);

@@ -85,6 +85,8 @@ pub struct Config {
     pub out: PathBuf,
     /// Smoke mode (recorded in the results).
     pub quick: bool,
+    /// The methods to run ([`Method::MAIN`], possibly with [`Method::CriuKeepSource`]).
+    pub methods: Vec<Method>,
 }
 
 /// Everything one measurement needs.
@@ -175,6 +177,9 @@ pub fn run(cfg: &Config) -> Result<Outcome> {
     if cfg.sizes.is_empty() || cfg.sizes.contains(&0) {
         return Err("--sizes needs at least one size, every one above 0 MiB".into());
     }
+    if cfg.methods.is_empty() {
+        return Err("no method to run".into());
+    }
     if cfg.reps == 0 {
         return Err("--reps must be at least 1".into());
     }
@@ -189,15 +194,16 @@ pub fn run(cfg: &Config) -> Result<Outcome> {
 
     let started = Instant::now();
     let mut samples: Vec<Sample> = Vec::new();
-    let total_runs = cfg.reps as usize * cfg.sizes.len() * 3;
+    let total_runs = cfg.reps as usize * cfg.sizes.len() * cfg.methods.len();
     for rep in 0..cfg.reps {
         for &size in &cfg.sizes {
-            for (pos, method) in order_for_rep(rep).into_iter().enumerate() {
+            for (pos, method) in order_for_rep(&cfg.methods, rep).into_iter().enumerate() {
                 settle();
                 let mut s = Sample::new(method, size, rep, pos as u32);
                 let r = match method {
                     Method::Phaul => phaul_run::measure(&ctx, size, &mut s),
-                    Method::Criu => bare::measure(&ctx, size, &mut s),
+                    Method::Criu => bare::measure(&ctx, size, &mut s, false),
+                    Method::CriuKeepSource => bare::measure(&ctx, size, &mut s, true),
                     Method::Raw => {
                         let bytes = raw_bytes(&samples, size);
                         raw::measure(&ctx, bytes, &mut s)

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use phaul_bench::sample::Method;
 use phaul_bench::{default_out_dir, run, Config};
 
 #[derive(Debug, Parser)]
@@ -23,6 +24,10 @@ struct Cli {
     /// Smoke mode: 16 MiB, one repetition, results in a temporary directory unless --out is given.
     #[arg(long)]
     quick: bool,
+    /// Also run bare CRIU with the source kept stopped until the restore succeeded (the order phaul follows), for
+    /// context.
+    #[arg(long)]
+    with_kept_source: bool,
     /// Where to write results.md, results.json and the plots [default: bench/results of the workspace].
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
@@ -42,10 +47,14 @@ fn main() -> ExitCode {
             }
         },
     };
+    let mut methods = Method::MAIN.to_vec();
+    if cli.with_kept_source {
+        methods.push(Method::CriuKeepSource);
+    }
     let cfg = if cli.quick {
-        Config { sizes: vec![16], reps: 1, out, quick: true }
+        Config { sizes: vec![16], reps: 1, out, quick: true, methods }
     } else {
-        Config { sizes: cli.sizes, reps: cli.reps, out, quick: false }
+        Config { sizes: cli.sizes, reps: cli.reps, out, quick: false, methods }
     };
     match run(&cfg) {
         Ok(outcome) => {

@@ -59,6 +59,15 @@ fn command_line(cmd: &mut Command) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
+/// The workspace's commit, marked when tracked files differ from it (the binaries may then not be that commit).
+fn commit_of(workspace: &Path) -> Option<String> {
+    let git = |args: &[&str]| command_line(Command::new("git").arg("-C").arg(workspace).args(args));
+    let head = git(&["rev-parse", "--short", "HEAD"])?;
+    // Bounded like every command here; no output means a clean tree.
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some();
+    Some(if dirty { format!("{head} plus uncommitted changes") } else { head })
+}
+
 impl Environment {
     /// What can be known before the run.
     pub fn capture(criu: &Path) -> Environment {
@@ -85,11 +94,7 @@ impl Environment {
             criu_version: command_line(Command::new(criu).arg("--version"))
                 .and_then(|v| v.lines().next().map(str::to_string))
                 .unwrap_or_else(|| "unknown".into()),
-            phaul_commit: command_line(Command::new("git").arg("-C").arg(&workspace).args([
-                "rev-parse",
-                "--short",
-                "HEAD",
-            ])),
+            phaul_commit: commit_of(&workspace),
             loadavg_before: read_trim("/proc/loadavg"),
             loadavg_after: String::new(),
             duration_s: 0.0,
@@ -153,6 +158,7 @@ pub struct TargetRow {
 #[derive(Debug, Clone, Serialize)]
 pub struct RunConfig {
     pub sizes_mib: Vec<u64>,
+    pub methods: Vec<Method>,
     pub reps: u32,
     pub quick: bool,
     pub order: String,
@@ -178,7 +184,7 @@ impl Report {
     pub fn build(cfg: &Config, environment: Environment, samples: &[Sample]) -> Report {
         let mut summary = Vec::new();
         for &size in &cfg.sizes {
-            for method in Method::ALL {
+            for &method in &cfg.methods {
                 for (key, _, _) in SHOWN {
                     let values: Vec<f64> = ok_samples(samples, size, method).filter_map(|s| s.get(key)).collect();
                     if let Some(stat) = stat(&values) {
@@ -190,6 +196,7 @@ impl Report {
         let mut r = Report {
             config: RunConfig {
                 sizes_mib: cfg.sizes.clone(),
+                methods: cfg.methods.clone(),
                 reps: cfg.reps,
                 quick: cfg.quick,
                 order: "rotated each repetition: phaul, bare CRIU, raw; then bare CRIU, raw, phaul; then raw, phaul, \
@@ -262,6 +269,18 @@ impl Report {
                 1.10,
                 timed,
             ));
+            if cfg.methods.contains(&Method::CriuKeepSource) {
+                let mut r = ratio_row(
+                    "(context) downtime: phaul ÷ bare CRIU with the source kept until restored (medians)",
+                    metric::DOWNTIME_MS,
+                    Method::CriuKeepSource,
+                    "<=",
+                    f64::NAN,
+                    false,
+                );
+                r.result = if r.value.is_some() { "info" } else { "n/a" };
+                rows.push(r);
+            }
             rows.push(ratio_row(
                 "total time: phaul ÷ bare CRIU (medians)",
                 metric::TOTAL_MS,
@@ -374,6 +393,12 @@ impl Report {
                     metric::CRIU_FROZEN_MS,
                     Style::CriuDashed,
                 ),
+                self.series(
+                    "(context) bare CRIU, source kept stopped until restored",
+                    Method::CriuKeepSource,
+                    metric::DOWNTIME_MS,
+                    Style::Context,
+                ),
             ],
         )?;
         let total = out.join("total.png");
@@ -384,6 +409,12 @@ impl Report {
             &[
                 self.series("phaul", Method::Phaul, metric::TOTAL_MS, Style::Phaul),
                 self.series("bare CRIU", Method::Criu, metric::TOTAL_MS, Style::Criu),
+                self.series(
+                    "(context) bare CRIU, source kept stopped until restored",
+                    Method::CriuKeepSource,
+                    metric::TOTAL_MS,
+                    Style::Context,
+                ),
             ],
         )?;
         let rate = out.join("rate.png");
@@ -495,13 +526,13 @@ impl Report {
             let _ = writeln!(s, "### {size} MiB\n");
             let mut head = String::from("| metric |");
             let mut rule = String::from("|---|");
-            for m in Method::ALL {
+            for m in &c.methods {
                 let _ = write!(head, " {0} median | {0} min | {0} max |", m.label());
                 rule.push_str("---:|---:|---:|");
             }
             let _ = writeln!(s, "{head}\n{rule}");
             for (key, label, dec) in SHOWN {
-                let cells: Vec<Option<Stat>> = Method::ALL.iter().map(|&m| self.get(size, m, key)).collect();
+                let cells: Vec<Option<Stat>> = c.methods.iter().map(|&m| self.get(size, m, key)).collect();
                 if cells.iter().all(Option::is_none) {
                     continue;
                 }
@@ -522,7 +553,8 @@ impl Report {
                 }
                 s.push('\n');
             }
-            let n: Vec<String> = Method::ALL
+            let n: Vec<String> = c
+                .methods
                 .iter()
                 .map(|&m| format!("{} n = {}", m.label(), self.get(size, m, metric::TOTAL_MS).map_or(0, |st| st.n)))
                 .collect();
@@ -661,7 +693,13 @@ mod tests {
         let mut failed = sample(Method::Criu, 256, 3, &[(metric::TOTAL_MS, 1.0)]);
         failed.error = Some("boom".into());
         samples.push(failed);
-        let cfg = Config { sizes: vec![64, 256], reps: 3, out: PathBuf::from("/nonexistent"), quick: false };
+        let cfg = Config {
+            sizes: vec![64, 256],
+            reps: 3,
+            out: PathBuf::from("/nonexistent"),
+            quick: false,
+            methods: Method::MAIN.to_vec(),
+        };
         let env = Environment::capture(Path::new("/bin/true"));
         let r = Report::build(&cfg, env, &samples);
         let find = |t: &str, size: u64| {
