@@ -78,6 +78,12 @@ impl Channel {
         Ok(Channel::new(name, OwnedFd::from(s)))
     }
 
+    /// The same connection under another name (a connection accepted before its first frame said what it is).
+    pub fn renamed(mut self, name: ChannelName) -> Channel {
+        self.name = name;
+        self
+    }
+
     pub fn name(&self) -> ChannelName {
         self.name
     }

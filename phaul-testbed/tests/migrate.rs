@@ -214,3 +214,84 @@ fn serve_handles_several_migrations_in_a_row() {
     let _ = serve.kill();
     let _ = serve.wait();
 }
+
+fn pump(mut a: TcpStream, mut b: TcpStream) {
+    let (mut a2, mut b2) = (a.try_clone().expect("clone"), b.try_clone().expect("clone"));
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut a, &mut b);
+        let _ = b.shutdown(std::net::Shutdown::Write);
+    });
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut b2, &mut a2);
+        let _ = a2.shutdown(std::net::Shutdown::Write);
+    });
+}
+
+/// Relays and tunnels may deliver phaul's three connections in any order: here they reach `phaul serve` in
+/// reverse (filesystem, memory, then control), and the destination sorts them by their first frame.
+#[test]
+fn own_tcp_connections_arriving_in_any_order() {
+    let lab = lab("reorder");
+    let w = lab.start_workload("counter", &[]).expect("start");
+    let base = 30000 + (std::process::id() % 10000) as u16;
+    let (serve_addr, relay_addr) = (format!("127.0.0.1:{base}"), format!("127.0.0.1:{}", base + 1));
+    let plugins = lab.plugins.display().to_string();
+    let img = lab.path("dst-images").display().to_string();
+    let rpid = lab.path("reorder.rpid");
+    let mut serve = lab
+        .a()
+        .command(&lab.phaul, ["--plugins", &plugins, "serve", "--listen", &serve_addr, "--once", "--img-path", &img]);
+    serve.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    let serve = serve.spawn().expect("serve");
+    // The relay lives in host A's network namespace, like the two phaul processes.
+    let relay_addr2 = relay_addr.clone();
+    let serve_addr2 = serve_addr.clone();
+    let relay = lab
+        .a()
+        .in_netns(Duration::from_secs(10), move || std::net::TcpListener::bind(&relay_addr2))
+        .expect("enter A")
+        .expect("relay listens");
+    let src_img = lab.path("src-images").display().to_string();
+    let pid = w.pid().to_string();
+    let rpid_arg = rpid.display().to_string();
+    let out = std::thread::scope(|sc| {
+        // The relay takes the three connections in order and forwards them in reverse.
+        sc.spawn(|| {
+            let mut inbound = Vec::new();
+            for _ in 0..3 {
+                inbound.push(relay.accept().expect("accept").0);
+            }
+            for conn in inbound.into_iter().rev() {
+                let addr = serve_addr2.clone();
+                let out = lab
+                    .a()
+                    .in_netns(Duration::from_secs(10), move || TcpStream::connect(&addr))
+                    .expect("enter A")
+                    .expect("connect to serve");
+                pump(conn, out);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let args = [
+            "--plugins",
+            &plugins,
+            "migrate",
+            "pid",
+            &pid,
+            "--to",
+            &relay_addr,
+            "--img-path",
+            &src_img,
+            "--dst-rpid",
+            &rpid_arg,
+        ];
+        lab.phaul(&args, &[]).expect("migrate")
+    });
+    let served = phaul_testbed::collect(serve, Duration::from_secs(30), "serve").expect("serve finished");
+    assert!(out.status.success(), "{}\n{}\n{}", out.stdout, out.stderr, served.stderr);
+    let restored: i32 = std::fs::read_to_string(&rpid).expect("rpid").trim().parse().expect("pid");
+    let mut w = w;
+    w.adopt_pid(restored).expect("adopt");
+    probe_ok(&w, restored);
+}

@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use phaul_core::criu::{locate_criu, Criu, MIN_CRIU};
 use phaul_core::engine::{
-    self, DestinationChannels, DestinationConfig, OnNoConverge, Policy, PreDump, SourceChannels, SourceConfig,
+    self, Acceptor, DestinationChannels, DestinationConfig, Incoming, OnNoConverge, Policy, PreDump, SourceChannels,
+    SourceConfig,
 };
 use phaul_core::plugins::{find_config, Registry};
 use phaul_core::transport::{self, Channel, ChannelName};
@@ -370,16 +371,29 @@ fn serve(c: &Common, a: ServeArgs) -> Result<(), Fail> {
         }
     };
     if let Some((rpc, mem, fs)) = a.fds.channels()? {
-        return report(engine::serve_session(&reg, &criu, &cfg, rpc, DestinationChannels::Given { mem, fs }));
+        return report(engine::serve_session(&reg, &criu, &cfg, rpc, None, DestinationChannels::Given { mem, fs }));
     }
     let addr = a.listen.unwrap_or_default();
     let listener: TcpListener = transport::listen(&addr)?;
-    eprintln!("phaul: serving on {}", listener.local_addr().map(|a| a.to_string()).unwrap_or(addr));
+    let mut acceptor = Acceptor::new(listener, Duration::from_secs(c.timeout));
+    eprintln!("phaul: serving on {}", acceptor.local_addr().map(|a| a.to_string()).unwrap_or(addr));
     loop {
-        let (stream, peer) = listener.accept().map_err(|e| Fail(EXIT_FAILED, format!("accept failed: {e}")))?;
-        log::info!("migration from {peer}");
-        let rpc = Channel::from_tcp(ChannelName::Rpc, stream)?;
-        let r = report(engine::serve_session(&reg, &criu, &cfg, rpc, DestinationChannels::Accept(&listener)));
+        let (rpc, hello) = match acceptor.next_control()? {
+            Incoming::Control(rpc, hello) => (rpc, hello),
+            Incoming::Dropped(why) => {
+                log::info!("connection not served: {why}");
+                continue;
+            }
+        };
+        log::info!("migration session {}", hello.session);
+        let r = report(engine::serve_session(
+            &reg,
+            &criu,
+            &cfg,
+            rpc,
+            Some(hello),
+            DestinationChannels::Accept(&mut acceptor),
+        ));
         if a.once {
             return r;
         }

@@ -53,8 +53,8 @@ pub enum ServeError {
     Protocol { ours: u32, theirs: u32 },
     #[error("the peer did not start with a Hello; it is not a phaul source")]
     NoHello,
-    #[error("a {kind} connection arrived for session {got}, but session {want} is being served")]
-    WrongChannel { kind: &'static str, got: String, want: String },
+    #[error("the source's {kind} connection for session {session} did not arrive")]
+    MissingChannel { kind: &'static str, session: String },
     #[error("{0}")]
     Refused(String),
     #[error("cannot query this host's CRIU: {0}")]
@@ -65,25 +65,119 @@ pub enum ServeError {
 #[derive(Debug)]
 pub enum DestinationChannels<'a> {
     Given { mem: Channel, fs: Option<Channel> },
-    Accept(&'a TcpListener),
+    Accept(&'a mut Acceptor),
+}
+
+/// What a newly accepted connection turned out to be, by its first frame.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A source's control connection, with its greeting.
+    Control(Channel, Hello),
+    /// Not a phaul connection, or a stale one: dropped.
+    Dropped(String),
+}
+
+/// Accepts phaul's own TCP connections and sorts them by their first frame: a `Hello` opens a session's control
+/// channel; a `ChannelOpen` names the session and kind of a memory or filesystem channel. Connections may arrive in
+/// any order (relays and tunnels reorder them).
+#[derive(Debug)]
+pub struct Acceptor {
+    listener: TcpListener,
+    timeout: Duration,
+    parked: Vec<(String, i32, Channel)>,
+}
+
+impl Acceptor {
+    pub fn new(listener: TcpListener, timeout: Duration) -> Acceptor {
+        Acceptor { listener, timeout, parked: Vec::new() }
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    fn accept_one(&mut self) -> Result<Option<(Channel, Body)>, ServeError> {
+        let (s, peer) = self.listener.accept().map_err(TransportError::Accept)?;
+        let mut ch = Channel::from_tcp(ChannelName::Rpc, s)?;
+        // A connection that says nothing is not waited for long.
+        let _ = ch.set_read_timeout(self.timeout.min(Duration::from_secs(30)));
+        match wire::recv(&mut ch) {
+            Ok(b) => Ok(Some((ch, b))),
+            Err(e) => {
+                log::warn!("dropping a connection from {peer}: {e}");
+                Ok(None)
+            }
+        }
+    }
+
+    fn park(&mut self, ch: Channel, o: w::ChannelOpen) {
+        // Only a few stray channels are kept.
+        if self.parked.len() >= 8 {
+            self.parked.remove(0);
+        }
+        self.parked.push((o.session, o.kind, ch));
+    }
+
+    /// The next control connection; channels that arrive first are kept for their session.
+    pub fn next_control(&mut self) -> Result<Incoming, ServeError> {
+        let Some((ch, body)) = self.accept_one()? else { return Ok(Incoming::Dropped("unreadable".into())) };
+        match body {
+            Body::Hello(h) => Ok(Incoming::Control(ch, h)),
+            Body::ChannelOpen(o) => {
+                self.park(ch, o);
+                Ok(Incoming::Dropped("a data channel arrived before its control channel; kept".into()))
+            }
+            other => Ok(Incoming::Dropped(format!("the first frame was {}", wire::body_name(&other)))),
+        }
+    }
+
+    /// The channel of `kind` for `session`, parked or yet to arrive (bounded by the timeout).
+    fn channel_for(&mut self, session: &str, kind: ChannelKind, name: ChannelName) -> Result<Channel, ServeError> {
+        let deadline = Instant::now() + self.timeout.min(Duration::from_secs(60));
+        loop {
+            if let Some(i) = self.parked.iter().position(|(s, k, _)| s == session && *k == kind as i32) {
+                let (_, _, ch) = self.parked.remove(i);
+                return Ok(ch.renamed(name));
+            }
+            if Instant::now() >= deadline {
+                return Err(ServeError::MissingChannel { kind: name.as_str(), session: session.to_string() });
+            }
+            match self.accept_one()? {
+                Some((ch, Body::ChannelOpen(o))) => self.park(ch, o),
+                Some((mut ch, Body::Hello(_))) => {
+                    let _ = wire::send_failure(
+                        &mut ch,
+                        "this destination is busy with another migration; try again when it has finished".into(),
+                        Vec::new(),
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 /// Serves one session on an already accepted control channel.
+/// Serves one session on a control channel. `hello` is the greeting when it was already read.
 pub fn serve_session(
     reg: &Registry,
     criu: &Criu,
     cfg: &DestinationConfig,
     mut rpc: Channel,
+    hello: Option<Hello>,
     channels: DestinationChannels<'_>,
 ) -> Result<ServeSummary, ServeError> {
     let _ = rpc.set_read_timeout(cfg.timeout);
     let local = criu.version()?;
-    let hello = match wire::recv(&mut rpc)? {
-        Body::Hello(h) => h,
-        _ => {
-            let _ = wire::send_failure(&mut rpc, "the first message must be Hello".into(), Vec::new());
-            return Err(ServeError::NoHello);
-        }
+    let hello = match hello {
+        Some(h) => h,
+        None => match wire::recv(&mut rpc)? {
+            Body::Hello(h) => h,
+            _ => {
+                let _ = wire::send_failure(&mut rpc, "the first message must be Hello".into(), Vec::new());
+                return Err(ServeError::NoHello);
+            }
+        },
     };
     if let Err(e) = check_hello(&hello, &local) {
         let _ = wire::send_failure(&mut rpc, e.to_string(), Vec::new());
@@ -104,9 +198,9 @@ pub fn serve_session(
     )?;
     let (mem, fs) = match channels {
         DestinationChannels::Given { mem, fs } => (mem, fs),
-        DestinationChannels::Accept(l) => {
-            let mem = accept_channel(l, ChannelName::Mem, ChannelKind::ChannelMemory, &hello.session, cfg.timeout)?;
-            let fs = accept_channel(l, ChannelName::Fs, ChannelKind::ChannelFs, &hello.session, cfg.timeout)?;
+        DestinationChannels::Accept(a) => {
+            let mem = a.channel_for(&hello.session, ChannelKind::ChannelMemory, ChannelName::Mem)?;
+            let fs = a.channel_for(&hello.session, ChannelKind::ChannelFs, ChannelName::Fs)?;
             (mem, Some(fs))
         }
     };
@@ -147,25 +241,6 @@ fn check_hello(h: &Hello, local: &Version) -> Result<(), ServeError> {
         )));
     }
     Ok(())
-}
-
-fn accept_channel(
-    l: &TcpListener,
-    name: ChannelName,
-    kind: ChannelKind,
-    session: &str,
-    timeout: Duration,
-) -> Result<Channel, ServeError> {
-    let (s, _) = l.accept().map_err(TransportError::Accept)?;
-    let mut ch = Channel::from_tcp(name, s)?;
-    let _ = ch.set_read_timeout(timeout);
-    match wire::recv(&mut ch)? {
-        Body::ChannelOpen(o) if o.session == session && o.kind == kind as i32 => Ok(ch),
-        Body::ChannelOpen(o) => {
-            Err(ServeError::WrongChannel { kind: name.as_str(), got: o.session, want: session.to_string() })
-        }
-        other => Err(WireError::Unexpected { expected: "ChannelOpen", got: wire::body_name(&other) }.into()),
-    }
 }
 
 /// A request failed: the message for the source, and CRIU's error lines if CRIU failed.

@@ -15,7 +15,9 @@ use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
-pub use destination::{serve_session, DestinationChannels, DestinationConfig, ServeError, ServeSummary};
+pub use destination::{
+    serve_session, Acceptor, DestinationChannels, DestinationConfig, Incoming, ServeError, ServeSummary,
+};
 pub use files::FileTransferError;
 pub use policy::{rates, should_stop, OnNoConverge, Policy, Rates, RoundSample, StopReason};
 pub use progress::Progress;
