@@ -148,7 +148,7 @@ fn source_phaul_dies_mid_transfer() {
                         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                         let args: Vec<String> =
                             cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-                        if args.iter().any(|a| a == "migrate") && args.iter().any(|a| *a == me) {
+                        if args.iter().any(|a| a == "migrate") && args.contains(&me) {
                             let _ = nix::sys::signal::kill(
                                 nix::unistd::Pid::from_raw(pid),
                                 nix::sys::signal::Signal::SIGKILL,
