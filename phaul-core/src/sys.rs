@@ -201,3 +201,17 @@ impl Drop for CorkPusher {
         }
     }
 }
+
+/// Marks every descriptor above 2 that this process inherited close-on-exec. phaul hands children (CRIU, the
+/// lazy-pages daemon, a trial process) exactly the descriptors they need; a connection a caller handed phaul must
+/// never leak into them (CRIU refuses to dump a process holding a stray TCP socket, for one).
+pub fn cloexec_inherited() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return };
+    let fds: Vec<RawFd> = dir.flatten().filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok())).collect();
+    for fd in fds.into_iter().filter(|fd| *fd > 2) {
+        if let Ok(flags) = fcntl(fd, FcntlArg::F_GETFD) {
+            let flags = nix::fcntl::FdFlag::from_bits_truncate(flags) | nix::fcntl::FdFlag::FD_CLOEXEC;
+            let _ = fcntl(fd, FcntlArg::F_SETFD(flags));
+        }
+    }
+}

@@ -273,6 +273,7 @@ fn registry(c: &Common) -> Result<Registry, Fail> {
 }
 
 fn main() -> ExitCode {
+    phaul_core::sys::cloexec_inherited();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -107,6 +107,8 @@ pub enum MigrateError {
     PostCopy(#[from] super::lazy::LazyError),
     #[error("post-copy failed after the workload had started on the destination ({0}); the destination's copy was killed and CRIU resumed the source's, so whatever the workload did on the destination meanwhile is lost")]
     PostCopyBroken(String),
+    #[error("post-copy lost the workload: the source's CRIU handed over all its memory and ended the source tree, but the destination's restore failed ({0}); its images are kept on both hosts")]
+    PostCopyLost(String),
     #[error("after CRIU reported a successful dump, the source tree (pid {pid}) is still alive; the destination copy was removed and the source keeps running")]
     SourceSurvived { pid: i32 },
 }
@@ -176,8 +178,10 @@ struct SourceRun<'c> {
     progress: Progress,
     migrated: bool,
     final_fs_round: u32,
-    /// Post-copy: when the destination reported the restore (the workload runs there from then on).
+    /// Post-copy: when the restore was asked for (the workload runs on the destination from about then on).
     restored_at: Option<Instant>,
+    /// Post-copy: the destination's answer to the restore is still to be read.
+    restore_pending: bool,
 }
 
 /// Everything a running migration holds.
@@ -200,6 +204,7 @@ impl<'c> SourceRun<'c> {
             migrated: false,
             final_fs_round: 0,
             restored_at: None,
+            restore_pending: false,
             report: Report {
                 outcome: "failed",
                 error: None,
@@ -660,8 +665,38 @@ impl<'c> SourceRun<'c> {
                 log::warn!("the lazy-page relay ended with: {e}");
             }
         }
+        // Post-copy: now the destination's restore has answered (or failed).
+        let mut restore_failed: Option<MigrateError> = None;
+        if std::mem::take(&mut self.restore_pending) {
+            match wire::recv(&mut live.rpc) {
+                Ok(Body::RestoreReply(r)) => {
+                    if let Some(d) = self.report.downtime_ms {
+                        // Until the restore had finished, the workload ran nowhere.
+                        self.report.downtime_ms = Some(d + r.restore_wall_us as f64 / 1000.0);
+                    }
+                    self.record_restore(r);
+                }
+                Ok(Body::Failure(f)) => {
+                    restore_failed = Some(WireError::Remote { message: f.message, criu_errors: f.criu_errors }.into());
+                }
+                Ok(other) => {
+                    restore_failed =
+                        Some(WireError::Unexpected { expected: "RestoreReply", got: wire::body_name(&other) }.into())
+                }
+                Err(e) => restore_failed = Some(e.into()),
+            }
+        }
+        if let Some(e) = restore_failed {
+            if resp.is_ok() {
+                // CRIU served every page and killed the source tree, yet the destination has no restored tree.
+                return Err(MigrateError::PostCopyLost(e.to_string()));
+            }
+            // The restore failed, so CRIU's lazy transfer failed too and it resumed the source's tree.
+            let _ = wire::request(&mut live.rpc, Body::Finish(Finish { migrated: false, reason: e.to_string() }));
+            return Err(e);
+        }
         if let Err(e) = resp {
-            if self.restored_at.is_some() && failure.is_none() {
+            if self.report.restored_pid.is_some() && failure.is_none() {
                 // Post-copy broke after the destination had started the workload: CRIU resumed the source's copy
                 // (its memory is whole), so the destination's must go.
                 let _ = wire::request(
@@ -685,7 +720,11 @@ impl<'c> SourceRun<'c> {
         if let Some(st) = &stats {
             let r = RoundReport::new(round, "dump", st, dump_ms, page_size());
             self.report.channels.memory_pages += r.bytes_written;
-            self.report.frozen_ms = Some(st.frozen_time_us as f64 / 1000.0);
+            // In a lazy dump CRIU's frozen time spans the whole page transfer (and CRIU 3.17 reports nonsense for
+            // it); the downtime phaul measures is the figure that matters there.
+            if !lazy {
+                self.report.frozen_ms = Some(st.frozen_time_us as f64 / 1000.0);
+            }
             self.report.rounds.push(r);
         }
         if !lazy {
@@ -738,14 +777,23 @@ impl<'c> SourceRun<'c> {
             self.send_files(live, round, w::files::Target::Extra, hdrs)?;
         }
         self.progress.phase("restoring on the destination");
-        let reply = expect_reply!(wire::request(&mut live.rpc, Body::Restore(Restore { round, lazy }))?, RestoreReply)?;
-        self.report.restored_pid = Some(reply.pid);
         if lazy {
-            // From here on the workload runs on the destination, pulling the rest of its memory.
+            // Post-copy: the destination's restore needs pages that the source's CRIU serves only after this
+            // notification is answered, so the reply is collected once CRIU has served them all.
+            wire::send(&mut live.rpc, Body::Restore(Restore { round, lazy }))?;
+            self.restore_pending = true;
             self.restored_at = Some(Instant::now());
             self.report.downtime_ms = self.report.freeze_started.map(|t| t.elapsed().as_secs_f64() * 1000.0);
-            self.progress.phase("post-copy: the workload runs on the destination; pages follow on demand");
+            self.progress.phase("post-copy: the workload starts on the destination; its pages follow on demand");
+            return Ok(());
         }
+        let reply = expect_reply!(wire::request(&mut live.rpc, Body::Restore(Restore { round, lazy }))?, RestoreReply)?;
+        self.record_restore(reply);
+        Ok(())
+    }
+
+    fn record_restore(&mut self, reply: w::RestoreReply) {
+        self.report.restored_pid = Some(reply.pid);
         self.report.restore_ms = Some(reply.restore_wall_us as f64 / 1000.0);
         if let Some(s) = reply.stats {
             self.report.criu_restore_ms = Some(s.restore_time_us as f64 / 1000.0);
@@ -757,7 +805,6 @@ impl<'c> SourceRun<'c> {
                 restore_time_us: s.restore_time_us,
             });
         }
-        Ok(())
     }
 
     fn send_files(
