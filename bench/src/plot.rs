@@ -122,6 +122,8 @@ pub fn line_chart(path: &Path, title: &str, y_label: &str, series: &[Series]) ->
         // Side by side so that bars at the same size do not hide each other.
         let dx = (i as f64 - (n - 1.0) / 2.0) * 0.045;
         let pts: Vec<(f64, f64)> = s.points.iter().map(|(size, st)| ((*size as f64).log2() + dx, st.median)).collect();
+        // Every other series writes its medians a little lower, so that labels of close points do not overlap.
+        let label_drop = if i % 2 == 1 { y_top * 0.035 } else { 0.0 };
         let line_style = ShapeStyle { color: color.to_rgba(), filled: false, stroke_width: 2 };
         let anno = if s.style.dashed() {
             chart.draw_series(DashedLineSeries::new(pts.clone(), 10, 7, line_style))
@@ -155,7 +157,11 @@ pub fn line_chart(path: &Path, title: &str, y_label: &str, series: &[Series]) ->
                 .map_err(|e| draw_err(path, e))?;
             let label = if y >= 100.0 { format!("{y:.0}") } else { format!("{y:.1}") };
             chart
-                .draw_series(std::iter::once(Text::new(label, (x + 0.03, y), (FONT, 14).into_font().color(&color))))
+                .draw_series(std::iter::once(Text::new(
+                    label,
+                    (x + 0.03, y - label_drop),
+                    (FONT, 14).into_font().color(&color),
+                )))
                 .map_err(|e| draw_err(path, e))?;
         }
     }
