@@ -113,15 +113,26 @@ pub struct Rates {
 }
 
 /// Rates of the last round of `rounds`.
+///
+/// The channel's rate is the best any round reached (the first, which copies all memory, usually shows it; a
+/// round of a few pages measures only CRIU's fixed cost). The prediction for a final dump right after the last
+/// round is that round's fixed cost (its time beyond moving its pages at the channel's rate: freezing, the
+/// parasite, metadata) plus moving what the workload will have dirtied by then.
 pub fn rates(rounds: &[RoundSample], page_size: u64) -> Rates {
     let Some(last) = rounds.last() else { return Rates::default() };
-    let bytes = (last.pages_written * page_size) as f64;
-    let transfer = if last.duration_s > 0.0 { bytes / last.duration_s } else { 0.0 };
+    let bytes_of = |r: &RoundSample| (r.pages_written * page_size) as f64;
+    let bytes = bytes_of(last);
+    let transfer =
+        rounds.iter().filter(|r| r.duration_s > 0.0).map(|r| bytes_of(r) / r.duration_s).fold(0.0_f64, f64::max);
     // The first round copies all memory, not what was dirtied: it says nothing about the dirty rate.
     let dirty = if rounds.len() >= 2 && last.interval_s > 0.0 { bytes / last.interval_s } else { 0.0 };
+    if transfer <= 0.0 {
+        return Rates { transfer_bytes_s: 0.0, dirty_bytes_s: dirty, predicted_downtime_ms: f64::INFINITY };
+    }
+    let fixed_s = (last.duration_s - bytes / transfer).max(0.0);
     // By the final dump the workload will have dirtied about dirty × (the last round's duration).
     let expected = if rounds.len() >= 2 { dirty * last.duration_s } else { bytes };
-    let predicted = if transfer > 0.0 { expected / transfer * 1000.0 } else { f64::INFINITY };
+    let predicted = (fixed_s + expected / transfer) * 1000.0;
     Rates { transfer_bytes_s: transfer, dirty_bytes_s: dirty, predicted_downtime_ms: predicted }
 }
 
@@ -210,6 +221,17 @@ mod tests {
         ];
         assert_eq!(should_stop(&Policy::default_downtime(), &rounds, PAGE), Some(StopReason::DirtyFasterThanChannel));
         assert!(StopReason::DirtyFasterThanChannel.is_non_convergence());
+    }
+
+    #[test]
+    fn the_prediction_counts_criu_s_fixed_cost() {
+        // Round 2 moved 12 pages in 188 ms: almost all of it is fixed cost, and a final dump will pay it again.
+        let rounds = [
+            RoundSample { pages_written: 65587, duration_s: 1.806, interval_s: 1.806 },
+            RoundSample { pages_written: 12, duration_s: 0.188, interval_s: 1.9 },
+        ];
+        let p = rates(&rounds, PAGE).predicted_downtime_ms;
+        assert!((180.0..200.0).contains(&p), "{p}");
     }
 
     #[test]
