@@ -201,6 +201,59 @@ impl Criu {
         Ok(Features { mem_track: f.mem_track.unwrap_or(false), lazy_pages: f.lazy_pages.unwrap_or(false) })
     }
 
+    /// VERSION, FEATURE_CHECK and (when `cpuinfo_dir` is given) CPUINFO_DUMP in one CRIU session (each start of
+    /// CRIU costs tens of milliseconds); falls back to one session each if this CRIU will not keep a session open.
+    pub fn preflight(&self, cpuinfo_dir: Option<&Path>) -> Result<(Version, Features, Option<Vec<u8>>), CriuError> {
+        match self.preflight_one_session(cpuinfo_dir) {
+            Ok(r) => Ok(r),
+            Err(CriuError::Died { .. }) | Err(CriuError::Io { .. }) => {
+                let cpu = cpuinfo_dir.map(|d| self.cpuinfo_dump(d)).transpose()?;
+                Ok((self.version()?, self.features()?, cpu))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn preflight_one_session(
+        &self,
+        cpuinfo_dir: Option<&Path>,
+    ) -> Result<(Version, Features, Option<Vec<u8>>), CriuError> {
+        let mut s = self.start(Vec::new(), None)?;
+        let mut r = req(CriuReqType::Version, None);
+        r.keep_open = Some(true);
+        let v = s.call("VERSION", r, &mut |_, _| Ok(()))?.version.ok_or(CriuError::Failed {
+            op: "VERSION",
+            errmsg: Some("the response carries no version".into()),
+            errno: None,
+            log: None,
+            log_errors: Vec::new(),
+        })?;
+        let version = Version {
+            major: v.major_number.max(0) as u32,
+            minor: v.minor_number.max(0) as u32,
+            sublevel: v.sublevel.unwrap_or(0).max(0) as u32,
+            gitid: v.gitid.filter(|g| !g.is_empty()),
+        };
+        let mut r = req(CriuReqType::FeatureCheck, None);
+        r.features = Some(CriuFeatures { mem_track: Some(true), lazy_pages: Some(true), pidfd_store: None });
+        r.keep_open = Some(cpuinfo_dir.is_some());
+        let f = s.call("FEATURE_CHECK", r, &mut |_, _| Ok(()))?.features.unwrap_or_default();
+        let features = Features { mem_track: f.mem_track.unwrap_or(false), lazy_pages: f.lazy_pages.unwrap_or(false) };
+        let cpu = match cpuinfo_dir {
+            Some(dir) => {
+                let (opts, _dir) = dir_opts(dir, "cpuinfo-dump.log")?;
+                s.set_log(dir.join("cpuinfo-dump.log"));
+                s.call("CPUINFO_DUMP", req(CriuReqType::CpuinfoDump, Some(opts)), &mut |_, _| Ok(()))?;
+                Some(
+                    std::fs::read(dir.join("cpuinfo.img"))
+                        .map_err(|source| CriuError::Io { op: "CPUINFO_DUMP", source })?,
+                )
+            }
+            None => None,
+        };
+        Ok((version, features, cpu))
+    }
+
     /// CPUINFO_DUMP into `dir`; returns the bytes of the image it wrote.
     pub fn cpuinfo_dump(&self, dir: &Path) -> Result<Vec<u8>, CriuError> {
         let (opts, _dir) = dir_opts(dir, "cpuinfo-dump.log")?;

@@ -546,12 +546,8 @@ impl Session<'_> {
                     log::warn!("could not write the restored pid to {}: {e}", path.display());
                 }
             }
-            if let Some(d) = &self.dir {
-                if self.keep_images {
-                    kept = d.display().to_string();
-                } else if let Err(e) = std::fs::remove_dir_all(d) {
-                    log::warn!("could not remove {}: {e}", d.display());
-                }
+            if let (Some(d), true) = (&self.dir, self.keep_images) {
+                kept = d.display().to_string();
             }
         } else {
             self.roll_back(&reason);
@@ -560,6 +556,12 @@ impl Session<'_> {
             }
         }
         let _ = wire::send(&mut self.rpc, Body::FinishReply(w::FinishReply { kept_images: kept, last_page_ms }));
+        // Removing a large image directory takes a while: the source need not wait for it.
+        if let (true, false, Some(d)) = (migrated, self.keep_images, &self.dir) {
+            if let Err(e) = std::fs::remove_dir_all(d) {
+                log::warn!("could not remove {}: {e}", d.display());
+            }
+        }
         Ok(ServeSummary { session: self.session.clone(), migrated, restored_pid: self.restored_pid, reason })
     }
 

@@ -182,6 +182,8 @@ struct SourceRun<'c> {
     restored_at: Option<Instant>,
     /// Post-copy: the destination's answer to the restore is still to be read.
     restore_pending: bool,
+    /// This host's CRIU cpuinfo image, for the destination's CPU check.
+    cpuinfo: Option<Vec<u8>>,
 }
 
 /// Everything a running migration holds.
@@ -205,6 +207,7 @@ impl<'c> SourceRun<'c> {
             final_fs_round: 0,
             restored_at: None,
             restore_pending: false,
+            cpuinfo: None,
             report: Report {
                 outcome: "failed",
                 error: None,
@@ -244,14 +247,6 @@ impl<'c> SourceRun<'c> {
     fn run(&mut self, reg: &Registry, criu: &Criu, channels: SourceChannels) -> Result<(), MigrateError> {
         let cfg = self.cfg;
         // Everything local is checked before the destination is contacted, and long before the workload is touched.
-        let version = criu.version()?;
-        self.report.source_criu = version.to_string();
-        if version.triple() < MIN_CRIU {
-            return Err(MigrateError::CriuTooOld {
-                found: version.to_string(),
-                min: format!("{}.{}.{}", MIN_CRIU.0, MIN_CRIU.1, MIN_CRIU.2),
-            });
-        }
         let session =
             sys::random_hex(6).map_err(|source| MigrateError::ImageDir { path: cfg.img_path.clone(), source })?;
         private_dir(&cfg.img_path, true)
@@ -259,6 +254,19 @@ impl<'c> SourceRun<'c> {
         let dir = cfg.img_path.join(format!("{}-{}-{session}-source", sanitize(&cfg.htype), sanitize(&cfg.id)));
         private_dir(&dir, false).map_err(|source| MigrateError::ImageDir { path: dir.clone(), source })?;
         self.report.source_images = Some(dir.display().to_string());
+        let cpu_dir = dir.join("cpuinfo");
+        if !cfg.skip_cpu_check {
+            private_dir(&cpu_dir, false).map_err(|source| MigrateError::ImageDir { path: cpu_dir.clone(), source })?;
+        }
+        let (version, features, cpuinfo) = criu.preflight((!cfg.skip_cpu_check).then_some(cpu_dir.as_path()))?;
+        self.cpuinfo = cpuinfo;
+        self.report.source_criu = version.to_string();
+        if version.triple() < MIN_CRIU {
+            return Err(MigrateError::CriuTooOld {
+                found: version.to_string(),
+                min: format!("{}.{}.{}", MIN_CRIU.0, MIN_CRIU.1, MIN_CRIU.2),
+            });
+        }
 
         let mut htype = reg.new_host_type(&cfg.htype, phaul_abi::Role::Source, &cfg.id, &cfg.htype_options, &dir)?;
         let root_pid = plugin(htype.root_pid(), "host type", &cfg.htype)?;
@@ -274,7 +282,6 @@ impl<'c> SourceRun<'c> {
         };
         self.report.fs_driver = fs_name.clone();
         reg.ensure(phaul_abi::PluginKind::FsDriver, &fs_name)?;
-        let features = criu.features()?;
         let pre_copy = self.decide_pre_copy(features, htype.can_pre_dump())?;
         if cfg.may_post_copy() {
             // Post-copy is decided now, before anything is frozen: do lazy pages work on this host at all?
@@ -396,11 +403,8 @@ impl<'c> SourceRun<'c> {
         fs_roots: &[String],
     ) -> Result<(), MigrateError> {
         let cfg = self.cfg;
-        if !cfg.skip_cpu_check {
+        if let Some(image) = self.cpuinfo.take() {
             self.progress.phase("checking the destination's CPU");
-            let cpu_dir = live.dir.join("cpuinfo");
-            private_dir(&cpu_dir, false).map_err(|source| MigrateError::ImageDir { path: cpu_dir.clone(), source })?;
-            let image = criu.cpuinfo_dump(&cpu_dir)?;
             expect_reply!(
                 wire::request(&mut live.rpc, Body::CpuCheck(CpuCheck { cpuinfo_image: image }))?,
                 CpuCheckReply
