@@ -42,13 +42,9 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 /// a second in release builds). Every step is a bijection of the running hash, so changing any single word
 /// always changes the result; the word index is folded in so that swapped words are detected too.
 pub fn checksum_words(words: &[u64]) -> u64 {
-    checksum_words_from(FNV_OFFSET, 0, words)
-}
-
-/// Continues [`checksum_words`] of a prefix `h` whose length is `start` words over the words that follow it.
-pub fn checksum_words_from(mut h: u64, start: usize, words: &[u64]) -> u64 {
+    let mut h = FNV_OFFSET;
     for (i, &w) in words.iter().enumerate() {
-        h = (h ^ w ^ ((start + i) as u64)).wrapping_mul(FNV_PRIME);
+        h = (h ^ w ^ (i as u64)).wrapping_mul(FNV_PRIME);
         h ^= h >> 29;
     }
     h

@@ -52,12 +52,6 @@ enum Kind {
         /// Dirty this many MiB per second (pages are rewritten with their own content, so the checksum holds).
         #[arg(long, default_value_t = 0)]
         dirty_mib_s: u64,
-        /// Grow by touching this many MiB of new memory per second...
-        #[arg(long, default_value_t = 0)]
-        grow_mib_s: u64,
-        /// ...up to this many MiB more.
-        #[arg(long, default_value_t = 256)]
-        grow_max_mib: u64,
     },
     /// Three processes passing a token around a ring of pipes.
     Pipes {
@@ -110,7 +104,7 @@ struct Plan {
 
 #[derive(Debug)]
 enum Spec {
-    Memory(u64, u64, u64, u64),
+    Memory(u64, u64),
     Pipes,
     Threads(usize),
     FileAppend(PathBuf),
@@ -131,9 +125,7 @@ fn absolute_file(path: &Path) -> Result<PathBuf, String> {
 
 fn plan(cli: Cli) -> Result<Plan, String> {
     let (kind, common, spec) = match cli.kind {
-        Kind::Memory { common, size_mib, dirty_mib_s, grow_mib_s, grow_max_mib } => {
-            ("memory", common, Spec::Memory(size_mib, dirty_mib_s, grow_mib_s, grow_max_mib))
-        }
+        Kind::Memory { common, size_mib, dirty_mib_s } => ("memory", common, Spec::Memory(size_mib, dirty_mib_s)),
         Kind::Pipes { common } => ("pipes", common, Spec::Pipes),
         Kind::Threads { common, threads } => ("threads", common, Spec::Threads(usize::from(threads))),
         Kind::FileAppend { common, file } => ("file-append", common, Spec::FileAppend(absolute_file(&file)?)),
@@ -192,7 +184,7 @@ fn child(plan: &Plan) -> Result<Infallible, String> {
     chdir("/").map_err(|e| format!("chdir / failed: {e}"))?;
     runner::install_probe_handler().map_err(|e| format!("cannot install the SIGUSR1 handler: {e}"))?;
     let mut workload: Box<dyn Workload> = match &plan.spec {
-        Spec::Memory(mib, dirty, grow, max) => Box::new(Memory::growing(*mib, *grow, *max)?.dirtying(*dirty)),
+        Spec::Memory(mib, dirty) => Box::new(Memory::new(*mib)?.dirtying(*dirty)),
         Spec::Pipes => Box::new(Pipes::start()?),
         Spec::Threads(n) => Box::new(Threads::start(*n)?),
         Spec::FileAppend(path) => Box::new(FileAppend::open(path)?),

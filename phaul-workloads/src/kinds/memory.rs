@@ -2,7 +2,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::hash::{checksum_words, checksum_words_from, hex64, XorShift64, MEMORY_SEED};
+use crate::hash::{checksum_words, fill_words, hex64, MEMORY_SEED};
 use crate::runner::Workload;
 
 const WORDS_PER_MIB: usize = (1 << 20) / std::mem::size_of::<u64>();
@@ -16,11 +16,6 @@ pub struct Memory {
     /// Pages to dirty per tick, and where the next one is.
     dirty_pages_per_tick: usize,
     cursor: usize,
-    /// Growth: words filled so far (the rest of `buf` is allocated but never touched), words added per tick, and
-    /// the generator that continues the fill.
-    filled: usize,
-    grow_words_per_tick: usize,
-    rng: XorShift64,
 }
 
 /// u64 words in a 4 KiB page.
@@ -35,40 +30,16 @@ impl std::fmt::Debug for Memory {
 impl Memory {
     /// Allocate and fill `size_mib` MiB, touching every page, and record the checksum.
     pub fn new(size_mib: u64) -> Result<Memory, String> {
-        Memory::growing(size_mib, 0, 0)
-    }
-
-    /// `size_mib` MiB filled now, growing by `grow_mib_s` MiB per second (touching new pages) up to `grow_max_mib`
-    /// more.
-    pub fn growing(size_mib: u64, grow_mib_s: u64, grow_max_mib: u64) -> Result<Memory, String> {
-        let words_of = |mib: u64| {
-            usize::try_from(mib)
-                .ok()
-                .and_then(|m| m.checked_mul(WORDS_PER_MIB))
-                .ok_or_else(|| format!("{mib} MiB does not fit in memory on this platform"))
-        };
-        let filled = words_of(size_mib)?;
-        let total = words_of(size_mib.saturating_add(if grow_mib_s > 0 { grow_max_mib } else { 0 }))?;
-        // A zeroed allocation (calloc, fresh pages from the kernel): the part not grown into yet is never touched,
-        // so it is not resident and CRIU has nothing of it to dump.
-        let mut buf: Vec<u64> = vec![0u64; total];
-        let mut rng = XorShift64::new(MEMORY_SEED);
-        for w in &mut buf[..filled] {
-            *w = rng.next();
-        }
-        let expected = checksum_words(&buf[..filled]);
-        let grow_words_per_tick = (words_of(grow_mib_s)? as f64 * crate::runner::TICK.as_secs_f64()) as usize;
-        Ok(Memory {
-            size_mib,
-            buf,
-            expected,
-            actual: expected,
-            dirty_pages_per_tick: 0,
-            cursor: 0,
-            filled,
-            grow_words_per_tick,
-            rng,
-        })
+        let words = usize::try_from(size_mib)
+            .ok()
+            .and_then(|m| m.checked_mul(WORDS_PER_MIB))
+            .ok_or_else(|| format!("{size_mib} MiB does not fit in memory on this platform"))?;
+        let mut buf: Vec<u64> = Vec::new();
+        buf.try_reserve_exact(words).map_err(|e| format!("cannot allocate {size_mib} MiB: {e}"))?;
+        buf.resize(words, 0);
+        fill_words(&mut buf, MEMORY_SEED);
+        let expected = checksum_words(&buf);
+        Ok(Memory { size_mib, buf, expected, actual: expected, dirty_pages_per_tick: 0, cursor: 0 })
     }
 
     /// Dirty `mib_s` MiB per second from now on (one word per page is rewritten with its own value, which marks
@@ -86,16 +57,7 @@ impl Workload for Memory {
     }
 
     fn tick(&mut self) -> Result<(), String> {
-        let grow = self.grow_words_per_tick.min(self.buf.len() - self.filled);
-        if grow > 0 {
-            let (start, end) = (self.filled, self.filled + grow);
-            for w in &mut self.buf[start..end] {
-                *w = self.rng.next();
-            }
-            self.expected = checksum_words_from(self.expected, start, &self.buf[start..end]);
-            self.filled = end;
-        }
-        let pages = self.filled / WORDS_PER_PAGE;
+        let pages = self.buf.len() / WORDS_PER_PAGE;
         if pages == 0 {
             return Ok(());
         }
@@ -109,7 +71,7 @@ impl Workload for Memory {
     }
 
     fn check(&mut self) -> Result<(), String> {
-        self.actual = checksum_words(&self.buf[..self.filled]);
+        self.actual = checksum_words(&self.buf);
         if self.actual == self.expected {
             Ok(())
         } else {
@@ -120,7 +82,6 @@ impl Workload for Memory {
     fn fields(&self) -> Map<String, Value> {
         let mut m = Map::new();
         m.insert("size_mib".into(), Value::from(self.size_mib));
-        m.insert("filled_mib".into(), Value::from((self.filled / WORDS_PER_MIB) as u64));
         m.insert("dirty_pages_per_tick".into(), Value::from(self.dirty_pages_per_tick as u64));
         m.insert("expected_checksum".into(), Value::from(hex64(self.expected)));
         m.insert("actual_checksum".into(), Value::from(hex64(self.actual)));
@@ -141,18 +102,6 @@ mod tests {
         let err = m.check().expect_err("corruption must be detected");
         assert!(err.contains("mismatch"), "{err}");
         assert_eq!(m.fields()["size_mib"], 1);
-    }
-
-    #[test]
-    fn growing_extends_the_checksum() {
-        let mut m = Memory::growing(1, 40, 3).expect("grow");
-        for _ in 0..10 {
-            m.tick().expect("tick");
-        }
-        assert_eq!(m.filled, m.buf.len(), "grew to the cap");
-        assert!(m.check().is_ok());
-        m.buf[m.filled - 1] ^= 1;
-        assert!(m.check().is_err());
     }
 
     #[test]
