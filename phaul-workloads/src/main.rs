@@ -52,6 +52,9 @@ enum Kind {
         /// Dirty this many MiB per second (pages are rewritten with their own content, so the checksum holds).
         #[arg(long, default_value_t = 0)]
         dirty_mib_s: u64,
+        /// After each freeze (a checkpoint's), touch new memory worth half the resident size, up to this many MiB.
+        #[arg(long, default_value_t = 0)]
+        grow_when_frozen_mib: u64,
     },
     /// Three processes passing a token around a ring of pipes.
     Pipes {
@@ -104,7 +107,7 @@ struct Plan {
 
 #[derive(Debug)]
 enum Spec {
-    Memory(u64, u64),
+    Memory(u64, u64, u64),
     Pipes,
     Threads(usize),
     FileAppend(PathBuf),
@@ -125,7 +128,9 @@ fn absolute_file(path: &Path) -> Result<PathBuf, String> {
 
 fn plan(cli: Cli) -> Result<Plan, String> {
     let (kind, common, spec) = match cli.kind {
-        Kind::Memory { common, size_mib, dirty_mib_s } => ("memory", common, Spec::Memory(size_mib, dirty_mib_s)),
+        Kind::Memory { common, size_mib, dirty_mib_s, grow_when_frozen_mib } => {
+            ("memory", common, Spec::Memory(size_mib, dirty_mib_s, grow_when_frozen_mib))
+        }
         Kind::Pipes { common } => ("pipes", common, Spec::Pipes),
         Kind::Threads { common, threads } => ("threads", common, Spec::Threads(usize::from(threads))),
         Kind::FileAppend { common, file } => ("file-append", common, Spec::FileAppend(absolute_file(&file)?)),
@@ -184,7 +189,7 @@ fn child(plan: &Plan) -> Result<Infallible, String> {
     chdir("/").map_err(|e| format!("chdir / failed: {e}"))?;
     runner::install_probe_handler().map_err(|e| format!("cannot install the SIGUSR1 handler: {e}"))?;
     let mut workload: Box<dyn Workload> = match &plan.spec {
-        Spec::Memory(mib, dirty) => Box::new(Memory::new(*mib)?.dirtying(*dirty)),
+        Spec::Memory(mib, dirty, grow) => Box::new(Memory::new(*mib)?.dirtying(*dirty).growing_when_frozen(*grow)),
         Spec::Pipes => Box::new(Pipes::start()?),
         Spec::Threads(n) => Box::new(Threads::start(*n)?),
         Spec::FileAppend(path) => Box::new(FileAppend::open(path)?),

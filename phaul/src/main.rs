@@ -72,6 +72,9 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Also try a lazy (post-copy) migration of a throwaway process on this host, as `--mode lazy` does first.
+        #[arg(long)]
+        try_lazy: bool,
     },
     /// Print shell completions.
     Completions {
@@ -290,7 +293,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
         Command::Migrate(a) => migrate(&cli.common, a),
         Command::Serve(a) => serve(&cli.common, a),
         Command::Plugins { json } => plugins(&cli.common, json),
-        Command::Check { json } => check(&cli.common, json),
+        Command::Check { json, try_lazy } => check(&cli.common, json, try_lazy),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "phaul", &mut std::io::stdout());
             Ok(())
@@ -438,7 +441,7 @@ fn plugins(c: &Common, json: bool) -> Result<(), Fail> {
     Ok(())
 }
 
-fn check(c: &Common, json: bool) -> Result<(), Fail> {
+fn check(c: &Common, json: bool, try_lazy: bool) -> Result<(), Fail> {
     let loc = locate_criu(c.criu.as_deref())?;
     let criu = Criu::new(loc.path.clone(), Duration::from_secs(c.timeout));
     let version =
@@ -447,12 +450,21 @@ fn check(c: &Common, json: bool) -> Result<(), Fail> {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
     let supported = version.triple() >= MIN_CRIU;
     let min = format!("{}.{}.{}", MIN_CRIU.0, MIN_CRIU.1, MIN_CRIU.2);
+    let lazy_trial = if try_lazy && features.lazy_pages {
+        let dir = std::env::temp_dir().join(format!("phaul-check-lazy-{}", std::process::id()));
+        let r = engine::lazy::trial(&criu, &dir, "this host");
+        let _ = std::fs::remove_dir_all(&dir);
+        Some(r.map_err(|e| e.to_string()))
+    } else {
+        None
+    };
     if json {
         println!(
             "{}",
             serde_json::json!({
                 "criu": loc.path.display().to_string(), "chosen_by": loc.chosen_by, "version": version.to_string(),
                 "minimum": min, "supported": supported, "kernel": kernel, "features": features,
+                "lazy_trial": lazy_trial.as_ref().map(|r| match r { Ok(()) => "ok".to_string(), Err(e) => e.clone() }),
             })
         );
     } else {
@@ -467,7 +479,13 @@ fn check(c: &Common, json: bool) -> Result<(), Fail> {
                 "unavailable: the kernel cannot track dirty memory (CONFIG_MEM_SOFT_DIRTY); migrations use stop-and-copy"
             }
         );
-        println!("lazy pages:  {}", if features.lazy_pages { "available" } else { "unavailable" });
+        let lazy = match (&lazy_trial, features.lazy_pages) {
+            (_, false) => "unavailable (no userfaultfd)".to_string(),
+            (None, true) => "CRIU reports userfaultfd; --try-lazy checks that lazy pages really work".to_string(),
+            (Some(Ok(())), true) => "work (a trial lazy migration of a throwaway process succeeded)".to_string(),
+            (Some(Err(e)), true) => format!("DO NOT WORK: {e}"),
+        };
+        println!("lazy pages:  {lazy}");
     }
     if supported {
         Ok(())
