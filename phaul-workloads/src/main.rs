@@ -186,7 +186,9 @@ fn child(plan: &Plan) -> Result<Infallible, String> {
     setsid().map_err(|e| format!("setsid failed: {e}"))?;
     close_inherited_fds();
     stdio_to_devnull()?;
-    chdir("/").map_err(|e| format!("chdir / failed: {e}"))?;
+    // Not "/": CRIU's parasite mounts a private /proc at "proc.crtools" relative to the dumped task's working
+    // directory, so two trees dumped at the same time from one working directory collide (EEXIST).
+    chdir(&plan.state_dir).map_err(|e| format!("chdir {} failed: {e}", plan.state_dir.display()))?;
     runner::install_probe_handler().map_err(|e| format!("cannot install the SIGUSR1 handler: {e}"))?;
     let mut workload: Box<dyn Workload> = match &plan.spec {
         Spec::Memory(mib, dirty, grow) => Box::new(Memory::new(*mib)?.dirtying(*dirty).growing_when_frozen(*grow)),
