@@ -1,6 +1,6 @@
 # policy-phaul: --policy phaul (P.Haul's rules) stops pre-copy for each of its three reasons:
 #  - an idle workload: the second round writes at most 64 pages ("few enough pages");
-#  - a workload that touches new memory worth half its size after every freeze (each pre-dump freezes it briefly):
+#  - a workload that touches new memory worth twice its size after every freeze (each pre-dump freezes it briefly):
 #    the second round writes more than 110 % of the first ("grew");
 #  - a workload that rewrites all its memory every round: neither few nor growing, so 8 rounds ("round limit").
 # Each migration must still deliver the workload intact.
@@ -22,7 +22,7 @@ migrate small "$WORKLOAD_PID" --pre-dump on --policy phaul --timeout 120 || fail
 check_reason small "few enough pages"
 expect_json "$MIGRATE_REPORT" '.rounds[1].pages_written <= 64'
 
-start_workload memory growing --size-mib 16 --grow-when-frozen-mib 400
+start_workload memory growing --size-mib 2 --grow-when-frozen-mib 600
 probe "$WORKLOAD_PID" "$WORKLOAD_STATE" 180 || fail "growing workload not ok"
 migrate grow "$WORKLOAD_PID" --pre-dump on --policy phaul --timeout 120 || fail "grow: phaul migrate exited $MIGRATE_STATUS"
 check_reason grow "grew from one round to the next"

@@ -52,7 +52,7 @@ enum Kind {
         /// Dirty this many MiB per second (pages are rewritten with their own content, so the checksum holds).
         #[arg(long, default_value_t = 0)]
         dirty_mib_s: u64,
-        /// After each freeze (a checkpoint's), touch new memory worth half the resident size, up to this many MiB.
+        /// After each freeze (a checkpoint's), touch new memory worth twice the resident size, up to this many MiB.
         #[arg(long, default_value_t = 0)]
         grow_when_frozen_mib: u64,
     },

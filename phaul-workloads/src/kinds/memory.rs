@@ -17,7 +17,7 @@ pub struct Memory {
     dirty_pages_per_tick: usize,
     cursor: usize,
     /// Grow when frozen: after every pause longer than a few ticks (a checkpoint's freeze), touch new memory worth
-    /// half of what is resident again, up to a cap; each block keeps the checksum it was filled with.
+    /// twice what is resident, up to a cap; each block keeps the checksum it was filled with.
     grow_on_freeze: bool,
     grow_cap_words: usize,
     grown: Vec<(Vec<u64>, u64)>,
@@ -59,8 +59,9 @@ impl Memory {
         })
     }
 
-    /// After each freeze (a pause of more than three ticks), grow by half the resident size, up to `cap_mib` MiB
-    /// in all: a pre-dump round after a freeze then has more new pages to write than the round before it.
+    /// After each freeze (a pause of more than three ticks), touch new memory worth twice the resident size, up to
+    /// `cap_mib` MiB in all: a pre-dump round after a freeze then has more new pages to write than the whole round
+    /// before it.
     pub fn growing_when_frozen(mut self, cap_mib: u64) -> Memory {
         if cap_mib > 0 {
             self.grow_on_freeze = true;
@@ -75,7 +76,7 @@ impl Memory {
 
     fn grow(&mut self) {
         let have = self.resident_words();
-        let add = (have / 2).min(self.grow_cap_words.saturating_sub(have));
+        let add = (have * 2).min(self.grow_cap_words.saturating_sub(have));
         if add == 0 {
             return;
         }
@@ -168,7 +169,7 @@ mod tests {
         assert_eq!(m.resident_words(), 2 * WORDS_PER_MIB, "no pause, no growth");
         m.last_tick = Some(std::time::Instant::now() - crate::runner::TICK * 4);
         m.tick().expect("tick");
-        assert_eq!(m.resident_words(), 3 * WORDS_PER_MIB);
+        assert_eq!(m.resident_words(), 5 * WORDS_PER_MIB, "2 MiB + 2 x 2 MiB, capped at 5");
         assert!(m.check().is_ok());
         m.grown[0].0[3] ^= 1;
         assert!(m.check().is_err());
