@@ -23,6 +23,28 @@ fn find_file_with_prefix(dir: &Path, prefix: &str) -> Option<PathBuf> {
     None
 }
 
+/// A `while_running` hook: as soon as the destination's page server starts writing pages under `dst_images`,
+/// SIGKILL the process `victim` names (given `phaul serve`'s pid), and record that it did.
+fn kill_when_pages_arrive(
+    dst_images: PathBuf,
+    killed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    victim: impl Fn(u32) -> Option<i32> + Send + 'static,
+) -> Box<dyn FnOnce(u32) + Send> {
+    Box::new(move |serve_pid| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if find_file_with_prefix(&dst_images, "pages-").is_some() {
+                if let Some(pid) = victim(serve_pid) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    killed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    })
+}
+
 #[test]
 fn destination_refuses_an_unknown_host_type() {
     let lab = lab("refuse");
@@ -47,20 +69,7 @@ fn destination_dies_mid_transfer() {
     let k = killed.clone();
     let opts = MigrateOptions {
         // As soon as the destination's page server starts writing pages, kill `phaul serve` outright.
-        while_running: Some(Box::new(move |serve_pid| {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while Instant::now() < deadline {
-                if find_file_with_prefix(&dst_images, "pages-").is_some() {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(serve_pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                    k.store(true, std::sync::atomic::Ordering::SeqCst);
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        })),
+        while_running: Some(kill_when_pages_arrive(dst_images, k, |serve_pid| Some(serve_pid as i32))),
         ..Default::default()
     };
     let run = lab.migrate(w.pid(), opts).expect("run");
@@ -138,28 +147,15 @@ fn source_phaul_dies_mid_transfer() {
     let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let k = killed.clone();
     let opts = MigrateOptions {
-        while_running: Some(Box::new(move |_serve| {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while Instant::now() < deadline {
-                if find_file_with_prefix(&dst_images, "pages-").is_some() {
-                    // `phaul migrate` is the process in host A whose command line names the workload's pid.
-                    let me = format!("{workload}");
-                    for pid in phaul_testbed::pids_in_netns(netns_a).unwrap_or_default() {
-                        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                        let args: Vec<String> =
-                            cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-                        if args.iter().any(|a| a == "migrate") && args.contains(&me) {
-                            let _ = nix::sys::signal::kill(
-                                nix::unistd::Pid::from_raw(pid),
-                                nix::sys::signal::Signal::SIGKILL,
-                            );
-                            k.store(true, std::sync::atomic::Ordering::SeqCst);
-                            return;
-                        }
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
+        // `phaul migrate` is the process in host A whose command line names the workload's pid.
+        while_running: Some(kill_when_pages_arrive(dst_images, k, move |_serve| {
+            let me = format!("{workload}");
+            phaul_testbed::pids_in_netns(netns_a).unwrap_or_default().into_iter().find(|pid| {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let args: Vec<String> =
+                    cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+                args.iter().any(|a| a == "migrate") && args.contains(&me)
+            })
         })),
         ..Default::default()
     };

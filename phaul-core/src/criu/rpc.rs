@@ -174,31 +174,14 @@ impl Criu {
     /// Asks CRIU for its version.
     pub fn version(&self) -> Result<Version, CriuError> {
         let mut s = self.start(Vec::new(), None)?;
-        let resp = s.call("VERSION", req(CriuReqType::Version, None), &mut |_, _| Ok(()))?;
-        let v = resp.version.ok_or(CriuError::Failed {
-            op: "VERSION",
-            errmsg: Some("the response carries no version".into()),
-            errno: None,
-            log: None,
-            log_errors: Vec::new(),
-        })?;
-        Ok(Version {
-            major: v.major_number.max(0) as u32,
-            minor: v.minor_number.max(0) as u32,
-            sublevel: v.sublevel.unwrap_or(0).max(0) as u32,
-            gitid: v.gitid.filter(|g| !g.is_empty()),
-        })
+        parse_version(s.call("VERSION", req(CriuReqType::Version, None), &mut |_, _| Ok(()))?)
     }
 
     /// Asks CRIU which of memory tracking and lazy pages work here.
     pub fn features(&self) -> Result<Features, CriuError> {
         let mut s = self.start(Vec::new(), None)?;
-        let mut r = req(CriuReqType::FeatureCheck, None);
-        r.features = Some(CriuFeatures { mem_track: Some(true), lazy_pages: Some(true), pidfd_store: None });
         // CRIU answers FEATURE_CHECK with success and the subset that works.
-        let resp = s.call("FEATURE_CHECK", r, &mut |_, _| Ok(()))?;
-        let f = resp.features.unwrap_or_default();
-        Ok(Features { mem_track: f.mem_track.unwrap_or(false), lazy_pages: f.lazy_pages.unwrap_or(false) })
+        Ok(parse_features(s.call("FEATURE_CHECK", feature_request(), &mut |_, _| Ok(()))?))
     }
 
     /// VERSION, FEATURE_CHECK and (when `cpuinfo_dir` is given) CPUINFO_DUMP in one CRIU session (each start of
@@ -221,24 +204,10 @@ impl Criu {
         let mut s = self.start(Vec::new(), None)?;
         let mut r = req(CriuReqType::Version, None);
         r.keep_open = Some(true);
-        let v = s.call("VERSION", r, &mut |_, _| Ok(()))?.version.ok_or(CriuError::Failed {
-            op: "VERSION",
-            errmsg: Some("the response carries no version".into()),
-            errno: None,
-            log: None,
-            log_errors: Vec::new(),
-        })?;
-        let version = Version {
-            major: v.major_number.max(0) as u32,
-            minor: v.minor_number.max(0) as u32,
-            sublevel: v.sublevel.unwrap_or(0).max(0) as u32,
-            gitid: v.gitid.filter(|g| !g.is_empty()),
-        };
-        let mut r = req(CriuReqType::FeatureCheck, None);
-        r.features = Some(CriuFeatures { mem_track: Some(true), lazy_pages: Some(true), pidfd_store: None });
+        let version = parse_version(s.call("VERSION", r, &mut |_, _| Ok(()))?)?;
+        let mut r = feature_request();
         r.keep_open = Some(cpuinfo_dir.is_some());
-        let f = s.call("FEATURE_CHECK", r, &mut |_, _| Ok(()))?.features.unwrap_or_default();
-        let features = Features { mem_track: f.mem_track.unwrap_or(false), lazy_pages: f.lazy_pages.unwrap_or(false) };
+        let features = parse_features(s.call("FEATURE_CHECK", r, &mut |_, _| Ok(()))?);
         let cpu = match cpuinfo_dir {
             Some(dir) => {
                 let (opts, _dir) = dir_opts(dir, "cpuinfo-dump.log")?;
@@ -298,6 +267,34 @@ pub fn dir_opts(dir: &Path, log_name: &str) -> Result<(CriuOpts, OpenDir), CriuE
         ..Default::default()
     };
     Ok((opts, OpenDir { _fd: fd }))
+}
+
+fn parse_version(resp: CriuResp) -> Result<Version, CriuError> {
+    let v = resp.version.ok_or(CriuError::Failed {
+        op: "VERSION",
+        errmsg: Some("the response carries no version".into()),
+        errno: None,
+        log: None,
+        log_errors: Vec::new(),
+    })?;
+    Ok(Version {
+        major: v.major_number.max(0) as u32,
+        minor: v.minor_number.max(0) as u32,
+        sublevel: v.sublevel.unwrap_or(0).max(0) as u32,
+        gitid: v.gitid.filter(|g| !g.is_empty()),
+    })
+}
+
+/// FEATURE_CHECK asking about every feature phaul uses.
+fn feature_request() -> CriuReq {
+    let mut r = req(CriuReqType::FeatureCheck, None);
+    r.features = Some(CriuFeatures { mem_track: Some(true), lazy_pages: Some(true), pidfd_store: None });
+    r
+}
+
+fn parse_features(resp: CriuResp) -> Features {
+    let f = resp.features.unwrap_or_default();
+    Features { mem_track: f.mem_track.unwrap_or(false), lazy_pages: f.lazy_pages.unwrap_or(false) }
 }
 
 /// A request of a type with options.
