@@ -286,6 +286,20 @@ impl Lab {
         Workload::start(self.a(), &self.workload_bin, kind, args, &dir)
     }
 
+    /// `phaul ARGS` in `host`, or `WRAPPER WRAPPER-ARGS -- phaul ARGS` when a wrapper is given.
+    fn phaul_command(&self, host: &Host, wrapper: Option<&(PathBuf, Vec<String>)>, args: &[String]) -> Command {
+        match wrapper {
+            None => host.command(&self.phaul, args),
+            Some((prog, wargs)) => {
+                let mut all: Vec<String> = wargs.clone();
+                all.push("--".into());
+                all.push(self.phaul.display().to_string());
+                all.extend(args.iter().cloned());
+                host.command(prog, &all)
+            }
+        }
+    }
+
     /// Migrates the tree rooted at `pid` from A to B.
     pub fn migrate(&self, pid: i32, opts: MigrateOptions) -> Result<MigrationRun, TestbedError> {
         let ch = self.pair.channel_triple()?;
@@ -312,16 +326,7 @@ impl Lab {
             "120".into(),
         ];
         serve_args.extend(opts.dst_args.iter().cloned());
-        let mut serve_cmd = match &opts.dst_wrapper {
-            None => self.b().command(&self.phaul, &serve_args),
-            Some((prog, wargs)) => {
-                let mut all: Vec<String> = wargs.clone();
-                all.push("--".into());
-                all.push(self.phaul.display().to_string());
-                all.extend(serve_args.iter().cloned());
-                self.b().command(prog, &all)
-            }
-        };
+        let mut serve_cmd = self.phaul_command(self.b(), opts.dst_wrapper.as_ref(), &serve_args);
         serve_cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let serve = spawn_with_fds(serve_cmd, &[(ch.rpc.1.as_fd(), 3), (ch.mem.1.as_fd(), 4), (ch.fs.1.as_fd(), 5)])
             .map_err(|e| TestbedError::io("starting phaul serve", e))?;
@@ -349,17 +354,7 @@ impl Lab {
             mig_args.push("--json".into());
         }
         mig_args.extend(opts.src_args.iter().cloned());
-        let mig_cmd = match &opts.src_wrapper {
-            None => self.a().command(&self.phaul, &mig_args),
-            Some((prog, wargs)) => {
-                let mut all: Vec<String> = wargs.clone();
-                all.push("--".into());
-                all.push(self.phaul.display().to_string());
-                all.extend(mig_args.iter().cloned());
-                self.a().command(prog, &all)
-            }
-        };
-        let mut mig_cmd = mig_cmd;
+        let mut mig_cmd = self.phaul_command(self.a(), opts.src_wrapper.as_ref(), &mig_args);
         mig_cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let migrate = spawn_with_fds(mig_cmd, &[(ch.rpc.0.as_fd(), 3), (ch.mem.0.as_fd(), 4), (ch.fs.0.as_fd(), 5)])
             .map_err(|e| TestbedError::io("starting phaul migrate", e))?;

@@ -121,47 +121,49 @@ fn tcp_server_keeps_an_established_connection() {
     assert_eq!(ask(4), "pong 4 4");
 }
 
+/// Starts `phaul serve --listen ADDR` in host A (standard error captured) and gives it time to listen.
+fn serve_listening(lab: &phaul_testbed::Lab, addr: &str, once: bool) -> std::process::Child {
+    let plugins = lab.plugins.display().to_string();
+    let img = lab.path("dst-images").display().to_string();
+    let mut args = vec!["--plugins", plugins.as_str(), "serve", "--listen", addr, "--img-path", img.as_str()];
+    if once {
+        args.push("--once");
+    }
+    let mut serve = lab.a().command(&lab.phaul, &args);
+    serve.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    let serve = serve.spawn().expect("serve");
+    std::thread::sleep(Duration::from_millis(500));
+    serve
+}
+
+/// Runs `phaul migrate pid PID --to ADDR --dst-rpid RPID` in host A.
+fn migrate_to(lab: &phaul_testbed::Lab, pid: i32, addr: &str, rpid: &std::path::Path) -> phaul_testbed::Collected {
+    let plugins = lab.plugins.display().to_string();
+    let src_img = lab.path("src-images").display().to_string();
+    let (pid, rpid) = (pid.to_string(), rpid.display().to_string());
+    let args =
+        ["--plugins", &plugins, "migrate", "pid", &pid, "--to", addr, "--img-path", &src_img, "--dst-rpid", &rpid];
+    lab.phaul(&args, &[]).expect("migrate")
+}
+
+fn restored_pid(rpid: &std::path::Path) -> i32 {
+    std::fs::read_to_string(rpid).expect("rpid").trim().parse().expect("pid")
+}
+
 /// phaul's own TCP connections (`serve --listen` / `migrate --to`), on loopback inside host A.
 #[test]
 fn own_tcp_connections_on_loopback() {
     let lab = lab("owntcp");
-    let w = lab.start_workload("counter", &[]).expect("start");
+    let mut w = lab.start_workload("counter", &[]).expect("start");
     let before = probe_ok(&w, w.pid());
-    let port = 20000 + (std::process::id() % 20000);
-    let addr = format!("127.0.0.1:{port}");
-    let plugins = lab.plugins.display().to_string();
-    let img = lab.path("dst-images").display().to_string();
+    let addr = format!("127.0.0.1:{}", 20000 + (std::process::id() % 20000));
     let rpid = lab.path("owntcp.rpid");
-    let mut serve =
-        lab.a().command(&lab.phaul, ["--plugins", &plugins, "serve", "--listen", &addr, "--once", "--img-path", &img]);
-    serve.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
-    let serve = serve.spawn().expect("serve");
-    std::thread::sleep(Duration::from_millis(500));
-    let src_img = lab.path("src-images").display().to_string();
-    let out = lab
-        .phaul(
-            &[
-                "--plugins",
-                &plugins,
-                "migrate",
-                "pid",
-                &w.pid().to_string(),
-                "--to",
-                &addr,
-                "--img-path",
-                &src_img,
-                "--dst-rpid",
-                &rpid.display().to_string(),
-                "--json",
-            ],
-            &[],
-        )
-        .expect("migrate");
+    let serve = serve_listening(&lab, &addr, true);
+    let out = migrate_to(&lab, w.pid(), &addr, &rpid);
     let served = phaul_testbed::collect(serve, Duration::from_secs(30), "serve").expect("serve finished");
     assert!(out.status.success(), "{}\n{}\n{}", out.stdout, out.stderr, served.stderr);
     assert!(served.status.success(), "{}", served.stderr);
-    let restored: i32 = std::fs::read_to_string(&rpid).expect("rpid").trim().parse().expect("pid");
-    let mut w = w;
+    let restored = restored_pid(&rpid);
     w.adopt_pid(restored).expect("adopt");
     assert!(phaul_testbed::wait_pid_gone(w.pid(), Duration::from_secs(10)));
     let after = probe_ok(&w, restored);
@@ -172,40 +174,15 @@ fn own_tcp_connections_on_loopback() {
 #[test]
 fn serve_handles_several_migrations_in_a_row() {
     let lab = lab("serial");
-    let port = 40000 + (std::process::id() % 20000);
-    let addr = format!("127.0.0.1:{port}");
-    let plugins = lab.plugins.display().to_string();
-    let img = lab.path("dst-images").display().to_string();
-    let mut serve =
-        lab.a().command(&lab.phaul, ["--plugins", &plugins, "serve", "--listen", &addr, "--img-path", &img]);
-    serve.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-    let mut serve = serve.spawn().expect("serve");
-    std::thread::sleep(Duration::from_millis(500));
-    let src_img = lab.path("src-images").display().to_string();
+    let addr = format!("127.0.0.1:{}", 40000 + (std::process::id() % 20000));
+    let mut serve = serve_listening(&lab, &addr, false);
     for i in 0..2 {
         let mut w = lab.start_workload("counter", &[]).expect("start");
         let before = probe_ok(&w, w.pid());
         let rpid = lab.path(&format!("serial-{i}.rpid"));
-        let out = lab
-            .phaul(
-                &[
-                    "--plugins",
-                    &plugins,
-                    "migrate",
-                    "pid",
-                    &w.pid().to_string(),
-                    "--to",
-                    &addr,
-                    "--img-path",
-                    &src_img,
-                    "--dst-rpid",
-                    &rpid.display().to_string(),
-                ],
-                &[],
-            )
-            .expect("migrate");
+        let out = migrate_to(&lab, w.pid(), &addr, &rpid);
         assert!(out.status.success(), "migration {i}: {}\n{}", out.stdout, out.stderr);
-        let restored: i32 = std::fs::read_to_string(&rpid).expect("rpid").trim().parse().expect("pid");
+        let restored = restored_pid(&rpid);
         w.adopt_pid(restored).expect("adopt");
         let after = probe_ok(&w, restored);
         assert!(u64_of(&after, "counter") >= u64_of(&before, "counter"));
@@ -232,28 +209,18 @@ fn pump(mut a: TcpStream, mut b: TcpStream) {
 #[test]
 fn own_tcp_connections_arriving_in_any_order() {
     let lab = lab("reorder");
-    let w = lab.start_workload("counter", &[]).expect("start");
+    let mut w = lab.start_workload("counter", &[]).expect("start");
     let base = 30000 + (std::process::id() % 10000) as u16;
     let (serve_addr, relay_addr) = (format!("127.0.0.1:{base}"), format!("127.0.0.1:{}", base + 1));
-    let plugins = lab.plugins.display().to_string();
-    let img = lab.path("dst-images").display().to_string();
     let rpid = lab.path("reorder.rpid");
-    let mut serve = lab
-        .a()
-        .command(&lab.phaul, ["--plugins", &plugins, "serve", "--listen", &serve_addr, "--once", "--img-path", &img]);
-    serve.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
-    let serve = serve.spawn().expect("serve");
+    let serve = serve_listening(&lab, &serve_addr, true);
     // The relay lives in host A's network namespace, like the two phaul processes.
     let relay_addr2 = relay_addr.clone();
-    let serve_addr2 = serve_addr.clone();
     let relay = lab
         .a()
         .in_netns(Duration::from_secs(10), move || std::net::TcpListener::bind(&relay_addr2))
         .expect("enter A")
         .expect("relay listens");
-    let src_img = lab.path("src-images").display().to_string();
-    let pid = w.pid().to_string();
-    let rpid_arg = rpid.display().to_string();
     let out = std::thread::scope(|sc| {
         // The relay takes the three connections in order and forwards them in reverse.
         sc.spawn(|| {
@@ -262,7 +229,7 @@ fn own_tcp_connections_arriving_in_any_order() {
                 inbound.push(relay.accept().expect("accept").0);
             }
             for conn in inbound.into_iter().rev() {
-                let addr = serve_addr2.clone();
+                let addr = serve_addr.clone();
                 let out = lab
                     .a()
                     .in_netns(Duration::from_secs(10), move || TcpStream::connect(&addr))
@@ -272,26 +239,11 @@ fn own_tcp_connections_arriving_in_any_order() {
                 std::thread::sleep(Duration::from_millis(100));
             }
         });
-        std::thread::sleep(Duration::from_millis(500));
-        let args = [
-            "--plugins",
-            &plugins,
-            "migrate",
-            "pid",
-            &pid,
-            "--to",
-            &relay_addr,
-            "--img-path",
-            &src_img,
-            "--dst-rpid",
-            &rpid_arg,
-        ];
-        lab.phaul(&args, &[]).expect("migrate")
+        migrate_to(&lab, w.pid(), &relay_addr, &rpid)
     });
     let served = phaul_testbed::collect(serve, Duration::from_secs(30), "serve").expect("serve finished");
     assert!(out.status.success(), "{}\n{}\n{}", out.stdout, out.stderr, served.stderr);
-    let restored: i32 = std::fs::read_to_string(&rpid).expect("rpid").trim().parse().expect("pid");
-    let mut w = w;
+    let restored = restored_pid(&rpid);
     w.adopt_pid(restored).expect("adopt");
     probe_ok(&w, restored);
 }
