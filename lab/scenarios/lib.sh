@@ -30,6 +30,9 @@
 #                              across the veth (LAB_TRANSPORT: fds or relay); emits the JSON report as REPORT NAME; sets
 #                              MIGRATE_STATUS, SERVE_STATUS, MIGRATE_REPORT (file), RESTORED_PID; status = phaul
 #                              migrate's exit status
+#   throttle RATE              limit what host A sends to host B to RATE (tc units: 16mibps = 16 MiB/s); the
+#                              channel's speed then no longer depends on how fast the emulated CPU is
+#   unthrottle                 remove that limit (/init also removes it after every scenario)
 #   report LABEL FILE          send the JSON document FILE back to the host (lab/results/.../reports/SCENARIO/LABEL.json)
 #   expect_json FILE FILTER [MSG]   fail unless jq -e FILTER holds on FILE
 
@@ -111,6 +114,18 @@ probe() {
   log "probe of $_p_pid: NOT ok: $(printf '%s' "$PROBE_STATE" | jq -r .detail)"
   return 1
 }
+
+# throttle RATE: a token bucket on host A's veth (the direction that carries pages), so that a migration's speed
+# is set by the scenario, not by how fast qemu emulates this CPU: a workload dirtying or growing faster than RATE
+# then cannot converge on any machine. The burst holds several TSO/GSO segments (up to 64 KiB each); the queue is
+# kept short (100 ms) so that pages a post-copy restore asks for do not wait behind seconds of queued data.
+throttle() {
+  in_a tc qdisc replace dev veth-a root tbf rate "$1" burst 256kb latency 100ms ||
+    fail "cannot throttle veth-a to $1 (is sch_tbf in lab/guest-modules?)"
+  log "host A -> host B throttled to $1"
+}
+
+unthrottle() { in_a tc qdisc del dev veth-a root 2>/dev/null || true; }
 
 # report LABEL FILE: send FILE (one JSON document) to the host as reports/$LAB_SCENARIO/LABEL.json.
 report() {

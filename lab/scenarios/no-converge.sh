@@ -1,10 +1,12 @@
-# no-converge: a workload that dirties all of its 64 MiB far faster than the channel carries it. With the default
-# policy (--max-downtime), phaul must detect that pre-copy cannot converge within the round bound and do what
-# --on-no-converge says: stop-and-copy (the workload arrives intact), or abort (nothing frozen for good: the
-# workload keeps running on host A).
+# no-converge: a workload that rewrites all of its 32 MiB several times a second, over a channel throttled to
+# 16 MiB/s. Every round then has 32 MiB to move (2 s, far over the 300 ms --max-downtime) on any machine, however
+# fast or slow qemu emulates the CPU. With the default policy, phaul must detect that pre-copy cannot converge
+# within the round bound and do what --on-no-converge says: stop-and-copy (the workload arrives intact), or abort
+# (nothing frozen for good: the workload keeps running on host A).
 . "$LAB/scenarios/lib.sh"
 
-start_workload memory fast --size-mib 64 --dirty-mib-s 4000
+throttle 16mibps
+start_workload memory fast --size-mib 32 --dirty-mib-s 4000
 probe "$WORKLOAD_PID" "$WORKLOAD_STATE" 180 || fail "the workload is not ok before the migration"
 
 migrate abort "$WORKLOAD_PID" --pre-dump on --on-no-converge abort --timeout 120

@@ -52,9 +52,13 @@ enum Kind {
         /// Dirty this many MiB per second (pages are rewritten with their own content, so the checksum holds).
         #[arg(long, default_value_t = 0)]
         dirty_mib_s: u64,
-        /// After each freeze (a checkpoint's), touch new memory worth twice the resident size, up to this many MiB.
-        #[arg(long, default_value_t = 0)]
-        grow_when_frozen_mib: u64,
+        /// Once a checkpoint has tracked memory (the first pre-dump), touch this many MiB of new memory per second
+        /// (needs soft-dirty tracking in the kernel).
+        #[arg(long, default_value_t = 0, value_name = "MIB_S")]
+        grow_after_checkpoint: u64,
+        /// Stop growing at this many MiB resident in all.
+        #[arg(long, default_value_t = 1024, value_name = "MIB")]
+        grow_max_mib: u64,
     },
     /// Three processes passing a token around a ring of pipes.
     Pipes {
@@ -107,7 +111,7 @@ struct Plan {
 
 #[derive(Debug)]
 enum Spec {
-    Memory(u64, u64, u64),
+    Memory { size_mib: u64, dirty_mib_s: u64, grow_mib_s: u64, grow_max_mib: u64 },
     Pipes,
     Threads(usize),
     FileAppend(PathBuf),
@@ -128,8 +132,9 @@ fn absolute_file(path: &Path) -> Result<PathBuf, String> {
 
 fn plan(cli: Cli) -> Result<Plan, String> {
     let (kind, common, spec) = match cli.kind {
-        Kind::Memory { common, size_mib, dirty_mib_s, grow_when_frozen_mib } => {
-            ("memory", common, Spec::Memory(size_mib, dirty_mib_s, grow_when_frozen_mib))
+        Kind::Memory { common, size_mib, dirty_mib_s, grow_after_checkpoint, grow_max_mib } => {
+            let spec = Spec::Memory { size_mib, dirty_mib_s, grow_mib_s: grow_after_checkpoint, grow_max_mib };
+            ("memory", common, spec)
         }
         Kind::Pipes { common } => ("pipes", common, Spec::Pipes),
         Kind::Threads { common, threads } => ("threads", common, Spec::Threads(usize::from(threads))),
@@ -191,7 +196,9 @@ fn child(plan: &Plan) -> Result<Infallible, String> {
     chdir(&plan.state_dir).map_err(|e| format!("chdir {} failed: {e}", plan.state_dir.display()))?;
     runner::install_probe_handler().map_err(|e| format!("cannot install the SIGUSR1 handler: {e}"))?;
     let mut workload: Box<dyn Workload> = match &plan.spec {
-        Spec::Memory(mib, dirty, grow) => Box::new(Memory::new(*mib)?.dirtying(*dirty).growing_when_frozen(*grow)),
+        Spec::Memory { size_mib, dirty_mib_s, grow_mib_s, grow_max_mib } => Box::new(
+            Memory::new(*size_mib)?.dirtying(*dirty_mib_s).growing_after_checkpoint(*grow_mib_s, *grow_max_mib)?,
+        ),
         Spec::Pipes => Box::new(Pipes::start()?),
         Spec::Threads(n) => Box::new(Threads::start(*n)?),
         Spec::FileAppend(path) => Box::new(FileAppend::open(path)?),
