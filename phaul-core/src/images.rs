@@ -161,10 +161,40 @@ pub fn read_restore_stats(dir: &Path) -> Result<RestoreStats, ImageError> {
     })
 }
 
+/// Whether `name` is a plain file name of the form `PREFIX-<lowercase letters, digits, dashes>.img`: safe to
+/// create in an image directory when it comes from the peer.
+fn is_image_named(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix).and_then(|rest| rest.strip_suffix(".img")).is_some_and(|mid| {
+        !mid.is_empty() && mid.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    })
+}
+
+/// A CRIU page map image: `pagemap-<pid>.img`, `pagemap-shmem-<id>.img`.
+pub fn is_pagemap_image(name: &str) -> bool {
+    is_image_named(name, "pagemap-")
+}
+
+/// A CRIU page data image: `pages-<id>.img`.
+pub fn is_pages_image(name: &str) -> bool {
+    is_image_named(name, "pages-")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn page_image_names() {
+        assert!(is_pagemap_image("pagemap-1.img"));
+        assert!(is_pagemap_image("pagemap-shmem-4711.img"));
+        assert!(is_pages_image("pages-65537.img"));
+        for bad in ["pagemap-.img", "pagemap-1.img/x", "pagemap-../x.img", "pagemap-1.IMG", "pages-1.img", "x"] {
+            assert!(!is_pagemap_image(bad), "{bad}");
+        }
+        assert!(!is_pages_image("pages-/etc/passwd.img"));
+        assert!(!is_pages_image("pagemap-1.img"));
+    }
 
     fn write_image(path: &Path, magics: &[u32], entries: &[Vec<u8>]) {
         let mut f = File::create(path).expect("create");

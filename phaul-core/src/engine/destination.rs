@@ -303,7 +303,7 @@ impl Session<'_> {
                 Body::Setup(s) => self.setup(s),
                 Body::StartRound(r) if r.lazy => self.start_lazy_round(r.round),
                 Body::StartRound(r) => self.start_round(r.round),
-                Body::EndRound(r) => self.end_round(r.round),
+                Body::EndRound(r) => self.end_round(r.round, r.want_pagemaps),
                 Body::FsRoundDone(r) => self.fs_round(r.round),
                 Body::Files(f) => self.files(f),
                 Body::Restore(r) => self.restore(r.round, r.lazy),
@@ -415,7 +415,7 @@ impl Session<'_> {
         Ok(Body::StartRoundReply(w::StartRoundReply {}))
     }
 
-    fn end_round(&mut self, _round: u32) -> Result<Body, Failed> {
+    fn end_round(&mut self, round: u32, want_pagemaps: bool) -> Result<Body, Failed> {
         let (mut s, pid, _open_dir) =
             self.page_server.take().ok_or_else(|| Failed::from("no page server is running"))?;
         let r = CriuReq { r#type: CriuReqType::WaitPid as i32, pid: Some(pid.max(0) as u32), ..Default::default() };
@@ -429,10 +429,22 @@ impl Session<'_> {
                 log: None,
                 log_errors: Vec::new(),
             });
-            f.criu_errors = crate::criu::error_lines(&self.round_dir(_round)?.join("page-server.log"));
+            f.criu_errors = crate::criu::error_lines(&self.round_dir(round)?.join("page-server.log"));
             return Err(f);
         }
-        Ok(Body::EndRoundReply(w::EndRoundReply { page_server_bytes: 0 }))
+        let mut reply = w::EndRoundReply { page_server_bytes: 0, pagemaps: Vec::new(), page_files: Vec::new() };
+        if want_pagemaps {
+            for entry in std::fs::read_dir(self.round_dir(round)?)? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if images::is_pagemap_image(&name) {
+                    reply.pagemaps.push(w::ImageFile { data: std::fs::read(entry.path())?, name });
+                } else if images::is_pages_image(&name) {
+                    reply.page_files.push(name);
+                }
+            }
+        }
+        Ok(Body::EndRoundReply(reply))
     }
 
     fn fs_round(&mut self, round: u32) -> Result<Body, Failed> {

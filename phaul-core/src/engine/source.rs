@@ -93,6 +93,10 @@ pub enum MigrateError {
     Images(#[from] ImageError),
     #[error("cannot create the image directory {path}: {source}; choose another with --img-path")]
     ImageDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {path}: {source}; check the space and permissions under --img-path")]
+    WriteImage { path: PathBuf, source: std::io::Error },
+    #[error("the destination sent a {what} named {name:?}, which is not a CRIU image name; is it running a compatible phaul?")]
+    BadImageName { what: &'static str, name: String },
     #[error("pre-copy was requested with --pre-dump on, but {reason}; use --pre-dump auto or off")]
     PreDumpUnavailable { reason: String },
     #[error("no filesystem driver is chosen for host type '{htype}': pass --fs NAME, or add [host-type.{htype}] fs = \"NAME\" to {config}")]
@@ -551,7 +555,14 @@ impl<'c> SourceRun<'c> {
         s.call("PRE_DUMP", rpc::req(CriuReqType::PreDump, Some(opts)), &mut |_, _| Ok(()))?;
         drop(pusher);
         drop(s);
-        expect_reply!(wire::request(&mut live.rpc, Body::EndRound(EndRound { round }))?, EndRoundReply)?;
+        let want_pagemaps = self.cfg.may_post_copy();
+        let ended = expect_reply!(
+            wire::request(&mut live.rpc, Body::EndRound(EndRound { round, want_pagemaps }))?,
+            EndRoundReply
+        )?;
+        if want_pagemaps {
+            keep_pagemaps(&dir, ended)?;
+        }
         let secs = t.elapsed().as_secs_f64();
         let stats = images::read_dump_stats(&dir)?;
         let r = RoundReport::new(round, "pre-dump", &stats, secs * 1000.0, page_size());
@@ -766,7 +777,8 @@ impl<'c> SourceRun<'c> {
     fn while_frozen(&mut self, live: &mut Live, dir: &Path, round: u32, lazy: bool) -> Result<(), MigrateError> {
         if !lazy {
             self.progress.phase("waiting for the destination's page server");
-            expect_reply!(wire::request(&mut live.rpc, Body::EndRound(EndRound { round }))?, EndRoundReply)?;
+            let end = EndRound { round, want_pagemaps: false };
+            expect_reply!(wire::request(&mut live.rpc, Body::EndRound(end))?, EndRoundReply)?;
         }
         self.progress.phase("final filesystem sync");
         self.fs_round(live, self.final_fs_round, true)?;
@@ -828,4 +840,26 @@ impl<'c> SourceRun<'c> {
             other => Err(WireError::Unexpected { expected: "FilesReply", got: wire::body_name(&other) }.into()),
         }
     }
+}
+
+/// Stores a pre-dump round's page maps, as the destination's page server wrote them, in the source's round
+/// directory, with an empty file for each page data image. A lazy final dump writes locally and looks for pages
+/// an earlier round moved only in its local parent directory: without the maps it would treat every page as new
+/// and post-copy would move all memory again.
+fn keep_pagemaps(dir: &Path, reply: w::EndRoundReply) -> Result<(), MigrateError> {
+    for f in reply.pagemaps {
+        if !images::is_pagemap_image(&f.name) {
+            return Err(MigrateError::BadImageName { what: "page map", name: f.name });
+        }
+        let path = dir.join(&f.name);
+        std::fs::write(&path, f.data).map_err(|source| MigrateError::WriteImage { path, source })?;
+    }
+    for name in reply.page_files {
+        if !images::is_pages_image(&name) {
+            return Err(MigrateError::BadImageName { what: "page file", name });
+        }
+        let path = dir.join(&name);
+        std::fs::write(&path, b"").map_err(|source| MigrateError::WriteImage { path, source })?;
+    }
+    Ok(())
 }
