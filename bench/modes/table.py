@@ -21,25 +21,33 @@ for f in sorted(reports.glob("*.json")):
         "rounds": len(r.get("rounds", [])),
         "final_pages": (r.get("rounds") or [{}])[-1].get("pages_written"),
         "post_copy_ms": r.get("post_copy_ms"),
+        "pages_loaded_ms": r.get("pages_loaded_ms"),
+        "restore_ms": r.get("restore_ms"),
         "predicted_ms": r.get("predicted_downtime_ms"),
     }
 
-modes = ["stop-and-copy", "pre-copy", "post-copy", "hybrid"]
+modes = ["stop-and-copy", "lazy-restore", "pre-copy", "post-copy", "hybrid"]
 sizes = sorted({k[1] for k in rows})
 dirties = sorted({k[2] for k in rows})
 fmt = lambda v: "-" if v is None else f"{v:.0f}"
 lines = ["# Downtime per memory mode (lab kernel under qemu TCG, one run)", "",
          "Downtime: stop-and-copy and pre-copy, CRIU's frozen time (freeze until the destination confirmed the",
          "restore); post-copy and hybrid, phaul's measure from the freeze until the destination's restore finished.",
+         "lazy-restore is stop-and-copy with --lazy-restore (the destination loads pages on demand from its own copy).",
+         "The restore on the destination is inside the frozen time: in pre-copy it still copies every pre-copied page",
+         "(CRIU's lazy-pages daemon cannot load pages from a parent image), which bounds pre-copy's downtime here.",
          "The guest is emulated (no KVM): absolute times are several times those of real hardware; compare ratios.", ""]
 for d in dirties:
     lines += [f"## Dirty rate {d} MiB/s", "", "| size (MiB) | " + " | ".join(f"{m} downtime ms" for m in modes) +
-              " | pre-copy rounds | post-copy last page ms |", "|" + "---|" * (len(modes) + 3)]
+              " | pre-copy rounds | pre-copy restore ms | post-copy last page ms | lazy-restore last page ms |",
+              "|" + "---|" * (len(modes) + 5)]
     for s in sizes:
         cells = [fmt(rows.get((m, s, d), {}).get("downtime_ms")) for m in modes]
         pre = rows.get(("pre-copy", s, d), {})
         post = rows.get(("post-copy", s, d), {})
-        lines.append(f"| {s} | " + " | ".join(cells) + f" | {pre.get('rounds', '-')} | {fmt(post.get('post_copy_ms'))} |")
+        lazy = rows.get(("lazy-restore", s, d), {})
+        lines.append(f"| {s} | " + " | ".join(cells) + f" | {pre.get('rounds', '-')} | {fmt(pre.get('restore_ms'))}"
+                     f" | {fmt(post.get('post_copy_ms'))} | {fmt(lazy.get('pages_loaded_ms'))} |")
     lines.append("")
 
 def ratio(a, b):

@@ -1,5 +1,5 @@
 # bench-modes (a benchmark, not a test; run by bench/modes/run): downtime per memory mode -- stop-and-copy,
-# pre-copy, post-copy, hybrid -- against workload size (16, 128, 512 MiB) and dirty rate (idle, light), all in one
+# stop-and-copy with --lazy-restore, pre-copy, post-copy, hybrid -- against workload size (16, 128, 512 MiB) and dirty rate (idle, light), all in one
 # lab run. Each migration's JSON report goes back to the host as REPORT <mode>-<size>-<dirty>; nothing is
 # asserted beyond the migration succeeding and the workload arriving intact.
 # lab: optional
@@ -10,9 +10,10 @@ dirties=${BENCH_DIRTY:-0 8}
 failed=0
 for size in $sizes; do
   for dirty in $dirties; do
-    for mode in stop-and-copy pre-copy post-copy hybrid; do
+    for mode in stop-and-copy lazy-restore pre-copy post-copy hybrid; do
       case $mode in
         stop-and-copy) args=(--pre-dump off) ;;
+        lazy-restore) args=(--pre-dump off --lazy-restore) ;;
         pre-copy) args=(--pre-dump on) ;;
         post-copy) args=(--mode lazy) ;;
         hybrid) args=(--pre-dump on --post-copy-after 1) ;;

@@ -42,7 +42,11 @@ fn post_copy_is_refused_before_freezing_where_lazy_pages_fail() {
         .migrate(w.pid(), MigrateOptions { src_args: vec!["--mode".into(), "lazy".into()], ..Default::default() })
         .expect("run");
     assert_still_on_source(&lab, &w, &run);
-    assert!(run.src_stderr.contains("post-copy cannot work on this host"), "{}", run.describe());
+    assert!(
+        run.src_stderr.contains("lazy pages (which post-copy and --lazy-restore need) do not work on this host"),
+        "{}",
+        run.describe()
+    );
     assert!(run.src_stderr.contains("nothing was frozen"), "{}", run.describe());
     assert!(run.src_stderr.contains("Error ("), "CRIU's reason is missing:\n{}", run.describe());
     let r = run.report.expect("report");
@@ -52,4 +56,33 @@ fn post_copy_is_refused_before_freezing_where_lazy_pages_fail() {
     // No trial process or CRIU is left behind.
     let leftovers = std::process::Command::new("pgrep").args(["-f", "sleep 600"]).output().expect("pgrep");
     assert!(leftovers.stdout.is_empty(), "trial processes left: {}", String::from_utf8_lossy(&leftovers.stdout));
+}
+
+/// `--lazy-restore` with pre-copy rounds is refused at once (CRIU's lazy-pages daemon cannot load pages from a
+/// pre-copy round's images); with stop-and-copy, where lazy pages fail on the destination, the destination's trial
+/// refuses it before anything is frozen.
+#[test]
+fn lazy_restore_is_refused_with_pre_copy_and_where_lazy_pages_fail() {
+    let lab = lab("lazyrestore");
+    let w = lab.start_workload("memory", &["--size-mib", "16"]).expect("start");
+    let before = probe_ok(&w, w.pid());
+    let run = lab
+        .migrate(w.pid(), MigrateOptions { src_args: vec!["--lazy-restore".into()], ..Default::default() })
+        .expect("run");
+    assert_still_on_source(&lab, &w, &run);
+    assert!(
+        run.src_stderr.contains("--lazy-restore works with stop-and-copy only: add --pre-dump off"),
+        "{}",
+        run.describe()
+    );
+
+    let args = vec!["--lazy-restore".into(), "--pre-dump".into(), "off".into()];
+    let run = lab.migrate(w.pid(), MigrateOptions { src_args: args, ..Default::default() }).expect("run");
+    assert_still_on_source(&lab, &w, &run);
+    assert!(run.src_stderr.contains("do not work on the destination"), "{}", run.describe());
+    assert!(run.src_stderr.contains("nothing was frozen"), "{}", run.describe());
+    let r = run.report.expect("report");
+    assert_eq!(r["rounds"].as_array().map(Vec::len), Some(0), "something was dumped: {r}");
+    let after = probe_ok(&w, w.pid());
+    assert_eq!(after["actual_checksum"], before["expected_checksum"]);
 }

@@ -168,6 +168,13 @@ struct MigrateArgs {
     /// pages work on both hosts before it freezes anything.
     #[arg(long, value_enum, default_value = "live")]
     mode: ModeArg,
+    /// Stop-and-copy only (with --pre-dump off): restore memory on demand from the destination's own copy, so
+    /// the workload resumes before its pages are loaded and copying them into it leaves the frozen time. Every
+    /// page is on the destination before the source is killed, but until the last one is loaded the workload
+    /// depends on CRIU's lazy-pages daemon there. phaul checks that lazy pages work on the destination before it
+    /// freezes anything.
+    #[arg(long)]
+    lazy_restore: bool,
     /// Hybrid: after N pre-copy rounds, switch to post-copy for what is left (same risk as --mode lazy).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     post_copy_after: Option<u32>,
@@ -337,6 +344,7 @@ fn migrate(c: &Common, a: MigrateArgs) -> Result<(), Fail> {
         },
         post_copy_after: a.post_copy_after,
         lazy: matches!(a.mode, ModeArg::Lazy),
+        lazy_restore: a.lazy_restore,
         keep_images: a.keep_images,
         img_path: a.img_path,
         skip_cpu_check: a.skip_cpu_check,

@@ -224,6 +224,7 @@ pub fn serve_session(
         root_prepared: false,
         dst_rpid: cfg.dst_rpid.clone(),
         lazy: None,
+        lazy_restore: false,
     };
     s.run()
 }
@@ -282,8 +283,11 @@ struct Session<'a> {
     keep_images: bool,
     root_prepared: bool,
     dst_rpid: Option<PathBuf>,
-    /// Post-copy: CRIU's lazy-pages daemon, its relay, and when the restore finished.
-    lazy: Option<(std::process::Child, lazy::DestinationRelay, Instant)>,
+    /// Post-copy or `--lazy-restore`: CRIU's lazy-pages daemon, its relay to the source (post-copy only), and
+    /// when the restore finished.
+    lazy: Option<(std::process::Child, Option<lazy::DestinationRelay>, Instant)>,
+    /// `--lazy-restore`: restore memory on demand from this host's images.
+    lazy_restore: bool,
 }
 
 impl Session<'_> {
@@ -359,7 +363,8 @@ impl Session<'_> {
         private_dir(&dir, false)?;
         self.dir = Some(dir.clone());
         self.keep_images = s.keep_images;
-        if s.post_copy {
+        self.lazy_restore = s.lazy_restore;
+        if s.post_copy || s.lazy_restore {
             // Before the source freezes anything: do lazy pages work here at all?
             lazy::trial(self.criu, &dir.join("lazy-trial"), "the destination")
                 .map_err(|e| Failed { message: e.to_string(), criu_errors: Vec::new() })?;
@@ -471,11 +476,18 @@ impl Session<'_> {
 
     fn restore(&mut self, round: u32, lazy_pages: bool) -> Result<Body, Failed> {
         let d = self.round_dir(round)?;
+        // Only the final dump's own pages can be restored on demand: pages in a parent (pre-copy) dump are copied by
+        // the restore. CRIU's lazy-pages daemon (3.17) reads parent pages without completing the fault, so marking
+        // them lazy would hang the workload.
         if lazy_pages {
             // The daemon's page requests reach the source's CRIU through phaul's relay and the memory channel.
             let relay = lazy::DestinationRelay::start(self.mem.dup_fd()?)?;
-            let daemon = lazy::start_daemon(self.criu, &d, relay.port)?;
-            self.lazy = Some((daemon, relay, Instant::now()));
+            let daemon = lazy::start_daemon(self.criu, &d, Some(relay.port))?;
+            self.lazy = Some((daemon, Some(relay), Instant::now()));
+        } else if self.lazy_restore {
+            // Every page is here already: the daemon reads them from this round's images and its parents.
+            let daemon = lazy::start_daemon(self.criu, &d, None)?;
+            self.lazy = Some((daemon, None, Instant::now()));
         }
         let extra = self.dir()?.join("extra");
         let htype = self.htype.as_mut().ok_or_else(|| Failed::from("the source sent a request before Setup"))?;
@@ -487,7 +499,7 @@ impl Session<'_> {
         let h = plugin(htype.criu_options(CriuStage::Restore), "host type")?;
         let (base, _open_dir) = rpc::dir_opts(&d, "restore.log").map_err(criu_failed)?;
         let mut opts: CriuOpts = build_opts(base, &h);
-        if lazy_pages {
+        if lazy_pages || self.lazy_restore {
             opts.lazy_pages = Some(true);
         }
         if let abi_stable::std_types::RSome(r) = root {
@@ -539,7 +551,7 @@ impl Session<'_> {
                 }
                 last_page_ms = restored_at.elapsed().as_millis() as u64;
                 let deadline = Instant::now() + Duration::from_secs(10);
-                while !relay.finished() && Instant::now() < deadline {
+                while relay.as_ref().is_some_and(|r| !r.finished()) && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }

@@ -30,10 +30,10 @@ const TRIAL_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LazyError {
-    #[error("post-copy cannot work on this host: CRIU reports no userfaultfd support (lazy pages)")]
+    #[error("lazy pages (which post-copy and --lazy-restore need) cannot work on this host: CRIU reports no userfaultfd support")]
     NoFeature,
     #[error(
-        "post-copy cannot work on {side}: a trial lazy migration of a throwaway process failed ({what}){}; nothing was frozen",
+        "lazy pages (which post-copy and --lazy-restore need) do not work on {side}: a trial lazy migration of a throwaway process failed ({what}){}; nothing was frozen",
         fmt_lines(lines)
     )]
     TrialFailed { side: &'static str, what: String, lines: Vec<String> },
@@ -201,9 +201,10 @@ impl DestinationRelay {
     }
 }
 
-/// Starts CRIU's `lazy-pages` daemon (there is no RPC request for it) fetching from a page server on loopback,
-/// and waits (bounded) until it listens for the restore on its socket in `dir`.
-pub fn start_daemon(criu: &Criu, dir: &Path, port: u16) -> io::Result<Child> {
+/// Starts CRIU's `lazy-pages` daemon (there is no RPC request for it), fetching from a page server on loopback at
+/// `port`, or with `None` reading the images in `dir` and its parents; waits (bounded) until it listens for the
+/// restore on its socket in `dir`.
+pub fn start_daemon(criu: &Criu, dir: &Path, port: Option<u16>) -> io::Result<Child> {
     let socket = dir.join("lazy-pages.socket");
     let _ = std::fs::remove_file(&socket);
     let mut child = spawn_daemon(criu, dir, port)?;
@@ -222,12 +223,13 @@ pub fn start_daemon(criu: &Criu, dir: &Path, port: u16) -> io::Result<Child> {
     Ok(child)
 }
 
-fn spawn_daemon(criu: &Criu, dir: &Path, port: u16) -> io::Result<Child> {
-    Command::new(criu.path())
-        .arg("lazy-pages")
-        .arg("--page-server")
-        .args(["--address", "127.0.0.1", "--port", &port.to_string()])
-        .arg("-D")
+fn spawn_daemon(criu: &Criu, dir: &Path, port: Option<u16>) -> io::Result<Child> {
+    let mut cmd = Command::new(criu.path());
+    cmd.arg("lazy-pages");
+    if let Some(port) = port {
+        cmd.arg("--page-server").args(["--address", "127.0.0.1", "--port", &port.to_string()]);
+    }
+    cmd.arg("-D")
         .arg(dir)
         .arg("-W")
         .arg(dir)
@@ -368,7 +370,7 @@ fn trial_inner(criu: &Criu, work: &Path, side: &'static str) -> Result<(), LazyE
             drop(s);
         }
     };
-    let mut daemon = match start_daemon(&quick, work, port) {
+    let mut daemon = match start_daemon(&quick, work, Some(port)) {
         Ok(d) => d,
         Err(e) => {
             unblock();

@@ -94,6 +94,10 @@ pub struct Report {
     pub downtime_ms: Option<f64>,
     /// Post-copy: from the restore on the destination until its last page arrived.
     pub post_copy_ms: Option<f64>,
+    /// `--lazy-restore`: the destination restored memory on demand from its own images.
+    pub lazy_restore: bool,
+    /// With `--lazy-restore`: from the restore until every page was loaded into the workload.
+    pub pages_loaded_ms: Option<f64>,
     #[serde(skip)]
     pub freeze_started: Option<std::time::Instant>,
     /// The destination's RESTORE request, as phaul measured it.
@@ -147,6 +151,9 @@ impl fmt::Display for Report {
         }
         if let Some(v) = self.post_copy_ms {
             writeln!(f, "  post-copy:    last page arrived {v:.0} ms after the restore")?;
+        }
+        if let Some(v) = self.pages_loaded_ms {
+            writeln!(f, "  lazy restore: every page loaded {v:.0} ms after the restore")?;
         }
         if let Some(v) = self.restore_ms {
             write!(f, "  restore time: {v:.0} ms")?;

@@ -55,6 +55,8 @@ pub struct SourceConfig {
     pub post_copy_after: Option<u32>,
     /// `--mode lazy`: post-copy straight away.
     pub lazy: bool,
+    /// `--lazy-restore`: the destination restores memory on demand from its own images.
+    pub lazy_restore: bool,
     pub keep_images: bool,
     pub img_path: PathBuf,
     pub skip_cpu_check: bool,
@@ -97,6 +99,8 @@ pub enum MigrateError {
     WriteImage { path: PathBuf, source: std::io::Error },
     #[error("the destination sent a {what} named {name:?}, which is not a CRIU image name; is it running a compatible phaul?")]
     BadImageName { what: &'static str, name: String },
+    #[error("--lazy-restore works with stop-and-copy only: add --pre-dump off, and drop --mode lazy and --post-copy-after (CRIU's lazy-pages daemon cannot load pages kept in a pre-copy round's images; post-copy restores on demand anyway)")]
+    LazyRestoreNeedsStopAndCopy,
     #[error("pre-copy was requested with --pre-dump on, but {reason}; use --pre-dump auto or off")]
     PreDumpUnavailable { reason: String },
     #[error("no filesystem driver is chosen for host type '{htype}': pass --fs NAME, or add [host-type.{htype}] fs = \"NAME\" to {config}")]
@@ -228,6 +232,8 @@ impl<'c> SourceRun<'c> {
                 predicted_downtime_ms: None,
                 downtime_ms: None,
                 post_copy_ms: None,
+                lazy_restore: cfg.lazy_restore,
+                pages_loaded_ms: None,
                 freeze_started: None,
                 source_criu: String::new(),
                 destination_criu: String::new(),
@@ -251,6 +257,9 @@ impl<'c> SourceRun<'c> {
     fn run(&mut self, reg: &Registry, criu: &Criu, channels: SourceChannels) -> Result<(), MigrateError> {
         let cfg = self.cfg;
         // Everything local is checked before the destination is contacted, and long before the workload is touched.
+        if cfg.lazy_restore && (cfg.pre_dump != PreDump::Off || cfg.lazy || cfg.post_copy_after.is_some()) {
+            return Err(MigrateError::LazyRestoreNeedsStopAndCopy);
+        }
         let session =
             sys::random_hex(6).map_err(|source| MigrateError::ImageDir { path: cfg.img_path.clone(), source })?;
         private_dir(&cfg.img_path, true)
@@ -426,6 +435,7 @@ impl<'c> SourceRun<'c> {
             has_fs_channel: live.fs_ch.is_some(),
             dst_rpid: cfg.dst_rpid.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
             post_copy: cfg.may_post_copy(),
+            lazy_restore: cfg.lazy_restore,
         };
         let reply = expect_reply!(wire::request(&mut live.rpc, Body::Setup(setup))?, SetupReply)?;
         self.report.destination_images = Some(reply.image_dir);
@@ -766,8 +776,13 @@ impl<'c> SourceRun<'c> {
         if !reply.kept_images.is_empty() {
             self.report.destination_images = Some(reply.kept_images);
         }
-        if lazy && reply.last_page_ms > 0 {
-            self.report.post_copy_ms = Some(reply.last_page_ms as f64);
+        if reply.last_page_ms > 0 {
+            if lazy {
+                self.report.post_copy_ms = Some(reply.last_page_ms as f64);
+            }
+            if self.cfg.lazy_restore {
+                self.report.pages_loaded_ms = Some(reply.last_page_ms as f64);
+            }
         }
         Ok(())
     }
