@@ -310,46 +310,15 @@ impl Lab {
         let dst_plugins = opts.dst_plugins.clone().unwrap_or_else(|| self.plugins.clone());
         let src_plugins = opts.src_plugins.clone().unwrap_or_else(|| self.plugins.clone());
 
-        let mut serve_args: Vec<String> = vec![
-            "--plugins".into(),
-            dst_plugins.display().to_string(),
-            "serve".into(),
-            "--fdrpc".into(),
-            "3".into(),
-            "--fdmem".into(),
-            "4".into(),
-            "--fdfs".into(),
-            "5".into(),
-            "--img-path".into(),
-            dst_images.display().to_string(),
-            "--timeout".into(),
-            "120".into(),
-        ];
+        let mut serve_args = phaul_args(&dst_plugins, &["serve"], &dst_images);
         serve_args.extend(opts.dst_args.iter().cloned());
         let mut serve_cmd = self.phaul_command(self.b(), opts.dst_wrapper.as_ref(), &serve_args);
         serve_cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let serve = spawn_with_fds(serve_cmd, &[(ch.rpc.1.as_fd(), 3), (ch.mem.1.as_fd(), 4), (ch.fs.1.as_fd(), 5)])
             .map_err(|e| TestbedError::io("starting phaul serve", e))?;
 
-        let mut mig_args: Vec<String> = vec![
-            "--plugins".into(),
-            src_plugins.display().to_string(),
-            "migrate".into(),
-            "pid".into(),
-            pid.to_string(),
-            "--fdrpc".into(),
-            "3".into(),
-            "--fdmem".into(),
-            "4".into(),
-            "--fdfs".into(),
-            "5".into(),
-            "--img-path".into(),
-            src_images.display().to_string(),
-            "--dst-rpid".into(),
-            rpid.display().to_string(),
-            "--timeout".into(),
-            "120".into(),
-        ];
+        let mut mig_args = phaul_args(&src_plugins, &["migrate", "pid", &pid.to_string()], &src_images);
+        mig_args.extend(["--dst-rpid".into(), rpid.display().to_string()]);
         if !opts.human_report {
             mig_args.push("--json".into());
         }
@@ -472,4 +441,16 @@ pub fn run_collect(mut cmd: Command, timeout: Duration, what: &str) -> Result<Co
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let child = cmd.spawn().map_err(|e| TestbedError::io(format!("starting {what}"), e))?;
     collect(child, timeout, what)
+}
+
+/// `phaul --plugins PLUGINS SUBCOMMAND... --fdrpc 3 --fdmem 4 --fdfs 5 --img-path IMAGES --timeout 120`: what both
+/// sides of a handed-in-fds migration share.
+fn phaul_args(plugins: &Path, subcommand: &[&str], images: &Path) -> Vec<String> {
+    let mut args = vec!["--plugins".to_string(), plugins.display().to_string()];
+    args.extend(subcommand.iter().map(|s| s.to_string()));
+    for (flag, value) in [("--fdrpc", "3"), ("--fdmem", "4"), ("--fdfs", "5")] {
+        args.extend([flag.to_string(), value.to_string()]);
+    }
+    args.extend(["--img-path".to_string(), images.display().to_string(), "--timeout".to_string(), "120".to_string()]);
+    args
 }
