@@ -19,9 +19,11 @@ use nix::sched::{unshare, CloneFlags};
 use nix::sys::stat::Mode;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{chdir, dup2, fork, setsid, ForkResult, Pid};
+use phaul_workloads::heartbeat::{self, Heartbeat, WithHeartbeat};
 use phaul_workloads::kinds::{
-    counter::Counter, file_append::FileAppend, memory::Memory, pipes::Pipes, tcp_server::TcpServer, threads::Threads,
-    unix_pair::UnixPair,
+    busy_server::BusyServer, counter::Counter, file_append::FileAppend, lock_holder, lock_holder::LockHolder,
+    memory::Memory, pipes::Pipes, pty_queue, pty_queue::PtyQueue, sqlite_writer::SqliteWriter, tcp_server::TcpServer,
+    threads::Threads, unix_pair::UnixPair, unix_server::UnixServer,
 };
 use phaul_workloads::runner::{self, Workload};
 use phaul_workloads::state::{PROBE_FILE, STATE_FILE, STATE_TMP_FILE};
@@ -38,6 +40,14 @@ struct Common {
     /// Directory receiving state.json and the probe file (created if missing).
     #[arg(long)]
     state_dir: PathBuf,
+    /// Append `<addr> <beat> <unix_ms>` to FILE every ~20 ms (opened and closed each time); `<addr>` is the
+    /// local address towards --heartbeat-probe, naming the host the workload runs on.
+    #[arg(long, value_name = "FILE")]
+    heartbeat: Option<PathBuf>,
+    /// The address a UDP socket is connect()ed to (nothing is sent) to learn the local address, for the
+    /// heartbeat and sqlite-writer's host column.
+    #[arg(long, value_name = "ADDR:PORT", default_value = heartbeat::DEFAULT_PROBE)]
+    heartbeat_probe: SocketAddr,
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,6 +109,57 @@ enum Kind {
         #[command(flatten)]
         common: Common,
     },
+    /// A pty pair holding a known pattern in both queues, never consumed (the probe reads and writes it back).
+    PtyQueue {
+        #[command(flatten)]
+        common: Common,
+        /// Bytes written into the master, queued for the slave's reader.
+        #[arg(long, default_value_t = pty_queue::DEFAULT_TO_SLAVE as u16,
+              value_parser = clap::value_parser!(u16).range(0..=pty_queue::MAX_QUEUED as i64))]
+        to_slave_bytes: u16,
+        /// Bytes written into the slave, queued for the master's reader.
+        #[arg(long, default_value_t = pty_queue::DEFAULT_TO_MASTER as u16,
+              value_parser = clap::value_parser!(u16).range(0..=pty_queue::MAX_QUEUED as i64))]
+        to_master_bytes: u16,
+    },
+    /// Holds an exclusive POSIX record lock (F_SETLK, whole file) on FILE and a flock(LOCK_EX) on another file.
+    LockHolder {
+        #[command(flatten)]
+        common: Common,
+        /// The file to lock with fcntl(F_SETLK) (created if missing, never written).
+        #[arg(long)]
+        file: PathBuf,
+        /// The file to flock() (created if missing, never written) [default: FILE.flock].
+        #[arg(long)]
+        flock_file: Option<PathBuf>,
+    },
+    /// A unix stream socket bound at PATH answering `ping <n>` with `pong <n> <served>`.
+    UnixServer {
+        #[command(flatten)]
+        common: Common,
+        /// The socket path (a stale socket there is unlinked first).
+        #[arg(long)]
+        path: PathBuf,
+    },
+    /// A TCP server accepting any number of connections (backlog 64), each served on its own thread.
+    BusyServer {
+        #[command(flatten)]
+        common: Common,
+        /// Address to listen on, e.g. 10.91.0.1:7000.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// A SQLite database in WAL mode getting a row every ~20 ms, each acked in a log after its COMMIT.
+    SqliteWriter {
+        #[command(flatten)]
+        common: Common,
+        /// The database (created if missing; an existing table is continued).
+        #[arg(long)]
+        db: PathBuf,
+        /// The ack log: `acked <seq> <host>` appended after each COMMIT.
+        #[arg(long)]
+        ack_log: PathBuf,
+    },
 }
 
 /// Everything the child needs, with paths made absolute (the child runs in `/`).
@@ -107,6 +168,9 @@ struct Plan {
     kind: &'static str,
     state_dir: PathBuf,
     spec: Spec,
+    /// The heartbeat file, if any.
+    heartbeat: Option<PathBuf>,
+    heartbeat_probe: SocketAddr,
 }
 
 #[derive(Debug)]
@@ -118,6 +182,11 @@ enum Spec {
     UnixPair,
     TcpServer(SocketAddr),
     Counter,
+    PtyQueue { to_slave: usize, to_master: usize },
+    LockHolder { file: PathBuf, flock_file: PathBuf },
+    UnixServer(PathBuf),
+    BusyServer(SocketAddr),
+    SqliteWriter { db: PathBuf, ack_log: PathBuf },
 }
 
 fn absolute_file(path: &Path) -> Result<PathBuf, String> {
@@ -142,7 +211,27 @@ fn plan(cli: Cli) -> Result<Plan, String> {
         Kind::UnixPair { common } => ("unix-pair", common, Spec::UnixPair),
         Kind::TcpServer { common, listen } => ("tcp-server", common, Spec::TcpServer(listen)),
         Kind::Counter { common } => ("counter", common, Spec::Counter),
+        Kind::PtyQueue { common, to_slave_bytes, to_master_bytes } => {
+            let spec =
+                Spec::PtyQueue { to_slave: usize::from(to_slave_bytes), to_master: usize::from(to_master_bytes) };
+            ("pty-queue", common, spec)
+        }
+        Kind::LockHolder { common, file, flock_file } => {
+            let file = absolute_file(&file)?;
+            let flock_file = match flock_file {
+                Some(f) => absolute_file(&f)?,
+                None => lock_holder::default_flock_path(&file),
+            };
+            ("lock-holder", common, Spec::LockHolder { file, flock_file })
+        }
+        Kind::UnixServer { common, path } => ("unix-server", common, Spec::UnixServer(absolute_file(&path)?)),
+        Kind::BusyServer { common, listen } => ("busy-server", common, Spec::BusyServer(listen)),
+        Kind::SqliteWriter { common, db, ack_log } => {
+            let spec = Spec::SqliteWriter { db: absolute_file(&db)?, ack_log: absolute_file(&ack_log)? };
+            ("sqlite-writer", common, spec)
+        }
     };
+    let heartbeat = common.heartbeat.as_deref().map(absolute_file).transpose()?;
     std::fs::create_dir_all(&common.state_dir)
         .map_err(|e| format!("cannot create state dir {}: {e}", common.state_dir.display()))?;
     let state_dir = common
@@ -157,7 +246,7 @@ fn plan(cli: Cli) -> Result<Plan, String> {
             Err(e) => return Err(format!("cannot remove stale {}: {e}", state_dir.join(stale).display())),
         }
     }
-    Ok(Plan { kind, state_dir, spec })
+    Ok(Plan { kind, state_dir, spec, heartbeat, heartbeat_probe: common.heartbeat_probe })
 }
 
 /// Close every descriptor above 2 that the child inherited, so a checkpoint sees only what it opens.
@@ -205,7 +294,17 @@ fn child(plan: &Plan) -> Result<Infallible, String> {
         Spec::UnixPair => Box::new(UnixPair::start()?),
         Spec::TcpServer(addr) => Box::new(TcpServer::start(*addr)?),
         Spec::Counter => Box::new(Counter),
+        Spec::PtyQueue { to_slave, to_master } => Box::new(PtyQueue::start(*to_slave, *to_master)?),
+        Spec::LockHolder { file, flock_file } => Box::new(LockHolder::start(file, flock_file)?),
+        Spec::UnixServer(path) => Box::new(UnixServer::start(path)?),
+        Spec::BusyServer(addr) => Box::new(BusyServer::start(*addr)?),
+        Spec::SqliteWriter { db, ack_log } => Box::new(SqliteWriter::start(db, ack_log, plan.heartbeat_probe)?),
     };
+    // Started after the kind, which may fork (pipes) and must then still be single-threaded.
+    if let Some(file) = &plan.heartbeat {
+        let hb = Heartbeat::start(file.clone(), plan.heartbeat_probe)?;
+        workload = Box::new(WithHeartbeat::new(workload, hb));
+    }
     runner::run(&plan.state_dir, workload.as_mut())
 }
 
