@@ -18,6 +18,12 @@ pub const INVENTORY_MAGIC: u32 = 0x5831_3116;
 pub const STATS_MAGIC: u32 = 0x5709_3306;
 /// cpuinfo.img.
 pub const CPUINFO_MAGIC: u32 = 0x6140_4013;
+/// files.img: one entry per open file of the dumped tree (CRIU's FILES_MAGIC).
+pub const FILES_MAGIC: u32 = 0x5630_3138;
+/// tty-info.img: one entry per terminal end the dumped tree held (CRIU's TTY_INFO_MAGIC).
+pub const TTY_INFO_MAGIC: u32 = 0x5945_3036;
+/// tty-data.img: the bytes CRIU drained out of pty queues at dump time (CRIU's TTY_DATA_MAGIC).
+pub const TTY_DATA_MAGIC: u32 = 0x5941_3026;
 
 /// Entries larger than this are refused as corrupt (CRIU's largest entries are far smaller).
 const MAX_ENTRY: u32 = 64 << 20;
@@ -88,6 +94,15 @@ impl ImageReader {
         }
     }
 
+    /// Every remaining entry, in file order.
+    pub fn entries<M: Message + Default>(&mut self) -> Result<Vec<M>, ImageError> {
+        let mut all = Vec::new();
+        while let Some(e) = self.next_entry()? {
+            all.push(e);
+        }
+        Ok(all)
+    }
+
     /// The next entry, or `None` at the end of the file.
     pub fn next_entry<M: Message + Default>(&mut self) -> Result<Option<M>, ImageError> {
         let size = match read_u32(&mut self.r) {
@@ -102,6 +117,11 @@ impl ImageReader {
         self.r.read_exact(&mut buf).map_err(|_| ImageError::Truncated { path: self.path.clone(), want: size })?;
         M::decode(buf.as_slice()).map(Some).map_err(|source| ImageError::Decode { path: self.path.clone(), source })
     }
+}
+
+/// Every entry of an image that must have the given magic.
+pub fn read_entries<M: Message + Default>(path: &Path, magic: u32) -> Result<Vec<M>, ImageError> {
+    ImageReader::open(path)?.expect_magic(magic)?.entries()
 }
 
 /// What CRIU's stats-dump says about one dump or pre-dump. Times in microseconds.
