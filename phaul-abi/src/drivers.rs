@@ -104,6 +104,12 @@ pub trait FsSender: Send + 'static {
         true
     }
 
+    /// Whether both hosts see the very same files (so a restore beside the frozen source would meet what the
+    /// source still holds: its file locks, unix socket files, FIFOs).
+    fn shares_storage(&self) -> bool {
+        false
+    }
+
     /// The migration is over.
     fn finish(&mut self, _outcome: Outcome) -> PluginResult<()> {
         Ok(())

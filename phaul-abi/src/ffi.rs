@@ -76,6 +76,7 @@ pub trait FsSenderFfi: Send {
     fn next_round(&mut self) -> RResult<FsRound, PluginError>;
     fn final_round(&mut self) -> RResult<FsRound, PluginError>;
     fn persistent_inodes(&self) -> bool;
+    fn shares_storage(&self) -> bool;
     fn finish(&mut self, outcome: Outcome) -> RResult<(), PluginError>;
 }
 
@@ -154,6 +155,10 @@ impl<T: FsSender> FsSenderFfi for Guarded<T> {
     }
     fn persistent_inodes(&self) -> bool {
         guard_value("persistent_inodes", false, || self.0.persistent_inodes())
+    }
+    fn shares_storage(&self) -> bool {
+        // Unknown is treated as shared: the safer handover order.
+        guard_value("shares_storage", true, || self.0.shares_storage())
     }
     fn finish(&mut self, outcome: Outcome) -> RResult<(), PluginError> {
         guard("finish", || self.0.finish(outcome))

@@ -175,6 +175,9 @@ pub struct CriuOptions {
     pub orphan_pts_master: bool,
     pub mntns_compat_mode: bool,
     pub force_irmap: bool,
+    /// Skip half-open ("in-flight") TCP connections instead of failing the dump (CRIU's `--skip-in-flight`):
+    /// their clients retransmit their SYN.
+    pub tcp_skip_in_flight: bool,
     pub manage_cgroups: CgroupMode,
     pub network_lock: NetworkLock,
     /// Root of the restored tree's mount namespace (restore only).

@@ -317,6 +317,83 @@ fn incompatible(path: &Path, e: LibraryError) -> PluginLoadError {
     PluginLoadError::Incompatible { file: path.to_path_buf(), detail, host_version: env!("CARGO_PKG_VERSION") }
 }
 
+/// Creating drivers: what the engine needs of the plugin host (a seam, so that engine tests can hand it drivers
+/// built in the test itself).
+pub trait Drivers: Send + Sync {
+    fn host_type(
+        &self,
+        name: &str,
+        role: Role,
+        id: &str,
+        options: &[(String, String)],
+        work_dir: &Path,
+    ) -> Result<HostTypeBox, PluginLoadError>;
+    fn fs_sender(
+        &self,
+        name: &str,
+        options: &[(String, String)],
+        data_fd: Option<i32>,
+        roots: &[String],
+        work_dir: &Path,
+    ) -> Result<FsSenderBox, PluginLoadError>;
+    fn fs_receiver(
+        &self,
+        name: &str,
+        options: &[(String, String)],
+        data_fd: Option<i32>,
+        roots: &[String],
+        work_dir: &Path,
+    ) -> Result<FsReceiverBox, PluginLoadError>;
+    /// The filesystem driver a host type uses unless `--fs` says otherwise.
+    fn default_fs(&self, htype: &str) -> Option<String>;
+    /// Fails unless a filesystem driver of that name is enabled.
+    fn ensure_fs(&self, name: &str) -> Result<(), PluginLoadError>;
+    /// The plugin list, for messages.
+    fn config_path(&self) -> PathBuf;
+}
+
+impl Drivers for Registry {
+    fn host_type(
+        &self,
+        name: &str,
+        role: Role,
+        id: &str,
+        options: &[(String, String)],
+        work_dir: &Path,
+    ) -> Result<HostTypeBox, PluginLoadError> {
+        self.new_host_type(name, role, id, options, work_dir)
+    }
+    fn fs_sender(
+        &self,
+        name: &str,
+        options: &[(String, String)],
+        data_fd: Option<i32>,
+        roots: &[String],
+        work_dir: &Path,
+    ) -> Result<FsSenderBox, PluginLoadError> {
+        self.new_fs_sender(name, options, data_fd, roots, work_dir)
+    }
+    fn fs_receiver(
+        &self,
+        name: &str,
+        options: &[(String, String)],
+        data_fd: Option<i32>,
+        roots: &[String],
+        work_dir: &Path,
+    ) -> Result<FsReceiverBox, PluginLoadError> {
+        self.new_fs_receiver(name, options, data_fd, roots, work_dir)
+    }
+    fn default_fs(&self, htype: &str) -> Option<String> {
+        Registry::default_fs(self, htype).map(str::to_string)
+    }
+    fn ensure_fs(&self, name: &str) -> Result<(), PluginLoadError> {
+        self.ensure(PluginKind::FsDriver, name)
+    }
+    fn config_path(&self) -> PathBuf {
+        Registry::config_path(self).to_path_buf()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Read};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::fcntl::{fcntl, FcntlArg};
 use nix::sys::socket::{getsockopt, socketpair, sockopt, AddressFamily, SockFlag, SockType};
@@ -165,6 +165,28 @@ pub fn tcp_push(fd: impl AsFd) -> io::Result<()> {
     }
 }
 
+/// Makes a TCP connection notice a dead peer or a cut link within about `secs` seconds: TCP_USER_TIMEOUT bounds
+/// how long sent data may stay unacknowledged, and keepalive probes (idle `secs / 3`, then every second, three
+/// times) cover an idle line. A socket that is not TCP is left alone.
+pub fn tcp_liveness(fd: impl AsFd, secs: u32) -> io::Result<()> {
+    use nix::sys::socket::sockopt::{KeepAlive, TcpKeepCount, TcpKeepIdle, TcpKeepInterval};
+    let secs = secs.max(3);
+    match nix::sys::socket::setsockopt(&fd, KeepAlive, &true) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EOPNOTSUPP) | Err(nix::errno::Errno::ENOPROTOOPT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
+    let tcp = |r: nix::Result<()>| match r {
+        Ok(()) | Err(nix::errno::Errno::EOPNOTSUPP) | Err(nix::errno::Errno::ENOPROTOOPT) => Ok(()),
+        Err(e) => Err(io::Error::from(e)),
+    };
+    tcp(nix::sys::socket::setsockopt(&fd, TcpKeepIdle, &(secs / 3).max(1)))?;
+    tcp(nix::sys::socket::setsockopt(&fd, TcpKeepInterval, &1))?;
+    tcp(nix::sys::socket::setsockopt(&fd, TcpKeepCount, &3))?;
+    tcp(nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::TcpUserTimeout, &secs.saturating_mul(1000)))?;
+    Ok(())
+}
+
 /// While alive, pushes out what a corked TCP socket holds every few milliseconds.
 ///
 /// CRIU corks its page-server connection and, at the end of a dump, waits for the page server's answer without
@@ -214,4 +236,111 @@ pub fn cloexec_inherited() {
             let _ = fcntl(fd, FcntlArg::F_SETFD(flags));
         }
     }
+}
+
+/// A pidfd for a process (close-on-exec), through the raw `pidfd_open` system call (Linux 5.3).
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and a flags word (0) by value and touches no memory of ours.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0 as libc::c_uint) };
+    owned_from_syscall(r)
+}
+
+/// A copy of descriptor `target_fd` of the process behind `pidfd`, through the raw `pidfd_getfd` system call
+/// (Linux 5.6; needs ptrace access to the process). The copy shares the open file description with the process's
+/// descriptor (offset, status flags) and is close-on-exec.
+pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, target_fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_getfd takes a descriptor (borrowed, so open for the whole call), a descriptor number of the
+    // other process and a flags word (0), all by value, and touches no memory of ours.
+    let r =
+        unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd as libc::c_int, 0 as libc::c_uint) };
+    owned_from_syscall(r)
+}
+
+/// Takes ownership of the descriptor a raw system call returned (or its errno).
+fn owned_from_syscall(r: libc::c_long) -> io::Result<OwnedFd> {
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(r).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "descriptor out of range"))?;
+    // SAFETY: the kernel just created `fd` for this process and nothing else refers to it; the OwnedFd becomes its
+    // only owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The number of a pty master (N of /dev/pts/N), by TIOCGPTN.
+pub fn pty_number(master: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut n: libc::c_uint = 0;
+    // SAFETY: TIOCGPTN writes one unsigned int through the pointer, which points at a live c_uint; the descriptor
+    // is borrowed, so open for the whole call.
+    let r = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut n as *mut libc::c_uint) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n)
+}
+
+/// How many bytes are queued for reading on a terminal (or pipe, socket), by FIONREAD.
+pub fn queued_input(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which points at a live c_int; the descriptor is
+    // borrowed, so open for the whole call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n as *mut libc::c_int) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    usize::try_from(n).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "negative FIONREAD count"))
+}
+
+/// F_SETOWN_EX and F_GETOWN_EX (asm-generic/fcntl.h), which the libc crate does not define for every target.
+const F_SETOWN_EX: libc::c_int = 15;
+const F_GETOWN_EX: libc::c_int = 16;
+
+/// `struct f_owner_ex`.
+#[repr(C)]
+struct FOwnerEx {
+    kind: libc::c_int,
+    pid: libc::pid_t,
+}
+
+/// Who gets SIGIO for an open file, as F_GETOWN_EX tells: `kind` is F_OWNER_TID (0), F_OWNER_PID (1) or
+/// F_OWNER_PGRP (2), `id` the thread, process or group in our pid namespace (0: nobody).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileOwner {
+    pub kind: i32,
+    pub id: i32,
+}
+
+/// The SIGIO owner of an open file (F_GETOWN_EX).
+pub fn file_owner(fd: BorrowedFd<'_>) -> io::Result<FileOwner> {
+    let mut o = FOwnerEx { kind: 0, pid: 0 };
+    // SAFETY: F_GETOWN_EX writes one struct f_owner_ex through the pointer, which points at a live value of that
+    // layout (repr(C)); the descriptor is borrowed, so open for the whole call.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), F_GETOWN_EX, &mut o as *mut FOwnerEx) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(FileOwner { kind: o.kind, id: o.pid })
+}
+
+/// Sets the SIGIO owner of an open file (F_SETOWN_EX).
+pub fn set_file_owner(fd: BorrowedFd<'_>, owner: FileOwner) -> io::Result<()> {
+    let o = FOwnerEx { kind: owner.kind, pid: owner.id };
+    // SAFETY: F_SETOWN_EX reads one struct f_owner_ex through the pointer, which points at a live value of that
+    // layout (repr(C)); the descriptor is borrowed, so open for the whole call.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), F_SETOWN_EX, &o as *const FOwnerEx) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Takes ownership of a descriptor this process inherited under a number agreed with its parent (the guard's
+/// watch pipe). Fails unless the number is open.
+pub fn adopt_inherited(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd <= 2 || fcntl(fd, FcntlArg::F_GETFD).is_err() {
+        return Err(io::Error::new(io::ErrorKind::NotFound, format!("descriptor {fd} is not open")));
+    }
+    // SAFETY: the descriptor was just seen open, it was handed to this process for it alone (by the parent that
+    // spawned it under this number), and nothing else in this process owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

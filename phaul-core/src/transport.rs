@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use nix::sys::socket::{setsockopt, sockopt};
@@ -102,6 +102,23 @@ impl Channel {
     /// A duplicate of the descriptor, for handing to CRIU or a driver.
     pub fn dup_fd(&self) -> io::Result<OwnedFd> {
         sys::dup(&self.file)
+    }
+
+    /// Another handle on the same connection (its own byte counters), for a reader thread.
+    pub fn try_clone(&self) -> io::Result<Channel> {
+        Ok(Channel::new(self.name, self.dup_fd()?))
+    }
+
+    /// Shuts the connection down for both sides of it, whoever else holds it (CRIU, a reader thread): their
+    /// reads end and their writes fail at once.
+    pub fn shutdown(&self) {
+        let _ = nix::sys::socket::shutdown(self.file.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
+
+    /// On a TCP connection, notices a dead peer or a cut link within about `secs` seconds even while data is
+    /// unacknowledged (TCP_USER_TIMEOUT) or the line is idle (keepalive probes); otherwise nothing.
+    pub fn set_liveness(&self, secs: u32) -> io::Result<()> {
+        sys::tcp_liveness(&self.file, secs)
     }
 }
 

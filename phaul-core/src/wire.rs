@@ -18,6 +18,8 @@ pub enum WireError {
     Closed { channel: &'static str },
     #[error("the peer sent nothing on the {channel} channel for too long; it is presumed dead")]
     Timeout { channel: &'static str },
+    #[error("{who} did not answer {what} within {secs} s (the {bound} bound); it is presumed dead or cut off")]
+    NoAnswer { who: &'static str, what: String, secs: u64, bound: &'static str },
     #[error("the {channel} channel failed: {source}")]
     Io { channel: &'static str, source: io::Error },
     #[error("the peer sent a {size}-byte frame, over the {MAX_FRAME}-byte limit; it is not speaking phaul's protocol")]
@@ -68,6 +70,10 @@ pub fn body_name(b: &Body) -> &'static str {
         Body::FinishReply(_) => "FinishReply",
         Body::Failure(_) => "Failure",
         Body::ChannelOpen(_) => "ChannelOpen",
+        Body::Commit(_) => "Commit",
+        Body::Committed(_) => "Committed",
+        Body::Resolve(_) => "Resolve",
+        Body::ResolveReply(_) => "ResolveReply",
     }
 }
 
@@ -98,16 +104,37 @@ pub fn recv(ch: &mut Channel) -> Result<Body, WireError> {
     }
     let mut buf = vec![0u8; len as usize];
     ch.read_exact(&mut buf).map_err(|e| io_err(name, e))?;
-    let env = Envelope::decode(buf.as_slice()).map_err(|source| WireError::Decode { source })?;
-    let body =
-        env.body.ok_or(WireError::Decode { source: prost::DecodeError::new("an envelope with no message in it") })?;
+    let body = decode_envelope(&buf)?;
     log::trace!("<- {}", body_name(&body));
     Ok(body)
 }
 
 /// Sends a failure report to the peer.
 pub fn send_failure(ch: &mut Channel, message: String, criu_errors: Vec<String>) -> Result<(), WireError> {
-    send(ch, Body::Failure(Failure { message, criu_errors }))
+    send(ch, Body::Failure(Failure { message, criu_errors, aborted: false }))
+}
+
+/// Decodes one frame's payload (the bytes after the length): what [`recv`] does after reading them. Exposed for
+/// the fuzz targets.
+pub fn decode_envelope(buf: &[u8]) -> Result<Body, WireError> {
+    let env = Envelope::decode(buf).map_err(|source| WireError::Decode { source })?;
+    env.body.ok_or(WireError::Decode { source: prost::DecodeError::new("an envelope with no message in it") })
+}
+
+/// Reads frames on `ch` on a thread of its own and hands each to `sink`, with the bytes read so far, until the
+/// channel closes or fails (the error is handed over last) or `sink` returns false. Lets the engine bound every
+/// wait with a deadline and see what the peer sends unasked while it is busy elsewhere (inside a CRIU request).
+pub fn spawn_reader(
+    mut ch: Channel,
+    mut sink: impl FnMut(Result<Body, WireError>, u64) -> bool + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || loop {
+        let r = recv(&mut ch);
+        let end = r.is_err();
+        if !sink(r, ch.counters().1) || end {
+            return;
+        }
+    })
 }
 
 /// Sends a request and returns the reply; a `Failure` reply becomes [`WireError::Remote`].

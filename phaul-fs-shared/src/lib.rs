@@ -5,7 +5,11 @@ use phaul_abi::{FsArgs, FsReceiver, FsSender, PluginError, PluginResult};
 
 struct Shared;
 
-impl FsSender for Shared {}
+impl FsSender for Shared {
+    fn shares_storage(&self) -> bool {
+        true
+    }
+}
 impl FsReceiver for Shared {}
 
 fn refuse_options(args: &FsArgs) -> PluginResult<()> {

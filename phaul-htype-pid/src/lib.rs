@@ -5,6 +5,8 @@
 //! - `ext-unix-sk=yes|no` (no): allow unix sockets connected to processes outside the tree;
 //! - `file-locks=yes|no` (yes): carry file locks;
 //! - `shell-job=yes|no` (no): the tree is not a session leader and belongs to the caller's session;
+//! - `skip-in-flight=yes|no` (yes): skip half-open TCP connections (their clients retransmit their SYN) instead of
+//!   failing the dump, so a server accepting connections throughout can be migrated;
 //! - `require-pidns=yes|no` (yes): insist that the root is the init of its own pid namespace. CRIU restores every
 //!   process with its original pid; when source and destination share a kernel (as in tests) or the pids are taken
 //!   on the destination, only a tree in its own pid namespace can get them back. Set `no` between two real
@@ -12,7 +14,8 @@
 
 use phaul_abi::{option, CriuOptions, CriuStage, HostType, HostTypeArgs, PluginError, PluginResult, Role};
 
-const KNOWN: &[&str] = &["tcp-established", "ext-unix-sk", "file-locks", "shell-job", "require-pidns"];
+const KNOWN: &[&str] =
+    &["tcp-established", "ext-unix-sk", "file-locks", "shell-job", "require-pidns", "skip-in-flight"];
 
 struct PidTree {
     pid: i32,
@@ -22,6 +25,7 @@ struct PidTree {
     file_locks: bool,
     shell_job: bool,
     require_pidns: bool,
+    skip_in_flight: bool,
 }
 
 fn yes_no(args: &HostTypeArgs, key: &str, default: bool) -> PluginResult<bool> {
@@ -55,6 +59,7 @@ fn new(args: &HostTypeArgs) -> PluginResult<PidTree> {
         file_locks: yes_no(args, "file-locks", true)?,
         shell_job: yes_no(args, "shell-job", false)?,
         require_pidns: yes_no(args, "require-pidns", true)?,
+        skip_in_flight: yes_no(args, "skip-in-flight", true)?,
     })
 }
 
@@ -126,6 +131,7 @@ impl HostType for PidTree {
             ext_unix_sk: self.ext_unix_sk,
             file_locks: self.file_locks,
             shell_job: self.shell_job,
+            tcp_skip_in_flight: self.skip_in_flight,
             link_remap: true,
             ..Default::default()
         })

@@ -19,6 +19,6 @@ pub mod external {
 }
 
 /// Version of [`wire`]; bumped on any incompatible change. Both sides refuse a peer with another version.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 pub use prost::Message;

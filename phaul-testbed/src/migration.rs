@@ -256,7 +256,7 @@ impl Lab {
         let scratch = ScratchDir::new(tag)?;
         let plugins = scratch.path().join("plugins.toml");
         write_plugins_toml(&plugins, &["pid", "shared", "external"])?;
-        for d in ["src-images", "dst-images", "state"] {
+        for d in ["src-images", "dst-images", "state", "src-state", "dst-state"] {
             std::fs::create_dir_all(scratch.path().join(d)).map_err(|e| TestbedError::io("creating lab dirs", e))?;
         }
         Ok(Lab {
@@ -311,6 +311,7 @@ impl Lab {
         let src_plugins = opts.src_plugins.clone().unwrap_or_else(|| self.plugins.clone());
 
         let mut serve_args = phaul_args(&dst_plugins, &["serve"], &dst_images);
+        serve_args.extend(["--state-dir".into(), self.path("dst-state").display().to_string()]);
         serve_args.extend(opts.dst_args.iter().cloned());
         let mut serve_cmd = self.phaul_command(self.b(), opts.dst_wrapper.as_ref(), &serve_args);
         serve_cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
@@ -318,6 +319,7 @@ impl Lab {
             .map_err(|e| TestbedError::io("starting phaul serve", e))?;
 
         let mut mig_args = phaul_args(&src_plugins, &["migrate", "pid", &pid.to_string()], &src_images);
+        mig_args.extend(["--state-dir".into(), self.path("src-state").display().to_string()]);
         mig_args.extend(["--dst-rpid".into(), rpid.display().to_string()]);
         if !opts.human_report {
             mig_args.push("--json".into());
@@ -368,7 +370,11 @@ impl Lab {
 
     /// Runs `phaul ARGS` in host A and returns (status, stdout, stderr).
     pub fn phaul(&self, args: &[&str], fds: &[(OwnedFd, i32)]) -> Result<Collected, TestbedError> {
-        let mut cmd = self.a().command(&self.phaul, args);
+        // Session journals go to the scratch directory, like everything else a test makes.
+        let state = self.path("src-state").display().to_string();
+        let mut all = vec!["--state-dir", state.as_str()];
+        all.extend_from_slice(args);
+        let mut cmd = self.a().command(&self.phaul, &all);
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let borrowed: Vec<_> = fds.iter().map(|(fd, n)| (fd.as_fd(), *n)).collect();
         let child = spawn_with_fds(cmd, &borrowed).map_err(|e| TestbedError::io("starting phaul", e))?;

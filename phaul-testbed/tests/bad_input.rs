@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::*;
 use phaul_core::proto::wire::envelope::Body;
 use phaul_core::proto::wire::{CriuVersion, Hello, HelloReply};
+use phaul_core::proto::PROTOCOL_VERSION;
 use phaul_core::transport::{Channel, ChannelName};
 use phaul_core::wire;
 use phaul_testbed::{locate_binary, Lab};
@@ -237,7 +238,8 @@ fn a_source_speaking_another_protocol_version() {
     };
     let reply = wire::request(&mut rpc, Body::Hello(hello));
     let err = reply.expect_err("the destination must refuse").to_string();
-    assert!(err.contains("the source speaks phaul protocol version 999, this destination speaks 1"), "{err}");
+    let want = format!("the source speaks phaul protocol version 999, this destination speaks {PROTOCOL_VERSION}");
+    assert!(err.contains(&want), "{err}");
     let out = phaul_testbed::collect(child, Duration::from_secs(30), "serve").expect("serve");
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
     drop(mem_ours);
@@ -271,11 +273,8 @@ fn a_destination_speaking_another_protocol_version() {
         .expect("run");
     let _ = fake.join();
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
-    assert!(
-        out.stderr.contains("the destination speaks phaul protocol version 999, this source speaks 1"),
-        "{}",
-        out.stderr
-    );
+    let want = format!("the destination speaks phaul protocol version 999, this source speaks {PROTOCOL_VERSION}");
+    assert!(out.stderr.contains(&want), "{}", out.stderr);
     assert!(out.stderr.contains("keeps running"), "{}", out.stderr);
     probe_ok(&w, w.pid());
 }

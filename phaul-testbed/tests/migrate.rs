@@ -125,7 +125,18 @@ fn tcp_server_keeps_an_established_connection() {
 fn serve_listening(lab: &phaul_testbed::Lab, addr: &str, once: bool) -> std::process::Child {
     let plugins = lab.plugins.display().to_string();
     let img = lab.path("dst-images").display().to_string();
-    let mut args = vec!["--plugins", plugins.as_str(), "serve", "--listen", addr, "--img-path", img.as_str()];
+    let state = lab.path("dst-state").display().to_string();
+    let mut args = vec![
+        "--plugins",
+        plugins.as_str(),
+        "--state-dir",
+        state.as_str(),
+        "serve",
+        "--listen",
+        addr,
+        "--img-path",
+        img.as_str(),
+    ];
     if once {
         args.push("--once");
     }

@@ -5,19 +5,30 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use phaul_core::criu::{locate_criu, Criu, MIN_CRIU};
+use phaul_core::engine::guard::ProcessGuards;
+use phaul_core::engine::resolve::{self, Force, Reach, SourceSettler};
 use phaul_core::engine::{
-    self, Acceptor, DestinationChannels, DestinationConfig, Incoming, OnNoConverge, Policy, PreDump, SourceChannels,
-    SourceConfig,
+    self, DestinationChannels, DestinationConfig, DestinationContext, Ended, HandoverOrder, OnNoConverge, Policy,
+    PreDump, SourceChannels, SourceConfig, SourceContext,
 };
-use phaul_core::plugins::{find_config, Registry};
+use phaul_core::hold::SystemKeeper;
+use phaul_core::journal::{self, DestinationJournal, Journals, SourceJournal};
+use phaul_core::plugins::{find_config, Drivers, Registry};
 use phaul_core::transport::{self, Channel, ChannelName};
 
 /// Exit status when the migration failed and the workload still runs on the source.
 const EXIT_FAILED: u8 = 1;
 /// Exit status for bad input (options, files, descriptors).
 const EXIT_USAGE: u8 = 2;
+/// Exit status when the outcome is in doubt: the source's copy is kept until `phaul resolve`.
+const EXIT_IN_DOUBT: u8 = 3;
+/// Exit status when post-copy lost the workload.
+const EXIT_LOST: u8 = 4;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,9 +61,15 @@ struct Common {
     /// More log output (-v info, -vv debug, -vvv trace).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
-    /// Longest wait for the peer or for CRIU, in seconds.
+    /// Longest wait for the peer or for CRIU, in seconds, while nothing is frozen.
     #[arg(long, global = true, value_name = "SECONDS", default_value_t = engine::DEFAULT_TIMEOUT_SECS)]
     timeout: u64,
+    /// Where each side keeps its small journal of every session's state (for `phaul resolve`).
+    #[arg(long, global = true, value_name = "DIR", default_value = journal::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// A dead peer or a cut link is noticed within about this many seconds (TCP keepalive and user timeout).
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = engine::DEFAULT_LINK_TIMEOUT_SECS)]
+    link_timeout: u32,
 }
 
 #[derive(Subcommand, Debug)]
@@ -81,6 +98,74 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Settle a session whose outcome is in doubt (after a cut link or a dead phaul), on either host.
+    Resolve(ResolveArgs),
+    /// The source's guard (started by `phaul migrate`; not for operators).
+    #[command(name = "__guard", hide = true)]
+    Guard {
+        #[arg(long)]
+        journal: PathBuf,
+        #[arg(long)]
+        watch_fd: i32,
+        #[arg(long, default_value_t = engine::DEFAULT_RESOLVE_TIMEOUT_SECS)]
+        patience: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ForceArg {
+    /// The destination holds no copy (you checked): resume the source's copy.
+    Resume,
+    /// The destination runs the workload (you checked): end the source's copy.
+    End,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SideArg {
+    Source,
+    Destination,
+}
+
+#[derive(Args, Debug)]
+struct ResolveArgs {
+    /// The session (in the report, the error message and `phaul resolve --list`).
+    #[arg(required_unless_present = "list")]
+    session: Option<String>,
+    /// List the sessions this host has journals of, and their states.
+    #[arg(long)]
+    list: bool,
+    /// Source side: ask the destination's `phaul serve --listen` at this address (default: the one migrated to).
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "fdrpc")]
+    to: Option<String>,
+    /// Source side: ask the destination on this connection (to a `phaul serve --fdrpc` there).
+    #[arg(long, value_name = "FD")]
+    fdrpc: Option<i32>,
+    /// Source side, when the destination cannot be asked: your decision.
+    #[arg(long, value_enum)]
+    force: Option<ForceArg>,
+    /// Destination side: discard the copy this host holds or runs (when you decided the source's copy counts).
+    #[arg(long)]
+    discard: bool,
+    /// Which side's journal to settle when this host has both.
+    #[arg(long, value_enum)]
+    side: Option<SideArg>,
+    /// How long to keep asking the destination, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    wait: u64,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum HandoverArg {
+    /// Sequential when the storage is shared and the workload holds file locks, unix socket files or FIFOs on it;
+    /// overlap otherwise.
+    Auto,
+    /// The destination restores while the source's tree is held frozen.
+    Overlap,
+    /// The source's tree ends (its image set is its copy) before the destination restores.
+    Sequential,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -193,6 +278,15 @@ struct MigrateArgs {
     /// What to do when pre-copy does not converge (dirtying as fast as the channel, no progress, or max rounds).
     #[arg(long, value_enum, default_value = "stop-and-copy")]
     on_no_converge: NoConvergeArg,
+    /// The order of the handover.
+    #[arg(long, value_enum, default_value = "auto")]
+    handover: HandoverArg,
+    /// Before the point of no return, abort and resume the workload if it has been frozen this long (seconds).
+    #[arg(long, value_name = "SECONDS", default_value_t = engine::DEFAULT_MAX_FROZEN_SECS)]
+    max_frozen: u64,
+    /// After the point of no return, how long to try to learn the outcome before ending in doubt (seconds).
+    #[arg(long, value_name = "SECONDS", default_value_t = engine::DEFAULT_RESOLVE_TIMEOUT_SECS)]
+    resolve_timeout: u64,
     /// Keep the image directories on both hosts after a successful migration (they are always kept on failure).
     #[arg(long)]
     keep_images: bool,
@@ -229,6 +323,10 @@ struct ServeArgs {
     /// Write the restored root pid here (the source's --dst-rpid wins).
     #[arg(long, value_name = "FILE")]
     dst_rpid: Option<PathBuf>,
+    /// How long a restored copy waits for its source to come back after the control connection broke (seconds;
+    /// phaul's own connections only).
+    #[arg(long, value_name = "SECONDS", default_value_t = 15)]
+    reconnect_window: u64,
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -305,6 +403,8 @@ fn run(cli: Cli) -> Result<(), Fail> {
             clap_complete::generate(shell, &mut Cli::command(), "phaul", &mut std::io::stdout());
             Ok(())
         }
+        Command::Resolve(a) => resolve_cmd(&cli.common, a),
+        Command::Guard { journal, watch_fd, patience } => guard(&cli.common, journal, watch_fd, patience),
     }
 }
 
@@ -318,6 +418,9 @@ fn migrate(c: &Common, a: MigrateArgs) -> Result<(), Fail> {
             return Err(Fail(EXIT_USAGE, "give the destination with --to HOST:PORT or --fdrpc/--fdmem".into()))
         }
     };
+    if a.max_frozen == 0 {
+        return Err(Fail(EXIT_USAGE, "--max-frozen must be at least 1 second".into()));
+    }
     let cfg = SourceConfig {
         htype: a.htype,
         id: a.id,
@@ -345,74 +448,261 @@ fn migrate(c: &Common, a: MigrateArgs) -> Result<(), Fail> {
         post_copy_after: a.post_copy_after,
         lazy: matches!(a.mode, ModeArg::Lazy),
         lazy_restore: a.lazy_restore,
+        handover: match a.handover {
+            HandoverArg::Auto => HandoverOrder::Auto,
+            HandoverArg::Overlap => HandoverOrder::Overlap,
+            HandoverArg::Sequential => HandoverOrder::Sequential,
+        },
         keep_images: a.keep_images,
         img_path: a.img_path,
+        state_dir: c.state_dir.clone(),
         skip_cpu_check: a.skip_cpu_check,
         skip_criu_check: a.skip_criu_check,
         timeout: Duration::from_secs(c.timeout),
+        max_frozen: Duration::from_secs(a.max_frozen),
+        resolve_timeout: Duration::from_secs(a.resolve_timeout),
+        link_timeout: c.link_timeout,
         progress: !a.json,
         dst_rpid: a.dst_rpid,
     };
-    let (report, result) = engine::migrate(&reg, &criu, &cfg, channels);
+    let guards = guard_spawner(c, a.resolve_timeout)?;
+    let ctx = SourceContext { drivers: &reg, criu: &criu, keeper: Box::new(SystemKeeper), guards: Some(&guards) };
+    let (report, ended, result) = engine::migrate(ctx, &cfg, channels);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report).map_err(|e| Fail(EXIT_FAILED, e.to_string()))?);
     } else {
         print!("{report}");
     }
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) if report.outcome == "migrated" => {
-            Err(Fail(EXIT_FAILED, format!("the workload runs on the destination, but: {e}")))
-        }
-        Err(e) => Err(Fail(EXIT_FAILED, format!("{e}\nThe workload keeps running on this host."))),
+    match (result, ended) {
+        (Ok(()), _) => Ok(()),
+        (Err(e), Ended::Migrated) => Err(Fail(EXIT_FAILED, format!("the workload runs on the destination, but: {e}"))),
+        (Err(e), Ended::InDoubt) => Err(Fail(EXIT_IN_DOUBT, e.to_string())),
+        (Err(e), Ended::Lost) => Err(Fail(EXIT_LOST, e.to_string())),
+        (Err(e), Ended::RolledBack) => Err(Fail(EXIT_FAILED, format!("{e}\nThe workload keeps running on this host."))),
     }
+}
+
+/// Guards re-run this phaul: `phaul --plugins ... --criu ... --state-dir ... __guard --patience N`.
+fn guard_spawner(c: &Common, patience: u64) -> Result<ProcessGuards, Fail> {
+    let program = std::env::current_exe()
+        .map_err(|e| Fail(EXIT_FAILED, format!("cannot find this phaul's own executable to start its guard: {e}")))?;
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(p) = &c.plugins {
+        args.extend(["--plugins".into(), std::path::absolute(p).unwrap_or_else(|_| p.clone()).into_os_string()]);
+    }
+    if let Some(p) = &c.criu {
+        args.extend(["--criu".into(), p.clone().into_os_string()]);
+    }
+    if let Some(p) = &c.log_file {
+        args.extend(["--log-file".into(), p.clone().into_os_string()]);
+    }
+    args.extend([
+        "--state-dir".into(),
+        std::path::absolute(&c.state_dir).unwrap_or_else(|_| c.state_dir.clone()).into_os_string(),
+    ]);
+    args.extend(["-vv".into(), "__guard".into(), "--patience".into(), patience.to_string().into()]);
+    Ok(ProcessGuards { program, args })
 }
 
 fn serve(c: &Common, a: ServeArgs) -> Result<(), Fail> {
     let reg = registry(c)?;
     let criu = criu(c)?;
-    let cfg = DestinationConfig { img_path: a.img_path, dst_rpid: a.dst_rpid, timeout: Duration::from_secs(c.timeout) };
+    let cfg = DestinationConfig {
+        img_path: a.img_path,
+        dst_rpid: a.dst_rpid,
+        timeout: Duration::from_secs(c.timeout),
+        state_dir: c.state_dir.clone(),
+        reconnect_window: Duration::from_secs(a.reconnect_window),
+        link_timeout: c.link_timeout,
+    };
+    settle_destination_journals(&cfg.state_dir);
+    let ctx = DestinationContext { drivers: &reg, criu: Arc::new(criu), cfg: &cfg };
     let report = |r: Result<engine::ServeSummary, engine::ServeError>| -> Result<(), Fail> {
         match r {
             Ok(s) if s.migrated => {
-                eprintln!("phaul: session {}: migrated; restored pid {}", s.session, s.restored_pid.unwrap_or(0));
+                let pid = s.restored_pid.map(|p| p.to_string()).unwrap_or_else(|| "unknown".into());
+                eprintln!("phaul: session {}: migrated; restored pid {pid}", s.session);
                 Ok(())
             }
+            Ok(s) if s.session.is_empty() => Ok(()),
             Ok(s) => Err(Fail(EXIT_FAILED, format!("session {} rolled back: {}", s.session, s.reason))),
             Err(e) => Err(Fail(EXIT_FAILED, e.to_string())),
         }
     };
     if let Some((rpc, mem, fs)) = a.fds.channels()? {
-        return report(engine::serve_session(&reg, &criu, &cfg, rpc, None, DestinationChannels::Given { mem, fs }));
+        return report(engine::serve_session(&ctx, rpc, None, DestinationChannels::Given { mem, fs }));
     }
     let addr = a.listen.unwrap_or_default();
     let listener: TcpListener = transport::listen(&addr)?;
-    let mut acceptor = Acceptor::new(listener, Duration::from_secs(c.timeout));
-    eprintln!("phaul: serving on {}", acceptor.local_addr().map(|a| a.to_string()).unwrap_or(addr));
-    loop {
-        let (rpc, hello) = match acceptor.next_control()? {
-            Incoming::Control(rpc, hello) => (rpc, hello),
-            Incoming::Dropped(why) => {
-                log::info!("connection not served: {why}");
-                continue;
-            }
-        };
-        log::info!("migration session {}", hello.session);
-        let r = report(engine::serve_session(
-            &reg,
-            &criu,
-            &cfg,
-            rpc,
-            Some(hello),
-            DestinationChannels::Accept(&mut acceptor),
-        ));
-        if a.once {
-            return r;
-        }
-        if let Err(Fail(_, m)) = r {
+    eprintln!("phaul: serving on {}", listener.local_addr().map(|a| a.to_string()).unwrap_or(addr));
+    let stop = AtomicBool::new(false);
+    let first: std::sync::Mutex<Option<Result<(), Fail>>> = std::sync::Mutex::new(None);
+    let once = a.once;
+    let on_done = |r: Result<engine::ServeSummary, engine::ServeError>| {
+        let r = report(r);
+        if let Err(Fail(_, m)) = &r {
             eprintln!("phaul: {m}");
         }
+        if once {
+            let mut f = first.lock().unwrap_or_else(|p| p.into_inner());
+            if f.is_none() {
+                *f = Some(r);
+            }
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    };
+    engine::server::serve_forever(&ctx, listener, &stop, &on_done)?;
+    first.into_inner().unwrap_or_else(|p| p.into_inner()).unwrap_or(Ok(()))
+}
+
+/// At start, every destination journal left unsettled by an earlier `phaul serve` is brought up to date.
+fn settle_destination_journals(dir: &std::path::Path) {
+    let Ok(j) = Journals::open(dir) else { return };
+    for mut rec in j.list::<DestinationJournal>().unwrap_or_default() {
+        let before = rec.state;
+        if let Err(e) = resolve::settle_destination(&j, &mut rec) {
+            log::warn!("{e}");
+        } else if rec.state != before {
+            eprintln!("phaul: session {}: {:?} -> {:?} ({})", rec.session, before, rec.state, rec.note);
+        }
     }
+}
+
+fn resolve_cmd(c: &Common, a: ResolveArgs) -> Result<(), Fail> {
+    let journals = Journals::open(&c.state_dir)?;
+    if a.list {
+        let src = journals.list::<SourceJournal>()?;
+        let dst = journals.list::<DestinationJournal>()?;
+        if a.json {
+            println!("{}", serde_json::json!({ "source": src, "destination": dst }));
+            return Ok(());
+        }
+        println!("{:<34} {:<12} {:<16} WHAT", "SESSION", "SIDE", "STATE");
+        for j in &src {
+            println!(
+                "{:<34} {:<12} {:<16} {} {}: {}",
+                j.session,
+                "source",
+                format!("{:?}", j.state),
+                j.htype,
+                j.id,
+                j.note
+            );
+        }
+        for j in &dst {
+            println!(
+                "{:<34} {:<12} {:<16} {} {}: {}",
+                j.session,
+                "destination",
+                format!("{:?}", j.state),
+                j.htype,
+                j.id,
+                j.note
+            );
+        }
+        return Ok(());
+    }
+    let session = a.session.unwrap_or_default();
+    journal::check_session(&session)?;
+    let has_src = journals.read::<SourceJournal>(&session)?.is_some();
+    let has_dst = journals.read::<DestinationJournal>(&session)?.is_some();
+    let side =
+        match (a.side, has_src, has_dst) {
+            (Some(s), _, _) => s,
+            (None, true, false) => SideArg::Source,
+            (None, false, true) => SideArg::Destination,
+            (None, true, true) => return Err(Fail(
+                EXIT_USAGE,
+                format!(
+                    "this host has both sides' journals of session {session}; add --side source or --side destination"
+                ),
+            )),
+            (None, false, false) => return Err(Fail(
+                EXIT_USAGE,
+                format!(
+                    "no journal of session {session} in {}; run this on a host that took part, with its --state-dir",
+                    c.state_dir.display()
+                ),
+            )),
+        };
+    match side {
+        SideArg::Destination => {
+            let j = resolve::settle_destination_session(&journals, &session, a.discard)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&j).unwrap_or_default());
+            } else {
+                let pid = j.restored.map(|p| format!(" (pid {})", p.pid)).unwrap_or_default();
+                println!("session {session} on this destination: {:?}{pid}: {}", j.state, j.note);
+            }
+            Ok(())
+        }
+        SideArg::Source => {
+            let _claim = resolve::claim(&journals, &session)?;
+            let reach = match (a.to, a.fdrpc) {
+                (Some(addr), _) => Reach::Addr(addr),
+                (None, Some(fd)) => Reach::Channel(Channel::from_raw(ChannelName::Rpc, fd, "--fdrpc")?),
+                (None, None) => Reach::None,
+            };
+            let force = a.force.map(|f| match f {
+                ForceArg::Resume => Force::Resume,
+                ForceArg::End => Force::End,
+            });
+            settle_source(c, &journals, &session, reach, force, Duration::from_secs(a.wait), a.json)
+        }
+    }
+}
+
+fn settle_source(
+    c: &Common,
+    journals: &Journals,
+    session: &str,
+    reach: Reach,
+    force: Option<Force>,
+    patience: Duration,
+    json: bool,
+) -> Result<(), Fail> {
+    let criu = criu(c)?;
+    let reg = registry(c).ok();
+    let restore_options = |j: &SourceJournal| -> Result<phaul_core::abi::CriuOptions, String> {
+        let reg = reg.as_ref().ok_or("the plugin list cannot be loaded to restore the image set")?;
+        let mut h = reg
+            .host_type(&j.htype, phaul_core::abi::Role::Source, &j.id, &j.htype_options, &j.image_dir)
+            .map_err(|e| e.to_string())?;
+        h.criu_options(phaul_core::abi::CriuStage::Restore).into_result().map_err(|e| e.to_string())
+    };
+    let mut keeper = SystemKeeper;
+    let mut settler = SourceSettler { criu: &criu, keeper: &mut keeper, restore_options: &restore_options, journals };
+    match settler.settle(session, reach, force, patience) {
+        Ok(s) => {
+            if json {
+                println!("{}", serde_json::json!({ "session": session, "state": s.state, "message": s.message }));
+            } else {
+                println!("session {session}: {}", s.message);
+            }
+            Ok(())
+        }
+        Err(e @ resolve::ResolveError::StillInDoubt { .. }) => Err(Fail(EXIT_IN_DOUBT, e.to_string())),
+        Err(e) => Err(Fail(EXIT_FAILED, e.to_string())),
+    }
+}
+
+/// The guard: waits for `phaul migrate` to say it settled the session; if it dies first, settles it.
+fn guard(c: &Common, journal: PathBuf, watch_fd: i32, patience: u64) -> Result<(), Fail> {
+    let watch = phaul_core::sys::adopt_inherited(watch_fd).map_err(|e| Fail(EXIT_USAGE, e.to_string()))?;
+    if let Some(word) = resolve::guard_wait(watch) {
+        log::debug!("guard: phaul migrate said {word}");
+        return Ok(());
+    }
+    let (dir, session) = resolve::journal_location(&journal)
+        .ok_or_else(|| Fail(EXIT_USAGE, format!("{} is not a source journal", journal.display())))?;
+    log::warn!("guard: phaul migrate ended without settling session {session}; settling it");
+    let journals = Journals::open(&dir)?;
+    let _claim = resolve::claim(&journals, &session)?;
+    let r = settle_source(c, &journals, &session, Reach::None, None, Duration::from_secs(patience), false);
+    if let Err(Fail(_, m)) = &r {
+        log::error!("guard: {m}");
+    }
+    r
 }
 
 fn plugins(c: &Common, json: bool) -> Result<(), Fail> {

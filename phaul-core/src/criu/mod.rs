@@ -8,4 +8,7 @@ pub mod rpc;
 pub use locate::{locate_criu, CriuLocation, LocateError, MIN_CRIU, SETUP_DEFAULT_CRIU};
 pub use log::error_lines;
 pub use options::{build_opts, network_lock_method};
-pub use rpc::{Criu, CriuError, Features, NotifyHandler, SwrkSession, Version};
+pub use rpc::{Criu, CriuBackend, CriuError, CriuSession, Features, NotifyHandler, SwrkSession, Version};
+
+#[cfg(test)]
+pub mod fake;

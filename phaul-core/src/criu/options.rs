@@ -40,6 +40,7 @@ pub fn build_opts(mut base: CriuOpts, h: &CriuOptions) -> CriuOpts {
     base.orphan_pts_master = flag(h.orphan_pts_master);
     base.mntns_compat_mode = flag(h.mntns_compat_mode);
     base.force_irmap = flag(h.force_irmap);
+    base.tcp_skip_in_flight = flag(h.tcp_skip_in_flight);
     if let Some(m) = cg_mode(h.manage_cgroups) {
         base.manage_cgroups = Some(true);
         base.set_manage_cgroups_mode(m);

@@ -71,7 +71,9 @@ pub enum CriuError {
     Died { op: &'static str, log: Option<PathBuf>, log_errors: Vec<String> },
     #[error("CRIU sent a message phaul cannot decode during {op}: {source}")]
     Decode { op: &'static str, source: prost::DecodeError },
-    #[error("CRIU did not answer {op} within {secs} s; raise --criu-timeout if the workload is that large")]
+    #[error(
+        "CRIU did not answer {op} within {secs} s (the --timeout bound); raise --timeout if the workload is that large"
+    )]
     Timeout { op: &'static str, secs: u64 },
     #[error("CRIU answered {op} with a {got:?} response")]
     Unexpected { op: &'static str, got: CriuReqType },
@@ -239,6 +241,75 @@ impl Criu {
         s.set_log(dir.join("cpuinfo-check.log"));
         s.call("CPUINFO_CHECK", req(CriuReqType::CpuinfoCheck, Some(opts)), &mut |_, _| Ok(()))?;
         Ok(())
+    }
+}
+
+/// What the engine needs from CRIU: the seam between the migration engine and the real `criu swrk`, so that the
+/// order of actions at every failure point can be unit-tested with a recording double.
+pub trait CriuBackend: Send + Sync + fmt::Debug {
+    /// The CRIU binary (also used to start CRIU's `lazy-pages` daemon, which has no RPC request).
+    fn path(&self) -> &Path;
+    /// The bound on any single CRIU request.
+    fn timeout(&self) -> Duration;
+    /// Starts one `criu swrk` session, handing it `fds` at the given descriptor numbers (above 3).
+    fn session(&self, fds: Vec<(OwnedFd, i32)>, stderr_log: Option<&Path>) -> Result<Box<dyn CriuSession>, CriuError>;
+    /// VERSION, FEATURE_CHECK and (with `cpuinfo_dir`) CPUINFO_DUMP.
+    fn preflight(&self, cpuinfo_dir: Option<&Path>) -> Result<(Version, Features, Option<Vec<u8>>), CriuError>;
+    fn version(&self) -> Result<Version, CriuError>;
+    /// CPUINFO_CHECK of `dir/cpuinfo.img`.
+    fn cpuinfo_check(&self, dir: &Path) -> Result<(), CriuError>;
+}
+
+/// One CRIU RPC session.
+pub trait CriuSession: Send + fmt::Debug {
+    /// CRIU's pid (for the fault-injection hook and for waiting on it).
+    fn pid(&self) -> u32;
+    /// The log whose error lines go into errors from now on.
+    fn set_log(&mut self, log: PathBuf);
+    /// Sends a request and serves CRIU's notifications until the response arrives.
+    fn call(
+        &mut self,
+        op: &'static str,
+        request: CriuReq,
+        on_notify: &mut NotifyHandler<'_>,
+    ) -> Result<CriuResp, CriuError>;
+}
+
+impl CriuBackend for Criu {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+    fn session(&self, fds: Vec<(OwnedFd, i32)>, stderr_log: Option<&Path>) -> Result<Box<dyn CriuSession>, CriuError> {
+        Ok(Box::new(self.start(fds, stderr_log)?))
+    }
+    fn preflight(&self, cpuinfo_dir: Option<&Path>) -> Result<(Version, Features, Option<Vec<u8>>), CriuError> {
+        Criu::preflight(self, cpuinfo_dir)
+    }
+    fn version(&self) -> Result<Version, CriuError> {
+        Criu::version(self)
+    }
+    fn cpuinfo_check(&self, dir: &Path) -> Result<(), CriuError> {
+        Criu::cpuinfo_check(self, dir)
+    }
+}
+
+impl CriuSession for SwrkSession {
+    fn pid(&self) -> u32 {
+        SwrkSession::pid(self)
+    }
+    fn set_log(&mut self, log: PathBuf) {
+        SwrkSession::set_log(self, log)
+    }
+    fn call(
+        &mut self,
+        op: &'static str,
+        request: CriuReq,
+        on_notify: &mut NotifyHandler<'_>,
+    ) -> Result<CriuResp, CriuError> {
+        SwrkSession::call(self, op, request, on_notify)
     }
 }
 

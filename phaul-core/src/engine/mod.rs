@@ -2,12 +2,17 @@
 //!
 //! docs/protocol.md has the conversation between them as a sequence diagram.
 
+mod control;
 mod destination;
+pub(crate) mod fault;
 mod files;
+pub mod guard;
 pub mod lazy;
 mod policy;
 mod progress;
 mod report;
+pub mod resolve;
+pub mod server;
 mod source;
 
 use std::fs::DirBuilder;
@@ -16,13 +21,24 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
 pub use destination::{
-    serve_session, Acceptor, DestinationChannels, DestinationConfig, Incoming, ServeError, ServeSummary,
+    kill_restored_tree, serve_session, DestinationChannels, DestinationConfig, DestinationContext, ServeError,
+    ServeSummary,
 };
 pub use files::FileTransferError;
 pub use policy::{rates, should_stop, OnNoConverge, Policy, Rates, RoundSample, StopReason};
 pub use progress::Progress;
-pub use report::{ChannelBytes, MemoryStrategy, Report, RoundReport};
-pub use source::{migrate, MigrateError, PreDump, SourceChannels, SourceConfig};
+pub use report::{ChannelBytes, HandoverReport, MemoryStrategy, Report, RoundReport};
+pub use source::{
+    migrate, Ended, Guard, GuardSpawner, HandoverOrder, MigrateError, PreDump, SourceChannels, SourceConfig,
+    SourceContext,
+};
+
+/// Default `--max-frozen`: the longest a workload stays frozen before the point of no return.
+pub const DEFAULT_MAX_FROZEN_SECS: u64 = 60;
+/// Default `--resolve-timeout`: after the point of no return, how long phaul tries to learn the outcome.
+pub const DEFAULT_RESOLVE_TIMEOUT_SECS: u64 = 60;
+/// Default `--link-timeout`: a dead peer or cut link is noticed within about this many seconds.
+pub const DEFAULT_LINK_TIMEOUT_SECS: u32 = 10;
 
 /// Where images go when `--img-path` is not given. Images hold the workload's memory, so directories are 0700.
 pub const DEFAULT_IMG_PATH: &str = "/var/lib/phaul/images";

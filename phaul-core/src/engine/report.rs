@@ -68,12 +68,39 @@ pub struct ChannelBytes {
     pub filesystem: u64,
 }
 
+/// How the two copies handed over.
+#[derive(Debug, Clone, Serialize)]
+pub struct HandoverReport {
+    /// `stop-and-copy`, `lazy-restore`, `post-copy` or `hybrid`.
+    pub ending: &'static str,
+    /// `overlap` (the destination restores while the source's tree is held frozen) or `sequential` (the source's
+    /// copy is its image set; its tree ends before the destination restores).
+    pub order: &'static str,
+    /// Why this order.
+    pub order_reason: String,
+    /// Whether the source sent `Commit` (the point of no return).
+    pub committed: bool,
+    /// From the freeze to `Commit` sent.
+    pub commit_sent_ms: Option<f64>,
+    /// From `Commit` sent to the destination's `Committed` (one round trip plus the resume).
+    pub commit_rtt_ms: Option<f64>,
+    /// What the destination said when it discarded its copy (if it did).
+    pub destination_aborted: Option<String>,
+}
+
 /// The whole report.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
-    /// `migrated`, or `failed` (the workload still runs on the source).
+    /// `migrated`; `failed` (the workload runs on the source); `in-doubt` (the source's copy is kept, frozen or as
+    /// images, until `phaul resolve`); `lost` (post-copy: the workload ran on the destination and could not be
+    /// completed there).
     pub outcome: &'static str,
     pub error: Option<String>,
+    /// The session id (`phaul resolve SESSION`).
+    pub session: String,
+    /// Which copy exists where, in a sentence.
+    pub copies: String,
+    pub handover: Option<HandoverReport>,
     pub htype: String,
     pub id: String,
     pub fs_driver: String,
@@ -122,6 +149,17 @@ impl fmt::Display for Report {
         writeln!(f, "migration of {} {}: {}", self.htype, self.id, self.outcome)?;
         if let Some(e) = &self.error {
             writeln!(f, "  error:        {e}")?;
+        }
+        if !self.copies.is_empty() {
+            writeln!(f, "  copies:       {}", self.copies)?;
+        }
+        writeln!(f, "  session:      {}", self.session)?;
+        if let Some(h) = &self.handover {
+            write!(f, "  handover:     {}, {} ({})", h.ending, h.order, h.order_reason)?;
+            if let Some(ms) = h.commit_rtt_ms {
+                write!(f, "; commit round trip {ms:.0} ms")?;
+            }
+            writeln!(f)?;
         }
         writeln!(f, "  memory:       {} ({})", self.memory.strategy, self.memory.reason)?;
         if let Some(s) = &self.memory.stop_reason {

@@ -1,0 +1,1321 @@
+//! The destination side (`phaul serve`): one session as a state machine.
+//!
+//! ```text
+//! Greeted --Setup--> Ready --StartRound--> PageServer --EndRound--> Ready --Files/FsRoundDone--> Ready
+//!   Ready --Restore--> Restoring --(CRIU's post-restore)--> Held --Commit--> Resuming --> Committed --Finish--> end
+//!   any state before Committed --Finish{false} / control lost / page server or CRIU died / hold too long--> Aborted
+//! ```
+//!
+//! Invariant: a restored tree runs only after `Commit`. Until then CRIU holds it inside its post-restore
+//! notification; answering that notification with failure (or this process dying, which closes CRIU's RPC socket)
+//! makes CRIU kill it. A message that does not fit the state gets an error naming both, and before a copy is held
+//! it ends the session. Every transition that matters is in the session's journal before it takes effect.
+
+mod restore;
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use abi_stable::std_types::RResult;
+use phaul_abi::{CriuStage, FsReceiverBox, HostTypeBox, Outcome, PluginError, Role};
+use phaul_proto::criu::{CriuPageServerInfo, CriuReq, CriuReqType};
+use phaul_proto::wire::envelope::Body;
+use phaul_proto::wire::{self as w, Decision, Hello, HelloReply, SessionState};
+use phaul_proto::PROTOCOL_VERSION;
+
+use super::files::{self, FileTransferError};
+use super::{fault, lazy, private_dir, sanitize};
+use crate::criu::{build_opts, rpc, CriuBackend, CriuError, CriuSession, Version};
+use crate::images;
+use crate::journal::{DestinationJournal, DestinationState, Journals, ProcId};
+use crate::plugins::Drivers;
+use crate::transport::{Channel, ChannelName, TransportError};
+use crate::wire::{self, WireError};
+
+pub use restore::kill_restored_tree;
+
+/// How the destination is set up.
+#[derive(Debug, Clone)]
+pub struct DestinationConfig {
+    pub img_path: PathBuf,
+    /// Where to write the restored root pid once the migration is committed (`--dst-rpid`).
+    pub dst_rpid: Option<PathBuf>,
+    /// The bound on waits for the source and for CRIU.
+    pub timeout: Duration,
+    /// Session journals (`--state-dir`).
+    pub state_dir: PathBuf,
+    /// How long a held copy waits for the source to come back after its control connection broke (phaul's own
+    /// connections only: handed-in descriptors cannot come back). Never past the hold's bound.
+    pub reconnect_window: Duration,
+    /// TCP liveness bound on the channels (seconds).
+    pub link_timeout: u32,
+}
+
+/// What one served session came to.
+#[derive(Debug, Clone)]
+pub struct ServeSummary {
+    pub session: String,
+    pub migrated: bool,
+    pub restored_pid: Option<i32>,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("the source speaks phaul protocol version {theirs}, this destination speaks {ours}; run the same phaul release on both hosts")]
+    Protocol { ours: u32, theirs: u32 },
+    #[error("the peer did not start with a Hello; it is not a phaul source")]
+    NoHello,
+    #[error("the source's {kind} connection for session {session} did not arrive within {secs} s")]
+    MissingChannel { kind: &'static str, session: String, secs: u64 },
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot query this host's CRIU: {0}")]
+    Criu(#[from] CriuError),
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
+}
+
+/// Where the memory and filesystem channels come from.
+pub enum DestinationChannels<'a> {
+    Given {
+        mem: Channel,
+        fs: Option<Channel>,
+    },
+    /// phaul's own connections: the session's data channels and reconnections arrive through the server.
+    Server(&'a super::server::SessionRegistry),
+}
+
+impl std::fmt::Debug for DestinationChannels<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DestinationChannels::Given { .. } => "Given",
+            DestinationChannels::Server(_) => "Server",
+        })
+    }
+}
+
+/// What the engine needs to serve sessions.
+pub struct DestinationContext<'a> {
+    pub drivers: &'a dyn Drivers,
+    pub criu: Arc<dyn CriuBackend>,
+    pub cfg: &'a DestinationConfig,
+}
+
+/// Events a session waits on.
+pub(crate) enum Event {
+    /// A message (or the end) of the current control connection.
+    Control(Result<Body, WireError>),
+    /// The round's page server exited (`Ok(status)`), or waiting on it failed.
+    PageServer { round: u32, result: Result<i32, CriuError> },
+    /// The restoring CRIU's pid.
+    RestoreCriu(u32),
+    /// The restored tree is held inside post-restore.
+    Held { pid: Option<i32>, wall: Duration },
+    /// CRIU's RESTORE request returned.
+    RestoreDone(Result<(), CriuError>),
+    /// A new control connection about this session (the source reconnected, or `phaul resolve`).
+    Resolve { ch: Channel, decision: Decision },
+    /// Post-copy / lazy restore: the lazy-pages daemon exited (successfully or not).
+    LazyDone { ok: bool },
+}
+
+/// The session's state.
+enum State {
+    Greeted,
+    Ready,
+    /// A page server receives round `round`.
+    PageServer {
+        round: u32,
+        pid: ProcId,
+        done: Option<Result<i32, CriuError>>,
+    },
+    /// CRIU restores; Held has not come yet. `abort`: the source gave up meanwhile.
+    Restoring {
+        deadline: Instant,
+        abort: Option<String>,
+    },
+    /// The copy is held until `deadline` at the latest.
+    Held {
+        pid: ProcId,
+        deadline: Instant,
+    },
+    /// `Commit` arrived; waiting for CRIU to let the tree run. The reply goes to `reply_to` (a reconnection) or
+    /// the control channel.
+    Resuming {
+        pid: ProcId,
+        started: Instant,
+        reply_to: Option<Channel>,
+    },
+    Committed {
+        pid: ProcId,
+    },
+    /// The session is over.
+    Ended,
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            State::Greeted => "greeted",
+            State::Ready => "set up",
+            State::PageServer { .. } => "page server running",
+            State::Restoring { .. } => "restoring",
+            State::Held { .. } => "restored and held",
+            State::Resuming { .. } => "committing",
+            State::Committed { .. } => "committed",
+            State::Ended => "ended",
+        }
+    }
+}
+
+/// A request failed: the message for the source, and CRIU's error lines if CRIU failed.
+#[derive(Debug)]
+struct Failed {
+    message: String,
+    criu_errors: Vec<String>,
+}
+
+impl<E: std::fmt::Display> From<E> for Failed {
+    fn from(e: E) -> Self {
+        Failed { message: e.to_string(), criu_errors: Vec::new() }
+    }
+}
+
+fn criu_failed(e: CriuError) -> Failed {
+    Failed { criu_errors: e.criu_errors().to_vec(), message: e.to_string() }
+}
+
+fn plugin<T>(r: RResult<T, PluginError>, what: &str, name: &str) -> Result<T, Failed> {
+    r.into_result().map_err(|e| Failed {
+        message: format!("the destination's {what} '{name}' failed: {e}"),
+        criu_errors: Vec::new(),
+    })
+}
+
+/// Serves one session on a control channel. `hello` is the greeting when it was already read.
+pub fn serve_session(
+    ctx: &DestinationContext<'_>,
+    mut rpc: Channel,
+    hello: Option<Hello>,
+    channels: DestinationChannels<'_>,
+) -> Result<ServeSummary, ServeError> {
+    let cfg = ctx.cfg;
+    let _ = rpc.set_read_timeout(cfg.timeout.min(Duration::from_secs(30)));
+    let _ = rpc.set_liveness(cfg.link_timeout);
+    let local = ctx.criu.version()?;
+    let hello = match hello {
+        Some(h) => h,
+        None => match wire::recv(&mut rpc)? {
+            Body::Hello(h) => h,
+            Body::Resolve(r) => {
+                // A resolution with handed-in descriptors: answered from the journal.
+                let journals = Journals::open(&cfg.state_dir)?;
+                super::resolve::answer_from_journal(&journals, ctx, rpc, r);
+                return Ok(ServeSummary {
+                    session: String::new(),
+                    migrated: false,
+                    restored_pid: None,
+                    reason: "answered a resolution".into(),
+                });
+            }
+            _ => {
+                let _ = wire::send_failure(&mut rpc, "the first message must be Hello".into(), Vec::new());
+                return Err(ServeError::NoHello);
+            }
+        },
+    };
+    if let Err(e) = check_hello(&hello, &local) {
+        let _ = wire::send_failure(&mut rpc, e.to_string(), Vec::new());
+        return Err(e);
+    }
+    let _ = rpc.set_read_timeout(Duration::ZERO);
+    fault::at("dst", "recv", "Hello");
+    wire::send(
+        &mut rpc,
+        Body::HelloReply(HelloReply {
+            protocol_version: PROTOCOL_VERSION,
+            phaul_version: env!("CARGO_PKG_VERSION").into(),
+            criu: Some(w::CriuVersion {
+                major: local.major,
+                minor: local.minor,
+                sublevel: local.sublevel,
+                text: local.to_string(),
+            }),
+        }),
+    )?;
+    let (events_tx, events) = mpsc::channel();
+    let (mem, fs, registry) = match channels {
+        DestinationChannels::Given { mem, fs } => (mem, fs, None),
+        DestinationChannels::Server(reg) => {
+            let wait = cfg.timeout.min(Duration::from_secs(60));
+            let mem = reg.take_channel(&hello.session, w::ChannelKind::ChannelMemory, wait)?.renamed(ChannelName::Mem);
+            let fs = reg.take_channel(&hello.session, w::ChannelKind::ChannelFs, wait)?.renamed(ChannelName::Fs);
+            reg.register(&hello.session, events_tx.clone());
+            (mem, Some(fs), Some(reg))
+        }
+    };
+    let _ = mem.set_liveness(cfg.link_timeout);
+    let _ = mem.set_read_timeout(cfg.timeout);
+    if let Some(f) = &fs {
+        let _ = f.set_liveness(cfg.link_timeout);
+    }
+    let reader = rpc.try_clone().map_err(|source| TransportError::Setup { channel: "control", source })?;
+    let tx = events_tx.clone();
+    wire::spawn_reader(reader, move |m, _| tx.send(Event::Control(m)).is_ok());
+    let journals = Journals::open(&cfg.state_dir)?;
+    let mut s = Session {
+        ctx,
+        session: hello.session.clone(),
+        journals,
+        journal: None,
+        rpc,
+        rpc_alive: true,
+        mem,
+        fs_ch: fs,
+        events,
+        events_tx,
+        can_reconnect: registry.is_some(),
+        state: State::Greeted,
+        dir: None,
+        htype: None,
+        htype_name: String::new(),
+        fs: None,
+        fs_name: String::new(),
+        keep_images: false,
+        dst_rpid: cfg.dst_rpid.clone(),
+        lazy: None,
+        lazy_restore: false,
+        max_frozen: cfg.timeout,
+        decision: None,
+        restore_criu: None,
+        page_server: None,
+        outcome: None,
+    };
+    let r = s.run();
+    if let Some(reg) = registry {
+        reg.unregister(&hello.session);
+    }
+    r
+}
+
+fn check_hello(h: &Hello, local: &Version) -> Result<(), ServeError> {
+    if h.protocol_version != PROTOCOL_VERSION {
+        return Err(ServeError::Protocol { ours: PROTOCOL_VERSION, theirs: h.protocol_version });
+    }
+    if let Err(e) = crate::journal::check_session(&h.session) {
+        return Err(ServeError::Refused(format!("{e}; is the source running the same phaul release?")));
+    }
+    let Some(theirs) = h.criu.clone() else {
+        return Err(ServeError::Refused("the source did not say which CRIU it runs; is it a phaul source?".into()));
+    };
+    if (local.major, local.minor, local.sublevel) < (theirs.major, theirs.minor, theirs.sublevel) && !h.skip_criu_check
+    {
+        return Err(ServeError::Refused(format!(
+            "the destination's CRIU {local} is older than the source's CRIU {}; images written by a newer CRIU may not restore with an older one. Upgrade CRIU on the destination, or pass --skip-criu-check to the source if you know they are compatible",
+            theirs.text
+        )));
+    }
+    Ok(())
+}
+
+/// Post-copy or `--lazy-restore`: CRIU's lazy-pages daemon, its relay to the source (post-copy only), and when
+/// the restore let the tree run.
+struct Lazy {
+    daemon: Option<std::process::Child>,
+    relay: Option<lazy::DestinationRelay>,
+    resumed_at: Option<Instant>,
+    done: Option<bool>,
+}
+
+struct Session<'a> {
+    ctx: &'a DestinationContext<'a>,
+    session: String,
+    journals: Journals,
+    journal: Option<DestinationJournal>,
+    rpc: Channel,
+    /// Whether the control connection is still usable.
+    rpc_alive: bool,
+    mem: Channel,
+    fs_ch: Option<Channel>,
+    events: Receiver<Event>,
+    events_tx: Sender<Event>,
+    can_reconnect: bool,
+    state: State,
+    dir: Option<PathBuf>,
+    htype: Option<Arc<Mutex<HostTypeBox>>>,
+    htype_name: String,
+    fs: Option<FsReceiverBox>,
+    fs_name: String,
+    keep_images: bool,
+    dst_rpid: Option<PathBuf>,
+    lazy: Option<Lazy>,
+    lazy_restore: bool,
+    /// The bound on the freeze (from the source's Setup), which also bounds a held copy.
+    max_frozen: Duration,
+    /// The decision channel into the restore thread.
+    decision: Option<Sender<bool>>,
+    restore_criu: Option<u32>,
+    /// The page server's CRIU session (kept until the round ends) and its pid.
+    page_server: Option<ProcId>,
+    outcome: Option<ServeSummary>,
+}
+
+fn lock(h: &Mutex<HostTypeBox>) -> std::sync::MutexGuard<'_, HostTypeBox> {
+    h.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Session<'_> {
+    fn summary(&self, migrated: bool, pid: Option<i32>, reason: impl Into<String>) -> ServeSummary {
+        ServeSummary { session: self.session.clone(), migrated, restored_pid: pid, reason: reason.into() }
+    }
+
+    fn run(&mut self) -> Result<ServeSummary, ServeError> {
+        loop {
+            if let Some(done) = self.outcome.take() {
+                return Ok(done);
+            }
+            if matches!(self.state, State::Ended) {
+                return Ok(self.summary(false, None, "the session ended"));
+            }
+            let timeout = self.wait_bound();
+            let ev = match self.events.recv_timeout(timeout) {
+                Ok(ev) => ev,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.on_timeout();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.abort("the session's event queue closed");
+                    continue;
+                }
+            };
+            match ev {
+                Event::Control(Ok(body)) => self.on_message(body),
+                Event::Control(Err(e)) => self.on_control_lost(e),
+                Event::PageServer { round, result } => self.on_page_server(round, result),
+                Event::RestoreCriu(pid) => self.restore_criu = Some(pid),
+                Event::Held { pid, wall } => self.on_held(pid, wall),
+                Event::RestoreDone(r) => self.on_restore_done(r),
+                Event::Resolve { ch, decision } => self.on_resolve(ch, decision),
+                Event::LazyDone { ok } => self.on_lazy_done(ok),
+            }
+        }
+    }
+
+    /// How long to wait for the next event before [`Session::on_timeout`].
+    fn wait_bound(&self) -> Duration {
+        let t = self.ctx.cfg.timeout;
+        match &self.state {
+            State::Restoring { deadline, .. } | State::Held { deadline, .. } => {
+                deadline.saturating_duration_since(Instant::now())
+            }
+            State::Resuming { started, .. } => (*started + t).saturating_duration_since(Instant::now()),
+            State::Ended => Duration::ZERO,
+            _ if !self.rpc_alive => Duration::ZERO,
+            _ => t,
+        }
+        .max(Duration::from_millis(1))
+    }
+
+    fn on_timeout(&mut self) {
+        match &self.state {
+            State::Restoring { .. } => {
+                let why = format!(
+                    "the restore did not reach its hold within {} s (the source's --max-frozen bound); a restore that waits for something the frozen source holds (a file lock on shared storage) ends here",
+                    self.max_frozen.as_secs()
+                );
+                self.abort_and_tell(&why);
+            }
+            State::Held { .. } => {
+                let why = format!(
+                    "the source did not commit the held copy within {} s (its --max-frozen bound)",
+                    self.max_frozen.as_secs()
+                );
+                self.abort_and_tell(&why);
+            }
+            State::Resuming { .. } => {
+                // CRIU did not let the tree run in time: it is killed, and the source told there is no copy.
+                let why = "CRIU did not finish resuming the restored tree within the --timeout bound".to_string();
+                self.abort_and_tell(&why);
+            }
+            State::Committed { .. } => {
+                // The source never said Finish: the copy runs here anyway.
+                self.finalize("the source did not confirm the end; the workload runs here");
+            }
+            _ if !self.rpc_alive => {
+                self.abort("the control connection was lost");
+                self.end_session(false, None, "the control connection was lost");
+            }
+            _ => {
+                let why =
+                    format!("the source sent nothing for {} s (the --timeout bound)", self.ctx.cfg.timeout.as_secs());
+                self.abort_and_tell(&why);
+            }
+        }
+    }
+
+    fn reply(&mut self, r: Result<Body, Failed>) {
+        let body = match r {
+            Ok(b) => b,
+            Err(f) => {
+                log::warn!("session {}: request failed: {}", self.session, f.message);
+                Body::Failure(w::Failure { message: f.message, criu_errors: f.criu_errors, aborted: false })
+            }
+        };
+        self.send(body);
+    }
+
+    fn send(&mut self, body: Body) {
+        if !self.rpc_alive {
+            return;
+        }
+        fault::at("dst", "send", wire::body_name(&body));
+        if let Err(e) = wire::send(&mut self.rpc, body) {
+            log::warn!("session {}: cannot answer the source: {e}", self.session);
+            self.rpc_alive = false;
+        }
+    }
+
+    fn misfit(&mut self, body: &Body) -> Failed {
+        Failed::from(format!(
+            "the source sent {} while this destination's session is {}; that message does not fit here",
+            wire::body_name(body),
+            self.state.name()
+        ))
+    }
+
+    fn on_message(&mut self, body: Body) {
+        fault::at("dst", "recv", wire::body_name(&body));
+        let state = std::mem::replace(&mut self.state, State::Ended);
+        match (state, body) {
+            (State::Greeted, Body::CpuCheck(c)) => {
+                self.state = State::Greeted;
+                let r = self.cpu_check(c.cpuinfo_image);
+                self.reply(r);
+            }
+            (State::Greeted, Body::Setup(s)) => {
+                self.state = State::Ready;
+                match self.setup(s) {
+                    Ok(b) => self.send(b),
+                    Err(f) => {
+                        // A failed Setup ends the session.
+                        self.abort_with_failure(f);
+                    }
+                }
+            }
+            (State::Ready, Body::StartRound(r)) => {
+                self.state = State::Ready;
+                let res =
+                    if r.lazy || r.pages_as_files { self.round_dir_only(r.round) } else { self.start_round(r.round) };
+                match res {
+                    Ok(b) => self.send(b),
+                    Err(f) => self.abort_with_failure(f),
+                }
+            }
+            (State::PageServer { round, pid, done }, Body::EndRound(e)) => {
+                self.state = State::PageServer { round, pid, done };
+                match self.end_round(e.round, e.want_pagemaps) {
+                    Ok(b) => self.send(b),
+                    Err(f) => self.abort_with_failure(f),
+                }
+            }
+            (State::Ready, Body::FsRoundDone(r)) => {
+                self.state = State::Ready;
+                match self.fs_round(r.round) {
+                    Ok(b) => self.send(b),
+                    Err(f) => self.abort_with_failure(f),
+                }
+            }
+            (State::Ready, Body::Files(f)) => {
+                self.state = State::Ready;
+                match self.files(f) {
+                    Ok(b) => self.send(b),
+                    Err(f) => self.abort_with_failure(f),
+                }
+            }
+            (State::Ready, Body::Restore(r)) => {
+                self.state = State::Ready;
+                if let Err(f) = self.restore(r.round, r.lazy) {
+                    self.abort_with_failure(f);
+                }
+            }
+            (State::Restoring { deadline, .. }, Body::Finish(f)) if !f.migrated => {
+                // The answer comes once CRIU reports the hold (or fails).
+                self.state = State::Restoring { deadline, abort: Some(f.reason) };
+            }
+            (State::Held { pid, .. }, Body::Commit(_)) => {
+                self.commit(pid, None);
+            }
+            (State::Committed { pid }, Body::Finish(f)) if f.migrated => {
+                self.state = State::Committed { pid };
+                self.finalize("the source confirmed");
+            }
+            (State::Committed { pid }, other) => {
+                self.state = State::Committed { pid };
+                let f = self.misfit(&other);
+                self.reply(Err(f));
+            }
+            (State::Resuming { pid, started, reply_to }, other) => {
+                self.state = State::Resuming { pid, started, reply_to };
+                let f = self.misfit(&other);
+                self.reply(Err(f));
+            }
+            (state, Body::Finish(f)) if !f.migrated => {
+                self.state = state;
+                let reason = if f.reason.is_empty() { "the source gave up".to_string() } else { f.reason };
+                self.abort(&reason);
+                let kept = self.dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default();
+                self.send(Body::FinishReply(w::FinishReply { kept_images: kept, last_page_ms: 0 }));
+                self.end_session(false, None, reason);
+            }
+            (state, other) => {
+                self.state = state;
+                let f = self.misfit(&other);
+                if matches!(self.state, State::Held { .. }) {
+                    self.reply(Err(f));
+                } else {
+                    self.abort_with_failure(f);
+                }
+            }
+        }
+    }
+
+    fn on_control_lost(&mut self, e: WireError) {
+        if !self.rpc_alive {
+            return;
+        }
+        self.rpc_alive = false;
+        let why = format!("the control connection was lost ({e})");
+        match &mut self.state {
+            State::Held { deadline, .. } if self.can_reconnect => {
+                // Wait for a reconnection no longer than the window (and never past the hold's own bound).
+                let window = Instant::now() + self.ctx.cfg.reconnect_window;
+                if window < *deadline {
+                    *deadline = window;
+                }
+                log::warn!(
+                    "session {}: {why}; holding the restored copy up to {} s for the source to come back",
+                    self.session,
+                    deadline.saturating_duration_since(Instant::now()).as_secs()
+                );
+            }
+            State::Resuming { .. } | State::Restoring { .. } => {
+                // The answer is coming from CRIU; then the rules of that state apply.
+                log::warn!("session {}: {why}", self.session);
+            }
+            State::Committed { .. } => {
+                self.finalize("the source's connection ended after the commit; the workload runs here")
+            }
+            _ => {
+                self.abort(&why);
+                self.end_session(false, None, why);
+            }
+        }
+    }
+
+    fn on_resolve(&mut self, mut ch: Channel, decision: Decision) {
+        log::info!("session {}: the source asks {:?} on a new connection", self.session, decision);
+        let pid = |p: &ProcId| p.pid;
+        let state = std::mem::replace(&mut self.state, State::Ended);
+        let (st, p, detail) = match (state, decision) {
+            (State::Held { pid: h, .. }, Decision::Commit) => {
+                // The reply goes out once the tree runs.
+                self.commit(h, Some(ch));
+                return;
+            }
+            (State::Held { pid: h, deadline }, Decision::Query) => {
+                self.state = State::Held { pid: h, deadline };
+                (SessionState::StateHeld, pid(&h), "restored and held, waiting for the decision".to_string())
+            }
+            (State::Committed { pid: c }, _) => {
+                self.state = State::Committed { pid: c };
+                (SessionState::StateCommitted, pid(&c), "the workload runs here".to_string())
+            }
+            (State::Resuming { pid: r, started, reply_to }, Decision::Commit) if reply_to.is_none() => {
+                self.state = State::Resuming { pid: r, started, reply_to: Some(ch) };
+                return;
+            }
+            (state @ State::Resuming { .. }, _) => {
+                self.state = state;
+                (SessionState::StateActive, 0, "the copy is being let run; ask again".to_string())
+            }
+            (State::Ended, _) => {
+                let j = self.journal.clone();
+                let st = match j.as_ref().map(|j| j.state) {
+                    Some(DestinationState::Committed) => SessionState::StateCommitted,
+                    Some(DestinationState::Lost) => SessionState::StateLost,
+                    _ => SessionState::StateAborted,
+                };
+                (st, j.and_then(|j| j.restored).map(|p| p.pid).unwrap_or(0), "the session is over".to_string())
+            }
+            (state, Decision::Query) => {
+                self.state = state;
+                (SessionState::StateActive, 0, format!("under way ({})", self.state.name()))
+            }
+            (state, _) => {
+                // Abort (or a commit of something not held): nothing here may run.
+                self.state = state;
+                self.abort("the source asked to abort on a new connection");
+                self.end_session(false, None, "aborted on the source's request");
+                (SessionState::StateAborted, 0, "discarded".to_string())
+            }
+        };
+        let _ = wire::send(&mut ch, Body::ResolveReply(w::ResolveReply { state: st as i32, pid: p, detail }));
+    }
+
+    fn dir(&self) -> Result<&Path, Failed> {
+        self.dir.as_deref().ok_or_else(|| Failed::from("the source sent a request before Setup"))
+    }
+
+    fn write_journal(&mut self, state: DestinationState, note: &str) -> Result<(), Failed> {
+        let Some(j) = self.journal.as_mut() else { return Ok(()) };
+        j.state = state;
+        j.note = note.to_string();
+        self.journals.write(j).map_err(Failed::from)
+    }
+
+    fn cpu_check(&mut self, image: Vec<u8>) -> Result<Body, Failed> {
+        private_dir(&self.ctx.cfg.img_path, true)?;
+        let dir = self.ctx.cfg.img_path.join(format!("cpucheck-{}", self.session));
+        private_dir(&dir, false)?;
+        std::fs::write(dir.join("cpuinfo.img"), image)?;
+        let r = self.ctx.criu.cpuinfo_check(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        match r {
+            Ok(()) => Ok(Body::CpuCheckReply(w::CpuCheckReply {})),
+            Err(e) => {
+                let mut f = criu_failed(e);
+                f.message = format!(
+                    "this host's CPU lacks features the source's CPU has, so the workload may crash here ({}); pass --skip-cpu-check to the source to migrate anyway",
+                    f.message
+                );
+                Err(f)
+            }
+        }
+    }
+
+    fn setup(&mut self, s: w::Setup) -> Result<Body, Failed> {
+        if s.mode != w::Mode::Live as i32 {
+            return Err("this destination serves live migrations only".into());
+        }
+        private_dir(&self.ctx.cfg.img_path, true)?;
+        let dir = self.ctx.cfg.img_path.join(format!(
+            "{}-{}-{}-destination",
+            sanitize(&s.htype),
+            sanitize(&s.id),
+            self.session
+        ));
+        private_dir(&dir, false)?;
+        self.dir = Some(dir.clone());
+        self.keep_images = s.keep_images;
+        self.lazy_restore = s.lazy_restore;
+        if s.max_frozen_ms > 0 {
+            self.max_frozen = Duration::from_millis(s.max_frozen_ms).min(self.ctx.cfg.timeout);
+        }
+        let mut j = DestinationJournal {
+            session: self.session.clone(),
+            state: DestinationState::Active,
+            htype: s.htype.clone(),
+            id: s.id.clone(),
+            image_dir: dir.clone(),
+            restored: None,
+            criu_pid: None,
+            note: "set up".into(),
+            updated_unix_ms: 0,
+        };
+        self.journals.write(&mut j)?;
+        self.journal = Some(j);
+        if s.post_copy || s.lazy_restore {
+            // Before the source freezes anything: do lazy pages work here at all?
+            let criu = crate::criu::Criu::new(self.ctx.criu.path().to_path_buf(), self.ctx.criu.timeout());
+            lazy::trial(&criu, &dir.join("lazy-trial"), "the destination")?;
+        }
+        if !s.dst_rpid.is_empty() {
+            self.dst_rpid = Some(PathBuf::from(&s.dst_rpid));
+        }
+        let opts: Vec<(String, String)> = s.htype_options.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect();
+        let htype = self.ctx.drivers.host_type(&s.htype, Role::Destination, &s.id, &opts, &dir)?;
+        self.htype = Some(Arc::new(Mutex::new(htype)));
+        self.htype_name = s.htype.clone();
+        let fs_opts: Vec<(String, String)> = s.fs_options.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect();
+        let fs_fd = self.fs_ch.as_ref().map(|c| c.as_fd().as_raw_fd());
+        let mut fs = self.ctx.drivers.fs_receiver(&s.fs_driver, &fs_opts, fs_fd, &s.fs_roots, &dir)?;
+        self.fs_name = s.fs_driver;
+        plugin(fs.start(), "filesystem driver", &self.fs_name)?;
+        self.fs = Some(fs);
+        Ok(Body::SetupReply(w::SetupReply { image_dir: dir.display().to_string() }))
+    }
+
+    fn round_dir(&self, round: u32) -> Result<PathBuf, Failed> {
+        Ok(self.dir()?.join(round.to_string()))
+    }
+
+    fn make_round_dir(&self, round: u32) -> Result<PathBuf, Failed> {
+        let d = self.round_dir(round)?;
+        private_dir(&d, false)?;
+        if round > 1 && self.round_dir(round - 1)?.is_dir() {
+            std::os::unix::fs::symlink(format!("../{}", round - 1), d.join("parent"))?;
+        }
+        Ok(d)
+    }
+
+    fn start_round(&mut self, round: u32) -> Result<Body, Failed> {
+        let d = self.make_round_dir(round)?;
+        let (mut opts, open_dir) = rpc::dir_opts(&d, "page-server.log").map_err(criu_failed)?;
+        opts.ps = Some(CriuPageServerInfo { fd: Some(rpc::MEM_FD), ..Default::default() });
+        let fds = vec![(self.mem.dup_fd()?, rpc::MEM_FD)];
+        let mut s = self.ctx.criu.session(fds, Some(&d.join("criu-stderr.log"))).map_err(criu_failed)?;
+        s.set_log(d.join("page-server.log"));
+        let mut r = rpc::req(CriuReqType::PageServerChld, Some(opts));
+        r.keep_open = Some(true);
+        let resp = s.call("PAGE_SERVER_CHLD", r, &mut |_, _| Ok(())).map_err(criu_failed)?;
+        let pid = resp.ps.and_then(|p| p.pid).filter(|p| *p > 0).ok_or_else(|| {
+            Failed::from("CRIU started a page server but did not say its pid; is this CRIU too old for phaul?")
+        })?;
+        let ps = ProcId::of(pid).unwrap_or(ProcId { pid, start_time: 0 });
+        fault::criu_started(pid as u32);
+        self.page_server = Some(ps);
+        // A thread waits for the page server to exit, so that its death (a full disk, a broken channel) is
+        // noticed at once and not when the source asks.
+        let tx = self.events_tx.clone();
+        std::thread::spawn(move || {
+            let _open_dir = open_dir;
+            let mut s: Box<dyn CriuSession> = s;
+            let req = CriuReq { r#type: CriuReqType::WaitPid as i32, pid: Some(pid as u32), ..Default::default() };
+            let result = s.call("WAIT_PID", req, &mut |_, _| Ok(())).map(|r| r.status.unwrap_or(-1));
+            fault::criu_gone(pid as u32);
+            let _ = tx.send(Event::PageServer { round, result });
+        });
+        self.state = State::PageServer { round, pid: ps, done: None };
+        Ok(Body::StartRoundReply(w::StartRoundReply {}))
+    }
+
+    /// The final round of a post-copy or sequential migration: only the directory.
+    fn round_dir_only(&mut self, round: u32) -> Result<Body, Failed> {
+        self.make_round_dir(round)?;
+        Ok(Body::StartRoundReply(w::StartRoundReply {}))
+    }
+
+    fn page_server_failure(&self, round: u32, status: Result<i32, CriuError>) -> Failed {
+        let log = self.round_dir(round).map(|d| d.join("page-server.log")).ok();
+        let lines = log.as_deref().map(crate::criu::error_lines).unwrap_or_default();
+        let cause = lines
+            .iter()
+            .find(|l| l.contains("No space left") || l.contains("ENOSPC"))
+            .map(|_| format!("the destination's disk is full at {}", self.ctx.cfg.img_path.display()));
+        let what = match status {
+            Ok(st) => format!("exited with status {st}"),
+            Err(e) => format!("could not be waited for ({e})"),
+        };
+        Failed {
+            message: format!(
+                "the destination's CRIU page server for round {round} {what}{}",
+                cause.map(|c| format!(": {c}")).unwrap_or_default()
+            ),
+            criu_errors: lines,
+        }
+    }
+
+    fn on_page_server(&mut self, round: u32, result: Result<i32, CriuError>) {
+        match &mut self.state {
+            State::PageServer { round: r, done, .. } if *r == round => {
+                let failed = !matches!(result, Ok(0));
+                if failed {
+                    // Tell the source now: its CRIU would otherwise write into a connection nobody reads.
+                    let f = self.page_server_failure(round, result);
+                    self.page_server = None;
+                    self.abort_with_failure(f);
+                } else {
+                    *done = Some(result);
+                }
+            }
+            _ => log::debug!("page server of round {round} ended"),
+        }
+    }
+
+    fn end_round(&mut self, round: u32, want_pagemaps: bool) -> Result<Body, Failed> {
+        let deadline = Instant::now() + self.ctx.cfg.timeout.min(self.max_frozen);
+        // Wait for the page server's exit, serving nothing else meanwhile (the source waits for this reply).
+        loop {
+            if let State::PageServer { done: Some(_), .. } = &self.state {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Failed::from(format!(
+                    "the destination's page server for round {round} did not finish within {} s",
+                    self.max_frozen.min(self.ctx.cfg.timeout).as_secs()
+                )));
+            }
+            match self.events.recv_timeout(left) {
+                Ok(Event::PageServer { round: r, result }) if r == round => match result {
+                    Ok(0) => {
+                        if let State::PageServer { done, .. } = &mut self.state {
+                            *done = Some(Ok(0));
+                        }
+                    }
+                    other => return Err(self.page_server_failure(round, other)),
+                },
+                Ok(Event::Control(Err(e))) => {
+                    return Err(Failed::from(format!("the control connection was lost ({e})")))
+                }
+                Ok(Event::Resolve { mut ch, .. }) => {
+                    let _ = wire::send(
+                        &mut ch,
+                        Body::ResolveReply(w::ResolveReply {
+                            state: SessionState::StateActive as i32,
+                            pid: 0,
+                            detail: "under way".into(),
+                        }),
+                    );
+                }
+                Ok(Event::Control(Ok(b))) => {
+                    return Err(Failed::from(format!(
+                        "the source sent {} while the destination waited for its page server",
+                        wire::body_name(&b)
+                    )))
+                }
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Err(Failed::from("the session's event queue closed")),
+            }
+        }
+        self.page_server = None;
+        self.state = State::Ready;
+        let mut reply = w::EndRoundReply { page_server_bytes: 0, pagemaps: Vec::new(), page_files: Vec::new() };
+        if want_pagemaps {
+            for entry in std::fs::read_dir(self.round_dir(round)?)? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if images::is_pagemap_image(&name) {
+                    reply.pagemaps.push(w::ImageFile { data: std::fs::read(entry.path())?, name });
+                } else if images::is_pages_image(&name) {
+                    reply.page_files.push(name);
+                }
+            }
+        }
+        Ok(Body::EndRoundReply(reply))
+    }
+
+    fn fs_round(&mut self, round: u32) -> Result<Body, Failed> {
+        let name = self.fs_name.clone();
+        let fs = self.fs.as_mut().ok_or_else(|| Failed::from("the source sent a request before Setup"))?;
+        let r = plugin(fs.wait_round(round), "filesystem driver", &name)?;
+        Ok(Body::FsRoundReply(w::FsRoundReply { bytes: r.bytes, files: r.files }))
+    }
+
+    fn files(&mut self, f: w::Files) -> Result<Body, Failed> {
+        let dir = match w::files::Target::try_from(f.target) {
+            Ok(w::files::Target::Images) => self.round_dir(f.round)?,
+            Ok(w::files::Target::Extra) => {
+                let d = self.dir()?.join("extra");
+                if !d.is_dir() {
+                    private_dir(&d, false)?;
+                }
+                d
+            }
+            _ => return Err("files for an unknown target".into()),
+        };
+        let n = files::receive_files(&mut self.mem, &dir, &f.files).map_err(|e: FileTransferError| {
+            let full =
+                matches!(&e, FileTransferError::Write { source, .. } if source.raw_os_error() == Some(libc::ENOSPC));
+            if full {
+                Failed::from(format!("the destination's disk is full ({e})"))
+            } else {
+                Failed::from(e)
+            }
+        })?;
+        Ok(Body::FilesReply(w::FilesReply { bytes: n }))
+    }
+
+    fn restore(&mut self, round: u32, lazy_pages: bool) -> Result<(), Failed> {
+        let d = self.round_dir(round)?;
+        let criu = crate::criu::Criu::new(self.ctx.criu.path().to_path_buf(), self.ctx.criu.timeout());
+        if lazy_pages {
+            // The daemon's page requests reach the source's CRIU through phaul's relay and the memory channel.
+            let relay = lazy::DestinationRelay::start(self.mem.dup_fd()?)?;
+            let daemon = lazy::start_daemon(&criu, &d, Some(relay.port))?;
+            self.lazy = Some(Lazy { daemon: Some(daemon), relay: Some(relay), resumed_at: None, done: None });
+        } else if self.lazy_restore {
+            // Every page is here already: the daemon reads them from this round's images and its parents.
+            let daemon = lazy::start_daemon(&criu, &d, None)?;
+            self.lazy = Some(Lazy { daemon: Some(daemon), relay: None, resumed_at: None, done: None });
+        }
+        let extra = self.dir()?.join("extra");
+        let name = self.htype_name.clone();
+        let htype = self.htype.clone().ok_or_else(|| Failed::from("the source sent a request before Setup"))?;
+        let (root, h) = {
+            let mut ht = lock(&htype);
+            if extra.is_dir() {
+                plugin(ht.install_extra_files(extra.to_string_lossy().as_ref().into()), "host type", &name)?;
+            }
+            let root = plugin(ht.mount_root(), "host type", &name)?;
+            let h = plugin(ht.criu_options(CriuStage::Restore), "host type", &name)?;
+            (root, h)
+        };
+        let (base, open_dir) = rpc::dir_opts(&d, "restore.log").map_err(criu_failed)?;
+        let mut opts = build_opts(base, &h);
+        if lazy_pages || self.lazy_restore {
+            opts.lazy_pages = Some(true);
+        }
+        if let abi_stable::std_types::RSome(r) = root {
+            opts.root = Some(r.into_string());
+        }
+        opts.notify_scripts = Some(true);
+        self.write_journal(DestinationState::Active, "restoring")?;
+        let (dtx, drx) = mpsc::channel();
+        self.decision = Some(dtx);
+        restore::spawn(restore::Job {
+            criu: self.ctx.criu.clone(),
+            dir: d,
+            opts,
+            open_dir,
+            htype,
+            htype_name: name,
+            events: self.events_tx.clone(),
+            decisions: drx,
+        });
+        self.state = State::Restoring { deadline: Instant::now() + self.max_frozen, abort: None };
+        Ok(())
+    }
+
+    fn on_held(&mut self, pid: Option<i32>, wall: Duration) {
+        let abort = match &self.state {
+            State::Restoring { abort, .. } => abort.clone(),
+            _ => {
+                log::warn!("session {}: CRIU reported a hold in state {}", self.session, self.state.name());
+                self.decide(false);
+                return;
+            }
+        };
+        let Some(pid) = pid.filter(|p| *p > 0) else {
+            self.decide(false);
+            self.abort_and_tell("CRIU's post-restore notification named no restored pid; the restore is discarded");
+            return;
+        };
+        let proc_id = ProcId::of(pid).unwrap_or(ProcId { pid, start_time: 0 });
+        if let Some(j) = self.journal.as_mut() {
+            j.restored = Some(proc_id);
+            j.criu_pid = self.restore_criu;
+        }
+        if let Err(f) = self.write_journal(DestinationState::Held, "restored and held") {
+            self.decide(false);
+            self.abort_with_failure(f);
+            return;
+        }
+        let _ = wall;
+        self.state = State::Held { pid: proc_id, deadline: Instant::now() + self.max_frozen };
+        if let Some(reason) = abort {
+            self.abort(&reason);
+            let kept = self.dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default();
+            self.send(Body::FinishReply(w::FinishReply { kept_images: kept, last_page_ms: 0 }));
+            self.end_session(false, None, reason);
+            return;
+        }
+        let stats = self.dir.as_ref().and_then(|d| images::read_restore_stats(d).ok()).map(restore_stats);
+        self.send(Body::RestoreReply(w::RestoreReply {
+            pid,
+            stats,
+            restore_wall_us: wall.as_micros() as u64,
+            held: true,
+        }));
+    }
+
+    fn decide(&mut self, run: bool) {
+        if let Some(d) = self.decision.take() {
+            let _ = d.send(run);
+        }
+    }
+
+    fn commit(&mut self, pid: ProcId, reply_to: Option<Channel>) {
+        if let Err(f) = self.write_journal(DestinationState::CommitReceived, "commit received") {
+            // Not recorded, so not done: the copy is discarded and the source told.
+            self.state = State::Held { pid, deadline: Instant::now() };
+            self.decide(false);
+            self.abort_with_failure(f);
+            return;
+        }
+        fault::at("dst", "step", "commit-received");
+        self.decide(true);
+        self.state = State::Resuming { pid, started: Instant::now(), reply_to };
+    }
+
+    fn on_restore_done(&mut self, r: Result<(), CriuError>) {
+        self.restore_criu = None;
+        let state = std::mem::replace(&mut self.state, State::Ended);
+        match (state, r) {
+            (State::Resuming { pid, started, reply_to }, Ok(())) => {
+                if let Err(f) = self.write_journal(DestinationState::Committed, "the workload runs here") {
+                    log::error!("session {}: {}", self.session, f.message);
+                }
+                if let Some(l) = self.lazy.as_mut() {
+                    l.resumed_at = Some(Instant::now());
+                }
+                self.watch_lazy_daemon();
+                let stats = self.dir.as_ref().and_then(|d| images::read_restore_stats(d).ok()).map(restore_stats);
+                let body = Body::Committed(w::Committed {
+                    pid: pid.pid,
+                    resume_wall_us: started.elapsed().as_micros() as u64,
+                    stats,
+                });
+                self.state = State::Committed { pid };
+                match reply_to {
+                    Some(mut ch) => {
+                        let _ = wire::send(
+                            &mut ch,
+                            Body::ResolveReply(w::ResolveReply {
+                                state: SessionState::StateCommitted as i32,
+                                pid: pid.pid,
+                                detail: "the workload runs here".into(),
+                            }),
+                        );
+                        // Nobody else will say Finish: the source learnt the outcome on this connection.
+                        self.finalize("committed on a reconnection");
+                    }
+                    None => self.send(body),
+                }
+            }
+            (State::Resuming { pid, reply_to, .. }, Err(e)) => {
+                // CRIU could not let the tree run; it kills it on failure. Nothing of it may stay.
+                kill_restored_tree(pid.pid);
+                let f = criu_failed(e);
+                let msg = format!(
+                    "the restored tree could not be resumed on the destination and was discarded ({}); the source's copy is the one that counts",
+                    f.message
+                );
+                if let Some(mut ch) = reply_to {
+                    let _ = wire::send(
+                        &mut ch,
+                        Body::ResolveReply(w::ResolveReply {
+                            state: SessionState::StateAborted as i32,
+                            pid: 0,
+                            detail: msg.clone(),
+                        }),
+                    );
+                }
+                self.state = State::Ended;
+                self.abort_with_failure(Failed { message: msg, criu_errors: f.criu_errors });
+            }
+            (State::Restoring { .. }, Err(e)) => {
+                // The restore failed before its hold; CRIU killed what it had made.
+                self.state = State::Ended;
+                let f = criu_failed(e);
+                self.abort_with_failure(f);
+            }
+            (State::Held { pid, .. }, Err(e)) => {
+                // CRIU died holding the tree: the tree is stuck in CRIU's restorer and must go.
+                kill_restored_tree(pid.pid);
+                self.state = State::Ended;
+                let f = criu_failed(e);
+                self.abort_with_failure(Failed {
+                    message: format!("the destination's CRIU ended while it held the restored copy ({})", f.message),
+                    criu_errors: f.criu_errors,
+                });
+            }
+            (state, r) => {
+                // An abort already answered CRIU; make sure nothing is left.
+                if let Some(p) = self.journal.as_ref().and_then(|j| j.restored) {
+                    if !matches!(state, State::Committed { .. }) && p.alive() {
+                        kill_restored_tree(p.pid);
+                    }
+                }
+                log::debug!("session {}: the restore ended ({:?}) in state {}", self.session, r.err(), state.name());
+                self.state = state;
+            }
+        }
+    }
+
+    fn watch_lazy_daemon(&mut self) {
+        let Some(l) = self.lazy.as_mut() else { return };
+        let Some(mut daemon) = l.daemon.take() else { return };
+        let tx = self.events_tx.clone();
+        let timeout = self.ctx.cfg.timeout;
+        std::thread::spawn(move || {
+            let ok = lazy::wait_child(&mut daemon, timeout);
+            let _ = tx.send(Event::LazyDone { ok });
+        });
+    }
+
+    fn on_lazy_done(&mut self, ok: bool) {
+        if let Some(l) = self.lazy.as_mut() {
+            l.done = Some(ok);
+        }
+        if !ok {
+            if let State::Committed { pid } = &self.state {
+                let pid = *pid;
+                // The workload ran here, but its memory cannot be completed: it is lost.
+                kill_restored_tree(pid.pid);
+                let _ = self.write_journal(DestinationState::Lost, "post-copy could not complete the memory");
+                let msg = "the lazy-pages daemon failed after the workload had started on the destination: the workload is lost (its memory was on both hosts); the destination's copy was killed".to_string();
+                self.send(Body::Failure(w::Failure { message: msg.clone(), criu_errors: Vec::new(), aborted: true }));
+                self.drivers_finish(Outcome::RolledBack);
+                self.end_session(false, None, msg);
+            }
+        }
+    }
+
+    /// The workload runs here: wait for the last page (lazy modes), tell the drivers, write the pid file, remove
+    /// the images unless kept, answer Finish if the source is there.
+    fn finalize(&mut self, why: &str) {
+        let pid = match &self.state {
+            State::Committed { pid } => *pid,
+            _ => return,
+        };
+        let mut last_page_ms = 0;
+        if let Some(l) = self.lazy.as_ref() {
+            let resumed = l.resumed_at;
+            if l.done.is_none() {
+                // Wait for the daemon (bounded by its own watcher).
+                loop {
+                    match self.events.recv_timeout(self.ctx.cfg.timeout) {
+                        Ok(Event::LazyDone { ok }) => {
+                            self.on_lazy_done(ok);
+                            break;
+                        }
+                        Ok(Event::Resolve { mut ch, .. }) => {
+                            let _ = wire::send(
+                                &mut ch,
+                                Body::ResolveReply(w::ResolveReply {
+                                    state: SessionState::StateCommitted as i32,
+                                    pid: pid.pid,
+                                    detail: "the workload runs here".into(),
+                                }),
+                            );
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                if matches!(self.state, State::Ended) {
+                    return;
+                }
+            }
+            if let Some(r) = self.lazy.as_ref().and_then(|l| l.relay.as_ref()) {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !r.finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            last_page_ms = resumed.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
+        }
+        self.drivers_finish(Outcome::Migrated);
+        if let Some(path) = self.dst_rpid.clone() {
+            if let Err(e) = std::fs::write(&path, format!("{}\n", pid.pid)) {
+                log::warn!("could not write the restored pid to {}: {e}", path.display());
+            }
+        }
+        let kept = match (&self.dir, self.keep_images) {
+            (Some(d), true) => d.display().to_string(),
+            _ => String::new(),
+        };
+        self.send(Body::FinishReply(w::FinishReply { kept_images: kept, last_page_ms }));
+        if let (false, Some(d)) = (self.keep_images, &self.dir) {
+            if let Err(e) = std::fs::remove_dir_all(d) {
+                log::warn!("could not remove {}: {e}", d.display());
+            }
+        }
+        log::info!("session {}: migrated ({why}); restored pid {}", self.session, pid.pid);
+        self.end_session(true, Some(pid.pid), why);
+    }
+
+    fn drivers_finish(&mut self, outcome: Outcome) {
+        if let Some(h) = self.htype.as_ref() {
+            if let Err(e) = lock(h).finish(outcome).into_result() {
+                log::warn!("the destination's host type '{}' failed to finish: {e}", self.htype_name);
+            }
+        }
+        if let Some(f) = self.fs.as_mut() {
+            if let Err(e) = f.finish(outcome).into_result() {
+                log::warn!("the destination's filesystem driver '{}' failed to finish: {e}", self.fs_name);
+            }
+        }
+    }
+
+    fn end_session(&mut self, migrated: bool, pid: Option<i32>, reason: impl Into<String>) {
+        self.state = State::Ended;
+        self.outcome = Some(self.summary(migrated, pid, reason));
+    }
+
+    /// Aborts and tells the source (unasked) that the session is over here.
+    fn abort_and_tell(&mut self, why: &str) {
+        self.abort_with_failure(Failed { message: why.to_string(), criu_errors: Vec::new() });
+    }
+
+    fn abort_with_failure(&mut self, f: Failed) {
+        log::warn!("session {}: {}", self.session, f.message);
+        self.abort(&f.message);
+        self.send(Body::Failure(w::Failure { message: f.message.clone(), criu_errors: f.criu_errors, aborted: true }));
+        self.end_session(false, None, f.message);
+    }
+
+    /// Undoes everything: a held or restored tree is killed (waiting for every pid), the page server and the
+    /// lazy-pages daemon stopped, the drivers told; the images stay for inspection.
+    fn abort(&mut self, reason: &str) {
+        log::warn!("rolling back session {}: {reason}", self.session);
+        // A held copy: CRIU kills it when told; then make sure.
+        self.decide(false);
+        if let Some(criu) = self.restore_criu.take() {
+            // A restore still under way (it may wait forever, on a lock the frozen source holds): give CRIU a
+            // moment to end by itself, then end it and whatever it has restored so far.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let mut done = false;
+            while Instant::now() < deadline && !done {
+                match self.events.recv_timeout(Duration::from_millis(20)) {
+                    Ok(Event::RestoreDone(_)) => done = true,
+                    Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            if !done {
+                restore::kill_criu_tree(criu);
+            }
+        }
+        let restored = self.journal.as_ref().and_then(|j| j.restored);
+        if let Some(p) = restored {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while p.alive() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if p.alive() {
+                kill_restored_tree(p.pid);
+            }
+        }
+        if let Some(ps) = self.page_server.take() {
+            // The page server may sit waiting for pages that will never come: it goes, and with it the deleted
+            // image files it holds open.
+            self.mem.shutdown();
+            if ps.alive() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(ps.pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        if let Some(mut l) = self.lazy.take() {
+            if let Some(mut d) = l.daemon.take() {
+                let _ = d.kill();
+                let _ = d.wait();
+            }
+        }
+        if !matches!(self.journal.as_ref().map(|j| j.state), Some(DestinationState::Lost)) {
+            let _ = self.write_journal(DestinationState::Aborted, reason);
+        }
+        self.drivers_finish(Outcome::RolledBack);
+        self.state = State::Ended;
+    }
+}
+
+fn restore_stats(s: images::RestoreStats) -> w::RestoreStats {
+    w::RestoreStats {
+        pages_compared: s.pages_compared,
+        pages_skipped_cow: s.pages_skipped_cow,
+        pages_restored: s.pages_restored,
+        forking_time_us: s.forking_time_us,
+        restore_time_us: s.restore_time_us,
+    }
+}

@@ -1,0 +1,174 @@
+//! `phaul serve --listen`: every connection on a thread of its own, sorted by its first frame. A `Hello` opens a
+//! session; a `ChannelOpen` is a session's memory or filesystem channel (they may arrive in any order, before or
+//! after the control connection); a `Resolve` is a source coming back about a session (reconnecting after a cut
+//! link, or `phaul resolve`): it reaches the live session, or is answered from the session's journal.
+
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use phaul_proto::wire::envelope::Body;
+use phaul_proto::wire::{self as w, ChannelKind};
+
+use super::destination::{serve_session, DestinationChannels, DestinationContext, Event, ServeError, ServeSummary};
+use crate::journal::Journals;
+use crate::transport::{Channel, ChannelName, TransportError};
+use crate::wire;
+
+/// How long a new connection may take to send its first frame.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many data channels wait for their session at most (the oldest go first).
+const MAX_PARKED: usize = 32;
+/// How many connections may be waiting for their first frame at once.
+pub const MAX_HANDSHAKES: usize = 64;
+
+/// Sessions in progress and data channels waiting for theirs.
+#[derive(Default)]
+pub struct SessionRegistry {
+    inner: Mutex<Inner>,
+    arrived: Condvar,
+}
+
+#[derive(Default)]
+struct Inner {
+    parked: Vec<(String, i32, Channel, Instant)>,
+    live: HashMap<String, Sender<Event>>,
+}
+
+impl SessionRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps a data channel for its session.
+    pub fn park(&self, ch: Channel, open: w::ChannelOpen) {
+        let mut g = self.lock();
+        if g.parked.len() >= MAX_PARKED {
+            log::warn!("too many data channels wait for their sessions; dropping the oldest");
+            g.parked.remove(0);
+        }
+        g.parked.push((open.session, open.kind, ch, Instant::now()));
+        drop(g);
+        self.arrived.notify_all();
+    }
+
+    /// The channel of `kind` for `session`, waiting at most `wait` for it to arrive.
+    pub fn take_channel(&self, session: &str, kind: ChannelKind, wait: Duration) -> Result<Channel, ServeError> {
+        let deadline = Instant::now() + wait;
+        let mut g = self.lock();
+        loop {
+            if let Some(i) = g.parked.iter().position(|(s, k, _, _)| s == session && *k == kind as i32) {
+                return Ok(g.parked.remove(i).2);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let name = match kind {
+                    ChannelKind::ChannelFs => "filesystem",
+                    _ => "memory",
+                };
+                return Err(ServeError::MissingChannel { kind: name, session: session.into(), secs: wait.as_secs() });
+            }
+            g = self.arrived.wait_timeout(g, left).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    pub(crate) fn register(&self, session: &str, tx: Sender<Event>) {
+        self.lock().live.insert(session.to_string(), tx);
+    }
+
+    pub(crate) fn unregister(&self, session: &str) {
+        self.lock().live.remove(session);
+    }
+
+    /// Hands a resolution to the live session; gives the channel back if there is none.
+    fn resolve(&self, session: &str, decision: w::Decision, ch: Channel) -> Result<(), Channel> {
+        let tx = self.lock().live.get(session).cloned();
+        match tx {
+            Some(tx) => match tx.send(Event::Resolve { ch, decision }) {
+                Ok(()) => Ok(()),
+                Err(std::sync::mpsc::SendError(Event::Resolve { ch, .. })) => Err(ch),
+                Err(_) => Ok(()),
+            },
+            None => Err(ch),
+        }
+    }
+}
+
+/// Serves connections on `listener` until `stop` is set; `on_done` gets each session's outcome.
+pub fn serve_forever(
+    ctx: &DestinationContext<'_>,
+    listener: TcpListener,
+    stop: &AtomicBool,
+    on_done: &(dyn Fn(Result<ServeSummary, ServeError>) + Sync),
+) -> Result<(), TransportError> {
+    let registry = SessionRegistry::default();
+    let handshakes = AtomicUsize::new(0);
+    std::thread::scope(|scope| -> Result<(), TransportError> {
+        while !stop.load(Ordering::SeqCst) {
+            let ready = {
+                let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                match poll(&mut fds, PollTimeout::from(100u16)) {
+                    Ok(n) => n > 0,
+                    Err(nix::errno::Errno::EINTR) => false,
+                    Err(e) => return Err(TransportError::Accept(e.into())),
+                }
+            };
+            if !ready {
+                continue;
+            }
+            let (stream, peer) = match listener.accept() {
+                Ok(s) => s,
+                Err(e) => {
+                    log::warn!("accepting a connection failed: {e}");
+                    continue;
+                }
+            };
+            if handshakes.load(Ordering::SeqCst) >= MAX_HANDSHAKES {
+                log::warn!(
+                    "dropping a connection from {peer}: {MAX_HANDSHAKES} connections are already waiting to say who they are"
+                );
+                continue;
+            }
+            handshakes.fetch_add(1, Ordering::SeqCst);
+            let (reg, hs) = (&registry, &handshakes);
+            scope.spawn(move || {
+                let first = first_frame(stream);
+                hs.fetch_sub(1, Ordering::SeqCst);
+                match first {
+                    Ok((ch, Body::Hello(h))) => {
+                        log::info!("migration session {} from {peer}", h.session);
+                        on_done(serve_session(ctx, ch, Some(h), DestinationChannels::Server(reg)));
+                    }
+                    Ok((ch, Body::ChannelOpen(o))) => reg.park(ch, o),
+                    Ok((ch, Body::Resolve(r))) => {
+                        let decision = w::Decision::try_from(r.decision).unwrap_or(w::Decision::Query);
+                        if let Err(ch) = reg.resolve(&r.session, decision, ch) {
+                            match Journals::open(&ctx.cfg.state_dir) {
+                                Ok(j) => super::resolve::answer_from_journal(&j, ctx, ch, r),
+                                Err(e) => log::warn!("cannot answer a resolution: {e}"),
+                            }
+                        }
+                    }
+                    Ok((_, other)) => {
+                        log::info!("dropping a connection from {peer}: its first frame was {}", wire::body_name(&other))
+                    }
+                    Err(e) => log::info!("dropping a connection from {peer}: {e}"),
+                }
+            });
+        }
+        Ok(())
+    })
+}
+
+fn first_frame(stream: TcpStream) -> Result<(Channel, Body), String> {
+    let mut ch = Channel::from_tcp(ChannelName::Rpc, stream).map_err(|e| e.to_string())?;
+    let _ = ch.set_read_timeout(HANDSHAKE_TIMEOUT);
+    let body = wire::recv(&mut ch).map_err(|e| e.to_string())?;
+    let _ = ch.set_read_timeout(Duration::ZERO);
+    Ok((ch, body))
+}
