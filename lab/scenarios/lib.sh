@@ -232,7 +232,7 @@ migrate() {
   fi
   if [ "$MIGRATE_STATUS" != 0 ] || [ "$SERVE_STATUS" != 0 ]; then
     _show_logs "$_mw/migrate.err" "$_mw/serve.err" "$_mw/migrate.log" "$_mw/serve.log" "$_mw"/src-img/*/*.log \
-      "$_mw"/dst-img/*/*.log "$_mw"/src-img/*.log "$_mw"/dst-img/*.log
+      "$_mw"/dst-img/*/*.log "$_mw"/src-img/*/*/*.log "$_mw"/dst-img/*/*/*.log "$_mw"/src-img/*.log "$_mw"/dst-img/*.log
   fi
   return "$MIGRATE_STATUS"
 }

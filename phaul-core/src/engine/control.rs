@@ -111,6 +111,20 @@ impl Control {
         self.aborted.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The destination's unasked abort, waiting up to `d` for it (it races with the broken channel CRIU saw).
+    pub fn wait_peer_abort(&self, d: Duration) -> Option<Failure> {
+        let deadline = Instant::now() + d;
+        loop {
+            if let Some(f) = self.peer_aborted() {
+                return Some(f);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn send(&mut self, body: Body) -> Result<(), WireError> {
         super::fault::at("src", "send", wire::body_name(&body));
         wire::send(&mut self.writer, body)

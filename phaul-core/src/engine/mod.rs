@@ -14,6 +14,8 @@ mod report;
 pub mod resolve;
 pub mod server;
 mod source;
+#[cfg(test)]
+mod tests;
 
 use std::fs::DirBuilder;
 use std::io;

@@ -561,7 +561,12 @@ fn first_line(e: &CriuError) -> String {
 /// An error replaced by the destination's own reason when it aborted unasked (its disk filled, its page server
 /// died): that says more than the broken channel CRIU saw.
 fn peer_reason(live: &Live, e: MigrateError) -> MigrateError {
-    match (live.control.peer_aborted(), &e) {
+    let wait = if matches!(e, MigrateError::Criu(_) | MigrateError::Wire(_) | MigrateError::Files(_)) {
+        Duration::from_millis(500)
+    } else {
+        Duration::ZERO
+    };
+    match (live.control.wait_peer_abort(wait), &e) {
         (Some(f), MigrateError::Criu(_)) | (Some(f), MigrateError::Wire(_)) | (Some(f), MigrateError::Files(_)) => {
             MigrateError::DestinationAborted { message: f.message, criu_errors: f.criu_errors }
         }
