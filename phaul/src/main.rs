@@ -606,25 +606,28 @@ fn resolve_cmd(c: &Common, a: ResolveArgs) -> Result<(), Fail> {
     journal::check_session(&session)?;
     let has_src = journals.read::<SourceJournal>(&session)?.is_some();
     let has_dst = journals.read::<DestinationJournal>(&session)?.is_some();
-    let side =
-        match (a.side, has_src, has_dst) {
-            (Some(s), _, _) => s,
-            (None, true, false) => SideArg::Source,
-            (None, false, true) => SideArg::Destination,
-            (None, true, true) => return Err(Fail(
+    let side = match (a.side, has_src, has_dst) {
+        (Some(s), _, _) => s,
+        (None, true, false) => SideArg::Source,
+        (None, false, true) => SideArg::Destination,
+        (None, true, true) => {
+            return Err(Fail(
                 EXIT_USAGE,
                 format!(
                     "this host has both sides' journals of session {session}; add --side source or --side destination"
                 ),
-            )),
-            (None, false, false) => return Err(Fail(
+            ))
+        }
+        (None, false, false) => {
+            return Err(Fail(
                 EXIT_USAGE,
                 format!(
                     "no journal of session {session} in {}; run this on a host that took part, with its --state-dir",
                     c.state_dir.display()
                 ),
-            )),
-        };
+            ))
+        }
+    };
     match side {
         SideArg::Destination => {
             let j = resolve::settle_destination_session(&journals, &session, a.discard)?;
