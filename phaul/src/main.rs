@@ -205,8 +205,8 @@ enum ModeArg {
 /// Connections a caller hands in, already connected to the peer (stream sockets: TCP or AF_UNIX).
 #[derive(Args, Debug)]
 struct FdArgs {
-    /// Control connection.
-    #[arg(long, value_name = "FD", requires = "fdmem")]
+    /// Control connection (`phaul serve --fdrpc` alone answers `phaul resolve` only).
+    #[arg(long, value_name = "FD")]
     fdrpc: Option<i32>,
     /// Memory-page and image connection.
     #[arg(long, value_name = "FD", requires = "fdrpc")]
@@ -219,6 +219,12 @@ struct FdArgs {
 impl FdArgs {
     /// The handed-in channels, checked; `None` when no descriptors were given.
     fn channels(&self) -> Result<Option<(Channel, Channel, Option<Channel>)>, Fail> {
+        if self.fdrpc.is_some() && self.fdmem.is_none() {
+            return Err(Fail(
+                EXIT_USAGE,
+                "--fdrpc needs --fdmem too: a migration has a control and a memory connection".into(),
+            ));
+        }
         let (Some(rpc), Some(mem)) = (self.fdrpc, self.fdmem) else { return Ok(None) };
         phaul_core::sys::check_distinct(&[(Some(rpc), "--fdrpc"), (Some(mem), "--fdmem"), (self.fdfs, "--fdfs")])?;
         let rpc = Channel::from_raw(ChannelName::Rpc, rpc, "--fdrpc")?;
@@ -529,6 +535,11 @@ fn serve(c: &Common, a: ServeArgs) -> Result<(), Fail> {
             Err(e) => Err(Fail(EXIT_FAILED, e.to_string())),
         }
     };
+    if let (Some(fd), None) = (a.fds.fdrpc, a.fds.fdmem) {
+        // Only a control connection: a `phaul resolve` on the source asks about a session.
+        let rpc = Channel::from_raw(ChannelName::Rpc, fd, "--fdrpc")?;
+        return report(engine::answer_resolution(&ctx, rpc));
+    }
     if let Some((rpc, mem, fs)) = a.fds.channels()? {
         return report(engine::serve_session(&ctx, rpc, None, DestinationChannels::Given { mem, fs }));
     }

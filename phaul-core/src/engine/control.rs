@@ -48,6 +48,26 @@ impl Deadline {
 /// What the destination said unasked: it ended the session.
 pub(crate) type PeerAbort = Arc<Mutex<Option<Failure>>>;
 
+/// Post-copy: the commit the reader thread sends by itself as soon as the destination holds its copy, while the
+/// source sits inside CRIU's DUMP request serving pages (see [`Control::arm_auto_commit`]).
+pub(crate) struct AutoCommit {
+    /// Not after this (the freeze bound).
+    pub deadline: Instant,
+    /// Records the decision durably; `false` means it could not be recorded, and then it is not sent.
+    pub record: Box<dyn FnMut() -> bool + Send>,
+    /// Set to stop it (the migration is being abandoned).
+    pub cancelled: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What the reader thread saw of the commit.
+#[derive(Debug, Default)]
+pub(crate) struct CommitSeen {
+    /// When `Commit` went out (by the reader thread, in post-copy).
+    pub sent_at: Mutex<Option<Instant>>,
+    /// The destination's `Committed` arrived.
+    pub committed: Arc<std::sync::atomic::AtomicBool>,
+}
+
 /// The control channel, source side.
 pub(crate) struct Control {
     writer: Channel,
@@ -60,6 +80,8 @@ pub(crate) struct Control {
     on_abort: Arc<Mutex<Vec<Channel>>>,
     /// Bytes read (counted by the reader).
     received: Arc<std::sync::atomic::AtomicU64>,
+    auto: Arc<Mutex<Option<AutoCommit>>>,
+    pub seen: Arc<CommitSeen>,
 }
 
 impl std::fmt::Debug for Control {
@@ -75,9 +97,33 @@ impl Control {
         let aborted: PeerAbort = Arc::new(Mutex::new(None));
         let on_abort: Arc<Mutex<Vec<Channel>>> = Arc::new(Mutex::new(Vec::new()));
         let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (ab, oa, rc) = (aborted.clone(), on_abort.clone(), received.clone());
+        let auto: Arc<Mutex<Option<AutoCommit>>> = Arc::new(Mutex::new(None));
+        let seen = Arc::new(CommitSeen::default());
+        let mut commit_writer = ch.try_clone()?;
+        let (ab, oa, rc, au, se) = (aborted.clone(), on_abort.clone(), received.clone(), auto.clone(), seen.clone());
         wire::spawn_reader(reader, move |m, bytes| {
             rc.store(bytes, std::sync::atomic::Ordering::Relaxed);
+            match &m {
+                Ok(Body::RestoreReply(r)) if r.held => {
+                    // Decided and sent under the lock, so that a cancellation is either before it or after it.
+                    let mut g = au.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(mut a) = g.take() {
+                        let go = Instant::now() < a.deadline
+                            && !a.cancelled.load(std::sync::atomic::Ordering::SeqCst)
+                            && (a.record)();
+                        if go {
+                            super::fault::at("src", "step", "committing");
+                            super::fault::at("src", "send", "Commit");
+                            *se.sent_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                            if let Err(e) = wire::send(&mut commit_writer, Body::Commit(phaul_proto::wire::Commit {})) {
+                                log::warn!("sending Commit failed: {e}");
+                            }
+                        }
+                    }
+                }
+                Ok(Body::Committed(_)) => se.committed.store(true, std::sync::atomic::Ordering::SeqCst),
+                _ => {}
+            }
             if let Ok(Body::Failure(f)) = &m {
                 if f.aborted {
                     log::warn!("the destination ended the session: {}", f.message);
@@ -89,7 +135,7 @@ impl Control {
             }
             tx.send((Instant::now(), m)).is_ok()
         });
-        Ok(Control { writer: ch, rx, last_arrival: None, aborted, on_abort, received })
+        Ok(Control { writer: ch, rx, last_arrival: None, aborted, on_abort, received, auto, seen })
     }
 
     /// Shuts `ch` down as soon as the destination aborts (or now, if it already has).
@@ -100,6 +146,33 @@ impl Control {
             }
             self.on_abort.lock().unwrap_or_else(|p| p.into_inner()).push(c);
         }
+    }
+
+    /// Post-copy: lets the reader thread send `Commit` itself when the destination reports its copy held.
+    pub fn arm_auto_commit(&self, a: AutoCommit) {
+        *self.auto.lock().unwrap_or_else(|p| p.into_inner()) = Some(a);
+    }
+
+    /// Cancels an armed commit unless it was sent already; returns whether it had been sent.
+    pub fn cancel_auto_commit(auto: &Mutex<Option<AutoCommit>>, seen: &CommitSeen) -> bool {
+        let mut g = auto.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = seen.sent_at.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        if !sent {
+            if let Some(a) = g.take() {
+                a.cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        sent
+    }
+
+    /// The armed commit, for [`Control::cancel_auto_commit`] from another thread.
+    pub fn auto_commit_handle(&self) -> Arc<Mutex<Option<AutoCommit>>> {
+        self.auto.clone()
+    }
+
+    /// Whether `Commit` went out through [`Control::arm_auto_commit`], and when.
+    pub fn auto_commit_sent(&self) -> Option<Instant> {
+        *self.seen.sent_at.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Forgets the channels registered with [`Control::shut_on_abort`].

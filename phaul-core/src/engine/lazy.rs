@@ -123,19 +123,66 @@ fn pump_both(local: TcpStream, mem: OwnedFd) -> io::Result<Vec<JoinHandle<()>>> 
     Ok(vec![a, b])
 }
 
+/// The commands of CRIU's page-server protocol that end a lazy transfer: CRIU treats them (and a plain end of the
+/// connection) as success, and then kills the dumped tree.
+const PS_IOV_CLOSE: u32 = 0x1023;
+const PS_IOV_FORCE_CLOSE: u32 = 0x1024;
+const PS_CMD_MASK: u32 = 0xffff;
+
+/// The size of one request of CRIU's page-server protocol (`struct page_server_iov`): CRIU 4.2 widened its
+/// `nr_pages` from 32 to 64 bits, which pads the struct from 24 to 32 bytes.
+pub fn page_server_request_size(criu: (u32, u32, u32)) -> usize {
+    if criu >= (4, 2, 0) {
+        32
+    } else {
+        24
+    }
+}
+
 /// The source's half: once CRIU's lazy page server listens on `port`, connect to it and pump it over the memory
-/// channel. When told to abort first, connect and hang up at once, which makes CRIU give up serving and resume the
-/// tree (CRIU starts its lazy page server even after a failed post-dump notification).
+/// channel.
+///
+/// CRIU takes the end of the transfer (a close request, or the connection simply ending) as success and kills
+/// the dumped tree. Before the destination has confirmed that its copy runs, that must never happen: a
+/// lazy-pages daemon whose restored tree was discarded ends its transfer "successfully" too. So the relay reads
+/// the daemon's requests and passes its close request on to CRIU only once `committed` is set; otherwise, when the
+/// destination hangs up without one, and on [`SourceRelay::poison`], it sends CRIU a request it does not know,
+/// which fails the transfer, and CRIU resumes the tree (into phaul's freezer).
 #[derive(Debug)]
 pub struct SourceRelay {
     abort: Arc<AtomicBool>,
+    to_criu: Arc<std::sync::Mutex<Option<TcpStream>>>,
+    poisoned: Arc<AtomicBool>,
+    header: usize,
+    /// Why the relay failed CRIU's transfer by itself, when it did.
+    reason: Arc<std::sync::Mutex<Option<String>>>,
     thread: Option<JoinHandle<io::Result<()>>>,
 }
 
+fn poison_criu(to_criu: &std::sync::Mutex<Option<TcpStream>>, poisoned: &AtomicBool, header: usize) {
+    let mut g = to_criu.lock().unwrap_or_else(|p| p.into_inner());
+    if poisoned.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    if let Some(s) = g.as_mut() {
+        let _ = s.write_all(&vec![0xffu8; header]);
+        let _ = s.flush();
+    }
+}
+
 impl SourceRelay {
-    pub fn start(port: u16, mem: OwnedFd, timeout: Duration) -> SourceRelay {
+    pub fn start(port: u16, mem: OwnedFd, timeout: Duration, committed: Arc<AtomicBool>, header: usize) -> SourceRelay {
         let abort = Arc::new(AtomicBool::new(false));
-        let a = abort.clone();
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let to_criu: Arc<std::sync::Mutex<Option<TcpStream>>> = Arc::new(std::sync::Mutex::new(None));
+        let reason: Arc<std::sync::Mutex<Option<String>>> = Arc::new(std::sync::Mutex::new(None));
+        let (a, p, tc, why) = (abort.clone(), poisoned.clone(), to_criu.clone(), reason.clone());
+        let say = move |r: &str| {
+            let mut g = why.lock().unwrap_or_else(|p| p.into_inner());
+            if g.is_none() {
+                *g = Some(r.to_string());
+            }
+        };
         let thread = std::thread::spawn(move || -> io::Result<()> {
             let deadline = Instant::now() + timeout;
             while !listening(port) {
@@ -145,21 +192,102 @@ impl SourceRelay {
                 std::thread::sleep(Duration::from_millis(5));
             }
             let s = TcpStream::connect(("127.0.0.1", port))?;
+            let _ = s.set_nodelay(true);
+            // Should this process die, the kernel closes the connection with a reset, not an end: CRIU takes a
+            // plain end of its lazy transfer for success and kills the tree, a reset for failure.
+            let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+            if let Err(e) = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &linger) {
+                log::warn!("cannot make the lazy-page relay reset on exit: {e}");
+            }
             if a.load(Ordering::SeqCst) {
-                drop(s);
+                // The migration did not commit: one unknown request fails CRIU's transfer (a plain hang-up would
+                // count as success).
+                let mut s = s;
+                let _ = s.write_all(&vec![0xffu8; header]);
                 return Ok(());
             }
-            for t in pump_both(s, mem)? {
-                let _ = t.join();
+            *tc.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.try_clone()?);
+            // CRIU -> destination: pages, passed on as they come.
+            let from_criu = s.try_clone()?;
+            let mem_w = std::fs::File::from(sys::dup(&mem)?);
+            let mem_shut = mem_w.try_clone()?;
+            let up = std::thread::spawn(move || {
+                pump(from_criu, mem_w, move || {
+                    let _ = nix::sys::socket::shutdown(
+                        std::os::fd::AsRawFd::as_raw_fd(&mem_shut),
+                        nix::sys::socket::Shutdown::Write,
+                    );
+                })
+            });
+            // Destination -> CRIU: the daemon's requests, one header at a time.
+            let mut mem_r = std::fs::File::from(mem);
+            let mut buf = vec![0u8; header];
+            loop {
+                if mem_r.read_exact(&mut buf).is_err() {
+                    // The destination hung up without a close request: whatever it holds, its memory is not
+                    // complete, so CRIU must not take this for success (after the commit the workload is lost, and
+                    // the source's tree is ended by phaul, not by CRIU).
+                    if !p.load(Ordering::SeqCst) {
+                        say("the destination ended the page transfer without finishing it (its phaul, CRIU or lazy-pages daemon died, or the link broke)");
+                    }
+                    poison_criu(&tc, &p, header);
+                    break;
+                }
+                let cmd = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) & PS_CMD_MASK;
+                if cmd == PS_IOV_CLOSE || cmd == PS_IOV_FORCE_CLOSE {
+                    let wait = Instant::now() + Duration::from_secs(10);
+                    while !committed.load(Ordering::SeqCst) && Instant::now() < wait {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    if !committed.load(Ordering::SeqCst) {
+                        log::warn!("the destination ended the page transfer before it confirmed the commit; failing CRIU's transfer so that it keeps the source's tree");
+                        say("the destination ended the page transfer before it confirmed the commit (its restored copy was discarded)");
+                        poison_criu(&tc, &p, header);
+                        break;
+                    }
+                }
+                let mut g = tc.lock().unwrap_or_else(|p| p.into_inner());
+                if p.load(Ordering::SeqCst) {
+                    break;
+                }
+                match g.as_mut() {
+                    Some(c) => {
+                        if c.write_all(&buf).is_err() {
+                            break;
+                        }
+                    }
+                    None => break,
+                }
             }
+            let _ = up.join();
             Ok(())
         });
-        SourceRelay { abort, thread: Some(thread) }
+        SourceRelay { abort, to_criu, poisoned, header, reason, thread: Some(thread) }
     }
 
-    /// The migration failed before the destination took over: make CRIU stop waiting for a client.
+    /// The migration failed before CRIU's page server got a client: make it give up at once.
     pub fn abort(&self) {
         self.abort.store(true, Ordering::SeqCst);
+    }
+
+    /// Fails CRIU's transfer now (the migration will not commit): CRIU resumes the tree.
+    pub fn poison(&self) {
+        self.poisoner().poison();
+    }
+
+    /// A handle that can fail CRIU's transfer from another thread.
+    pub fn poisoner(&self) -> Poisoner {
+        Poisoner {
+            abort: self.abort.clone(),
+            to_criu: self.to_criu.clone(),
+            poisoned: self.poisoned.clone(),
+            header: self.header,
+        }
+    }
+
+    /// Why the relay failed CRIU's transfer by itself (the destination's side ended it), if it did.
+    pub fn reason(&self) -> Option<String> {
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Waits for the relay to end (it ends when CRIU's page server closes).
@@ -169,6 +297,22 @@ impl SourceRelay {
             Some(Err(_)) => Err(io::Error::other("the relay thread panicked")),
             None => Ok(()),
         }
+    }
+}
+
+/// See [`SourceRelay::poisoner`].
+#[derive(Debug, Clone)]
+pub struct Poisoner {
+    abort: Arc<AtomicBool>,
+    to_criu: Arc<std::sync::Mutex<Option<TcpStream>>>,
+    poisoned: Arc<AtomicBool>,
+    header: usize,
+}
+
+impl Poisoner {
+    pub fn poison(&self) {
+        self.abort.store(true, Ordering::SeqCst);
+        poison_criu(&self.to_criu, &self.poisoned, self.header);
     }
 }
 

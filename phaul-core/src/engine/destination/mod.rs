@@ -200,6 +200,26 @@ fn plugin<T>(r: RResult<T, PluginError>, what: &str, name: &str) -> Result<T, Fa
     })
 }
 
+/// Answers one `Resolve` on a connection handed in without data channels (`phaul serve --fdrpc FD` alone).
+pub fn answer_resolution(ctx: &DestinationContext<'_>, mut rpc: Channel) -> Result<ServeSummary, ServeError> {
+    let _ = rpc.set_read_timeout(ctx.cfg.timeout.min(Duration::from_secs(30)));
+    match wire::recv(&mut rpc)? {
+        Body::Resolve(r) => {
+            let journals = Journals::open(&ctx.cfg.state_dir)?;
+            super::resolve::answer_from_journal(&journals, ctx, rpc, r);
+            Ok(ServeSummary { session: String::new(), migrated: false, restored_pid: None, reason: "answered".into() })
+        }
+        other => {
+            let msg = format!(
+                "with only --fdrpc, phaul serve answers `phaul resolve` only, but the peer sent {}; a migration needs --fdmem too",
+                wire::body_name(&other)
+            );
+            let _ = wire::send_failure(&mut rpc, msg.clone(), Vec::new());
+            Err(ServeError::Refused(msg))
+        }
+    }
+}
+
 /// Serves one session on a control channel. `hello` is the greeting when it was already read.
 pub fn serve_session(
     ctx: &DestinationContext<'_>,
@@ -298,6 +318,7 @@ pub fn serve_session(
         restore_criu: None,
         page_server: None,
         outcome: None,
+        restore_round: None,
     };
     let r = s.run();
     if let Some(reg) = registry {
@@ -366,6 +387,8 @@ struct Session<'a> {
     /// The page server's CRIU session (kept until the round ends) and its pid.
     page_server: Option<ProcId>,
     outcome: Option<ServeSummary>,
+    /// The directory of the round being restored (CRIU writes its restore stats there).
+    restore_round: Option<PathBuf>,
 }
 
 fn lock(h: &Mutex<HostTypeBox>) -> std::sync::MutexGuard<'_, HostTypeBox> {
@@ -973,6 +996,7 @@ impl Session<'_> {
         self.write_journal(DestinationState::Active, "restoring")?;
         let (dtx, drx) = mpsc::channel();
         self.decision = Some(dtx);
+        self.restore_round = Some(d.clone());
         restore::spawn(restore::Job {
             criu: self.ctx.criu.clone(),
             dir: d,
@@ -1020,7 +1044,7 @@ impl Session<'_> {
             self.end_session(false, None, reason);
             return;
         }
-        let stats = self.dir.as_ref().and_then(|d| images::read_restore_stats(d).ok()).map(restore_stats);
+        let stats = self.restore_round.as_ref().and_then(|d| images::read_restore_stats(d).ok()).map(restore_stats);
         self.send(Body::RestoreReply(w::RestoreReply {
             pid,
             stats,
@@ -1060,7 +1084,8 @@ impl Session<'_> {
                     l.resumed_at = Some(Instant::now());
                 }
                 self.watch_lazy_daemon();
-                let stats = self.dir.as_ref().and_then(|d| images::read_restore_stats(d).ok()).map(restore_stats);
+                let stats =
+                    self.restore_round.as_ref().and_then(|d| images::read_restore_stats(d).ok()).map(restore_stats);
                 let body = Body::Committed(w::Committed {
                     pid: pid.pid,
                     resume_wall_us: started.elapsed().as_micros() as u64,

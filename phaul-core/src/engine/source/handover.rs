@@ -23,7 +23,7 @@ use phaul_proto::wire::{self as w, EndRound, Restore, SessionState, StartRound};
 
 use super::{plugin, Ended, HandoverOrder, Live, MigrateError, Plan, SourceConfig, SourceRun};
 use crate::criu::{rpc, CriuError};
-use crate::engine::control::Deadline;
+use crate::engine::control::{AutoCommit, Deadline};
 use crate::engine::files;
 use crate::engine::report::RoundReport;
 use crate::engine::{fault, lazy, page_size};
@@ -253,6 +253,34 @@ fn transfer_and_restore(
     page_server: bool,
     lazy: bool,
 ) -> Result<(), MigrateError> {
+    transfer(run, live, round, dir, page_server)?;
+    run.progress.phase("restoring on the destination (held until the commit)");
+    let reply = live
+        .control
+        .request(Body::Restore(Restore { round, lazy }), run.wait())
+        .map_err(|e| frozen_wait(run, e, "the destination restored"))?;
+    let reply = match reply {
+        Body::RestoreReply(r) if r.held => r,
+        Body::RestoreReply(_) => {
+            return Err(MigrateError::Refused(
+                "the destination restored without holding its copy; is it an older phaul?".into(),
+            ))
+        }
+        other => return Err(WireError::Unexpected { expected: "RestoreReply", got: wire::body_name(&other) }.into()),
+    };
+    record_restore(run, reply.pid, reply.stats, reply.restore_wall_us);
+    check_freeze(run, "the destination restored")?;
+    Ok(())
+}
+
+/// The last page-server round, the last filesystem round, the images and the host type's files.
+fn transfer(
+    run: &mut SourceRun<'_>,
+    live: &mut Live,
+    round: u32,
+    dir: &Path,
+    page_server: bool,
+) -> Result<(), MigrateError> {
     if page_server {
         run.progress.phase("waiting for the destination's page server");
         let end = EndRound { round, want_pagemaps: false };
@@ -276,22 +304,6 @@ fn transfer_and_restore(
         run.send_files(live, round, w::files::Target::Extra, hdrs)?;
     }
     check_freeze(run, "the images were sent")?;
-    run.progress.phase("restoring on the destination (held until the commit)");
-    let reply = live
-        .control
-        .request(Body::Restore(Restore { round, lazy }), run.wait())
-        .map_err(|e| frozen_wait(run, e, "the destination restored"))?;
-    let reply = match reply {
-        Body::RestoreReply(r) if r.held => r,
-        Body::RestoreReply(_) => {
-            return Err(MigrateError::Refused(
-                "the destination restored without holding its copy; is it an older phaul?".into(),
-            ))
-        }
-        other => return Err(WireError::Unexpected { expected: "RestoreReply", got: wire::body_name(&other) }.into()),
-    };
-    record_restore(run, reply.pid, reply.stats, reply.restore_wall_us);
-    check_freeze(run, "the destination restored")?;
     Ok(())
 }
 
@@ -373,7 +385,15 @@ fn committed(run: &mut SourceRun<'_>, live: &Live, c: w::Committed, sent: Instan
         run.report.downtime_ms = Some(arrived.saturating_duration_since(t).as_secs_f64() * 1000.0);
     }
     if let Some(s) = c.stats {
+        // CRIU writes its restore stats once the tree runs: these are the whole restore's.
         run.report.criu_restore_ms = Some(s.restore_time_us as f64 / 1000.0);
+        run.report.restore_stats = Some(images::RestoreStats {
+            pages_compared: s.pages_compared,
+            pages_skipped_cow: s.pages_skipped_cow,
+            pages_restored: s.pages_restored,
+            forking_time_us: s.forking_time_us,
+            restore_time_us: s.restore_time_us,
+        });
     }
 }
 
@@ -708,6 +728,14 @@ fn lost(run: &mut SourceRun<'_>, live: &mut Live, fz: &Frozen, why: String) -> R
 }
 
 /// Post-copy and hybrid.
+///
+/// CRIU's lazy restore needs pages from the source's CRIU before it reaches its post-restore hold (the restorer
+/// touches the tree's memory), and the source's CRIU serves pages only after post-dump is answered. So post-dump
+/// is answered with success before the destination holds its copy; that is safe because the source's relay
+/// passes the end of the transfer on to CRIU (which then kills the tree) only once the destination confirmed
+/// that its copy runs, and fails CRIU's transfer otherwise (CRIU then resumes the tree, into phaul's freezer).
+/// The commit itself is sent by the control channel's reader thread as soon as the destination reports its copy
+/// held, while this thread sits inside CRIU's DUMP request.
 fn post_copy(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<(), MigrateError> {
     run.progress.phase("final dump (the workload is frozen)");
     let round = plan.round;
@@ -735,24 +763,31 @@ fn post_copy(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<(),
     let mut fz = Frozen { dir: dir.clone(), criu_pid: s.pid(), hold: None, decision: None };
     fault::criu_started(fz.criu_pid);
     let mut relay: Option<lazy::SourceRelay> = None;
+    let watchdog_done = Arc::new(AtomicBool::new(false));
+    let watchdog_fired = Arc::new(AtomicBool::new(false));
     let resp = {
         let (run, live, fz, relay) = (&mut *run, &mut *live, &mut fz, &mut relay);
+        let (wd, wf) = (watchdog_done.clone(), watchdog_fired.clone());
         let mut handler = |script: &str, _pid: Option<i32>| -> Result<(), String> {
             fault::at("src", "notify", script);
             match script {
                 "post-dump" => {
-                    let d = post_copy_frozen(run, live, fz, round);
-                    // CRIU starts its lazy page server even after a failed notification: the relay connects in
-                    // any case, and hangs up at once when the migration did not commit.
-                    match live.mem.dup_fd() {
-                        Ok(fd) => {
-                            let r = lazy::SourceRelay::start(port, fd, run.cfg.timeout);
-                            if !matches!(d, Decision::CommitSent) {
-                                r.abort();
+                    let d = post_copy_frozen(run, live, fz, round, port, relay, wd.clone(), wf.clone());
+                    if !matches!(d, Decision::CommitSent) {
+                        // CRIU starts its lazy page server even after a failed notification: connect and fail its
+                        // transfer at once, so that it resumes the tree.
+                        match relay.as_ref() {
+                            Some(r) => r.poison(),
+                            None => {
+                                if let Ok(fd) = live.mem.dup_fd() {
+                                    let committed = Arc::new(AtomicBool::new(false));
+                                    let hdr = lazy::page_server_request_size(run.criu_version);
+                                    let r = lazy::SourceRelay::start(port, fd, run.cfg.timeout, committed, hdr);
+                                    r.abort();
+                                    *relay = Some(r);
+                                }
                             }
-                            *relay = Some(r);
                         }
-                        Err(e) => log::warn!("cannot relay lazy pages: {e}"),
                     }
                     let answer = match &d {
                         Decision::CommitSent => Ok(()),
@@ -772,75 +807,103 @@ fn post_copy(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<(),
     };
     fault::criu_gone(fz.criu_pid);
     drop(s);
+    watchdog_done.store(true, Ordering::SeqCst);
+    let mut relay_reason = None;
     if let Some(r) = relay {
+        relay_reason = r.reason();
         if let Err(e) = r.join() {
             log::warn!("the lazy-page relay ended with: {e}");
         }
     }
-    let criu_after = if matches!(resp, Err(CriuError::Died { .. })) { CriuAfter::Died } else { CriuAfter::Resumed };
-    let sent = run.report.handover.as_ref().and_then(|h| h.commit_sent_ms).is_some();
-    match fz.decision.take() {
-        Some(Decision::CommitSent) if sent => {
-            // The answer to Commit is in the queue (or never came).
-            let d = match live.control.recv(Deadline::after(run.cfg.resolve_timeout, "--resolve-timeout"), "Commit") {
+    let confirmed = live.control.seen.committed.load(Ordering::SeqCst);
+    let sent = live.control.auto_commit_sent();
+    if let (Some(at), Some(h)) = (sent, run.report.handover.as_mut()) {
+        h.committed = true;
+        h.commit_sent_ms = run.freeze.map(|(t, _)| at.saturating_duration_since(t).as_secs_f64() * 1000.0);
+    }
+    if sent.is_some() {
+        let _ = run.record(SourceState::Committing, "Commit sent (post-copy): the point of no return", |_| {});
+    }
+    // The destination's answers are in the queue: RestoreReply, then Committed (or a failure).
+    let mut answer: Option<Decision> = None;
+    if matches!(fz.decision, Some(Decision::CommitSent)) {
+        let d = Deadline::after(run.cfg.resolve_timeout.min(run.cfg.timeout), "--resolve-timeout");
+        loop {
+            match live.control.recv(d, "Restore and Commit") {
+                Ok(Body::RestoreReply(r)) => record_restore(run, r.pid, r.stats, r.restore_wall_us),
                 Ok(Body::Committed(c)) => {
-                    let t = run.freeze.map(|(t, _)| t).unwrap_or_else(Instant::now);
-                    committed(run, live, c, t);
-                    Decision::Committed
+                    committed(run, live, c, sent.unwrap_or_else(Instant::now));
+                    answer = Some(Decision::Committed);
+                    break;
                 }
-                Ok(Body::Failure(f)) => Decision::Aborted(MigrateError::DestinationAborted {
-                    message: f.message,
-                    criu_errors: f.criu_errors,
-                }),
-                Ok(other) => resolve_again(
-                    run,
-                    live,
-                    format!("the destination answered Commit with {}", wire::body_name(&other)),
-                ),
-                Err(e) => resolve_again(run, live, format!("no answer to Commit ({e})")),
-            };
-            match (d, resp.is_ok()) {
-                (Decision::Committed, true) => {
-                    end_source_copy(run, &fz, true);
-                    dump_stats(run, &fz.dir, true);
-                    if let Some((t, _)) = run.freeze {
-                        run.report.post_copy_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
+                Ok(Body::Failure(f)) => {
+                    answer = Some(Decision::Aborted(MigrateError::DestinationAborted {
+                        message: f.message,
+                        criu_errors: f.criu_errors,
+                    }));
+                    break;
+                }
+                Ok(other) => log::debug!("post-copy: {} from the destination", wire::body_name(&other)),
+                Err(e) => {
+                    if sent.is_some() {
+                        answer = Some(resolve_again(run, live, format!("no answer to Commit ({e})")));
                     }
-                    migrated(run, live)
+                    break;
                 }
-                (Decision::Committed, false) => {
-                    // The destination ran the workload, and the page transfer broke: lost.
-                    lost(
-                        run,
-                        live,
-                        &fz,
-                        "the page transfer broke after the workload had started on the destination".into(),
-                    )
-                }
-                (Decision::Aborted(e), _) => {
-                    // The destination never let its copy run: the source's copy (intact, frozen) resumes.
-                    resume_source_copy(run, &fz, criu_after)?;
-                    rolled_back(run, live, e)
-                }
-                (Decision::Lost(why), _) => lost(run, live, &fz, why),
-                (Decision::InDoubt(why), _) => in_doubt(run, live, why),
-                (_, _) => in_doubt(run, live, "the commit's answer never came".into()),
             }
         }
-        Some(Decision::NotCommitted(e)) => {
-            let e = peer_reason(live, e);
+    }
+    // CRIU answered post-dump with success, so when it resumes the tree its sockets are still in repair mode and
+    // its lock in place: the way back is the one after a dead CRIU.
+    let criu_after = CriuAfter::Died;
+    let was_committed = confirmed || matches!(answer, Some(Decision::Committed));
+    match (fz.decision.take(), answer) {
+        (Some(Decision::CommitSent), _) if was_committed && resp.is_ok() => {
+            end_source_copy(run, &fz, true);
+            dump_stats(run, &fz.dir, true);
+            if let Some((t, _)) = run.freeze {
+                run.report.post_copy_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            migrated(run, live)
+        }
+        (Some(Decision::CommitSent), _) if was_committed => {
+            // The destination ran the workload, and the page transfer broke: lost.
+            lost(run, live, &fz, "the page transfer broke after the workload had started on the destination".into())
+        }
+        (Some(Decision::CommitSent), Some(Decision::Aborted(e))) => {
+            // The destination never let its copy run: the source's copy (intact, frozen) resumes.
             resume_source_copy(run, &fz, criu_after)?;
             rolled_back(run, live, e)
         }
-        Some(Decision::InDoubt(why)) => in_doubt(run, live, why),
-        Some(other) => {
-            let why = match other {
-                Decision::Lost(w) => w,
-                _ => "the commit could not be sent".into(),
+        (Some(Decision::CommitSent), Some(Decision::Lost(why))) => lost(run, live, &fz, why),
+        (Some(Decision::CommitSent), Some(Decision::InDoubt(why))) => in_doubt(run, live, why),
+        (Some(Decision::CommitSent), _) => {
+            // Nothing was committed (the destination never reported its copy held in time).
+            let e = if watchdog_fired.load(Ordering::SeqCst) {
+                MigrateError::FreezeBound {
+                    secs: run.cfg.max_frozen.as_secs(),
+                    step: "the destination restored (post-copy)".into(),
+                }
+            } else {
+                match (resp, relay_reason) {
+                    (Err(e), None) => peer_reason(live, MigrateError::Criu(e)),
+                    (Err(_), Some(why)) => {
+                        peer_reason(live, MigrateError::Refused(format!("{why}; nothing was committed")))
+                    }
+                    (Ok(_), _) => MigrateError::Refused("the page transfer ended before the commit".into()),
+                }
             };
-            in_doubt(run, live, why)
+            resume_source_copy(run, &fz, criu_after)?;
+            rolled_back(run, live, e)
         }
-        None => {
+        (Some(Decision::NotCommitted(e)), _) => {
+            let e = peer_reason(live, e);
+            resume_source_copy(run, &fz, CriuAfter::Resumed)?;
+            rolled_back(run, live, e)
+        }
+        (Some(Decision::InDoubt(why)), _) | (Some(Decision::Lost(why)), _) => in_doubt(run, live, why),
+        (Some(_), _) => in_doubt(run, live, "the commit's answer never came".into()),
+        (None, _) => {
             let e = match resp {
                 Err(e) => peer_reason(live, MigrateError::Criu(e)),
                 Ok(_) => MigrateError::Refused("CRIU's dump ended without its post-dump notification".into()),
@@ -850,26 +913,83 @@ fn post_copy(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<(),
     }
 }
 
-/// Inside post-dump, post-copy: everything but the pages, the held restore, then `Commit` (the answer comes
-/// after CRIU has served the pages).
-fn post_copy_frozen(run: &mut SourceRun<'_>, live: &mut Live, fz: &mut Frozen, round: u32) -> Decision {
+/// Inside post-dump, post-copy: everything but the pages, the restore asked for, the reader thread armed to
+/// commit once the destination holds its copy, the relay started. Returns `CommitSent` when post-dump may be
+/// answered with success (the pages may flow; see [`post_copy`]).
+#[allow(clippy::too_many_arguments)]
+fn post_copy_frozen(
+    run: &mut SourceRun<'_>,
+    live: &mut Live,
+    fz: &mut Frozen,
+    round: u32,
+    port: u16,
+    relay: &mut Option<lazy::SourceRelay>,
+    done: Arc<AtomicBool>,
+    fired: Arc<AtomicBool>,
+) -> Decision {
     if let Err(e) = engage(run, live, fz) {
         return Decision::NotCommitted(e);
     }
     let dir = fz.dir.clone();
-    if let Err(e) = transfer_and_restore(run, live, round, &dir, false, true) {
+    if let Err(e) = transfer(run, live, round, &dir, false) {
         return Decision::NotCommitted(e);
     }
-    if let Err(e) = check_freeze(run, "the destination restored") {
-        return Decision::NotCommitted(e);
+    let deadline = run.freeze.map(|(_, d)| d.at).unwrap_or_else(Instant::now);
+    let cancelled = Arc::new(AtomicBool::new(false));
+    if let (Some(js), Some(j)) = (run.journals.clone(), run.journal.clone()) {
+        let mut j = j;
+        live.control.arm_auto_commit(AutoCommit {
+            deadline,
+            record: Box::new(move || {
+                j.state = SourceState::Committing;
+                j.note = "Commit decided (post-copy): the point of no return".into();
+                js.write(&mut j).is_ok()
+            }),
+            cancelled: cancelled.clone(),
+        });
     }
-    match send_commit(run, live) {
-        Ok(_) => {
-            run.progress.phase("post-copy: the workload starts on the destination; its pages follow on demand");
-            Decision::CommitSent
+    run.progress.phase("post-copy: restoring on the destination; its pages follow on demand");
+    if let Err(e) = live.control.send(Body::Restore(Restore { round, lazy: true })) {
+        cancelled.store(true, Ordering::SeqCst);
+        return Decision::NotCommitted(e.into());
+    }
+    let fd = match live.mem.dup_fd() {
+        Ok(fd) => fd,
+        Err(e) => {
+            cancelled.store(true, Ordering::SeqCst);
+            return Decision::NotCommitted(MigrateError::Refused(format!("cannot relay lazy pages: {e}")));
         }
-        Err(d) => d,
-    }
+    };
+    let hdr = lazy::page_server_request_size(run.criu_version);
+    let r = lazy::SourceRelay::start(port, fd, run.cfg.timeout, live.control.seen.committed.clone(), hdr);
+    // Until the commit is sent: a destination that aborts, or the freeze bound, fails CRIU's transfer.
+    let poisoner = r.poisoner();
+    let aborted = live.control.aborted.clone();
+    let seen = live.control.seen.clone();
+    let auto = live.control.auto_commit_handle();
+    std::thread::spawn(move || {
+        while !done.load(Ordering::SeqCst) {
+            if seen.sent_at.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+                return;
+            }
+            let peer = aborted.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+            if peer || Instant::now() >= deadline {
+                // Cancelled under the reader's lock: either the commit went out before (then nothing is undone)
+                // or it never will.
+                if crate::engine::control::Control::cancel_auto_commit(&auto, &seen) {
+                    return;
+                }
+                if !peer {
+                    fired.store(true, Ordering::SeqCst);
+                }
+                poisoner.poison();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    *relay = Some(r);
+    Decision::CommitSent
 }
 
 /// The sequential order.

@@ -299,6 +299,8 @@ pub(super) struct SourceRun<'c> {
     /// When the workload was frozen, and the deadline the freeze must end by before the point of no return.
     pub freeze: Option<(Instant, Deadline)>,
     order: HandoverOrder,
+    /// This host's CRIU version.
+    pub criu_version: (u32, u32, u32),
 }
 
 impl Report {
@@ -368,6 +370,7 @@ impl<'c> SourceRun<'c> {
             cpuinfo: None,
             freeze: None,
             order: cfg.handover,
+            criu_version: (0, 0, 0),
         }
     }
 
@@ -483,6 +486,7 @@ impl<'c> SourceRun<'c> {
         let (version, features, cpuinfo) = self.criu.preflight((!cfg.skip_cpu_check).then_some(cpu_dir.as_path()))?;
         self.cpuinfo = cpuinfo;
         self.report.source_criu = version.to_string();
+        self.criu_version = version.triple();
         if version.triple() < MIN_CRIU {
             return Err(MigrateError::CriuTooOld {
                 found: version.to_string(),
