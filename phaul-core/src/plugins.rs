@@ -135,6 +135,43 @@ pub fn find_config(explicit: Option<&Path>) -> Result<PathBuf, PluginLoadError> 
     DEFAULT_PLUGIN_FILES.iter().map(PathBuf::from).find(|p| p.is_file()).ok_or(PluginLoadError::NoConfig)
 }
 
+/// What a `plugins.toml` lists, parsed and checked, before any library is loaded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PluginList {
+    /// The `[[plugin]]` entries, in file order.
+    pub plugins: Vec<PluginListEntry>,
+    /// The filesystem driver each host type uses unless `--fs` says otherwise (`[host-type.NAME] fs = ...`).
+    pub default_fs: BTreeMap<String, String>,
+}
+
+/// One `[[plugin]]` entry of a [`PluginList`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginListEntry {
+    /// The library; a relative path in the file is joined to the file's directory.
+    pub path: PathBuf,
+    pub enabled: bool,
+}
+
+/// Parses the text of a plugin list read from `config` (named in errors; relative paths start at its directory),
+/// loading nothing: what [`Registry::load`] does before it loads the enabled libraries.
+pub fn parse_plugin_list(text: &str, config: &Path) -> Result<PluginList, PluginLoadError> {
+    let file: PluginsFile = toml::from_str(text).map_err(|e| PluginLoadError::ConfigParse {
+        path: config.to_path_buf(),
+        message: e.to_string().trim_end().to_string(),
+    })?;
+    let base = config.parent().map(Path::to_path_buf).unwrap_or_default();
+    let plugins = file
+        .plugin
+        .into_iter()
+        .map(|entry| PluginListEntry {
+            path: if entry.path.is_absolute() { entry.path } else { base.join(&entry.path) },
+            enabled: entry.enabled,
+        })
+        .collect();
+    let default_fs = file.host_type.into_iter().map(|(k, v)| (k, v.fs)).collect();
+    Ok(PluginList { plugins, default_fs })
+}
+
 fn to_rvec(kvs: &[(String, String)]) -> RVec<KeyValue> {
     kvs.iter().map(|(k, v)| KeyValue { key: RString::from(k.as_str()), value: RString::from(v.as_str()) }).collect()
 }
@@ -144,16 +181,11 @@ impl Registry {
     pub fn load(config: &Path) -> Result<Registry, PluginLoadError> {
         let text = std::fs::read_to_string(config)
             .map_err(|source| PluginLoadError::ConfigRead { path: config.to_path_buf(), source })?;
-        let file: PluginsFile = toml::from_str(&text).map_err(|e| PluginLoadError::ConfigParse {
-            path: config.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
-        let base = config.parent().map(Path::to_path_buf).unwrap_or_default();
+        let list = parse_plugin_list(&text, config)?;
         let mut plugins: Vec<LoadedPlugin> = Vec::new();
         let mut disabled = Vec::new();
-        for entry in file.plugin {
-            let path = if entry.path.is_absolute() { entry.path.clone() } else { base.join(&entry.path) };
-            if !entry.enabled {
+        for PluginListEntry { path, enabled } in list.plugins {
+            if !enabled {
                 disabled.push(DisabledPlugin { path });
                 continue;
             }
@@ -168,8 +200,7 @@ impl Registry {
             }
             plugins.push(p);
         }
-        let default_fs = file.host_type.into_iter().map(|(k, v)| (k, v.fs)).collect();
-        Ok(Registry { config: config.to_path_buf(), plugins, disabled, default_fs })
+        Ok(Registry { config: config.to_path_buf(), plugins, disabled, default_fs: list.default_fs })
     }
 
     pub fn config_path(&self) -> &Path {
@@ -436,6 +467,23 @@ mod tests {
         let p = dir.path().join("plugins.toml");
         std::fs::write(&p, "[[plugin]]\npath = \"fake.so\"\n").expect("write");
         assert!(matches!(Registry::load(&p), Err(PluginLoadError::NotALibrary { .. })));
+    }
+
+    #[test]
+    fn the_plugin_list_parses_without_loading() {
+        let config = Path::new("/etc/phaul/plugins.toml");
+        let text = "[[plugin]]\npath = \"a.so\"\n[[plugin]]\npath = \"/b.so\"\nenabled = false\n[host-type.pid]\nfs = \"shared\"\n";
+        let list = parse_plugin_list(text, config).expect("parse");
+        assert_eq!(
+            list.plugins,
+            vec![
+                PluginListEntry { path: "/etc/phaul/a.so".into(), enabled: true },
+                PluginListEntry { path: "/b.so".into(), enabled: false },
+            ]
+        );
+        assert_eq!(list.default_fs.get("pid").map(String::as_str), Some("shared"));
+        let msg = parse_plugin_list("[[plugin]]\nfile = 1\n", config).expect_err("must fail").to_string();
+        assert!(msg.starts_with("/etc/phaul/plugins.toml is not a valid plugin list: "), "{msg}");
     }
 
     #[test]

@@ -250,7 +250,12 @@ impl SourceSettler<'_> {
             self.write(j, SourceState::RolledBack, &msg)?;
             return Ok(Settled { state: SourceState::RolledBack, message: msg });
         }
-        let msg = format!("{why}: nothing was frozen; the workload runs on this host");
+        // Frozen, but the hold's record never reached the journal: it is found by its name.
+        let msg = if crate::hold::release_by_name(&crate::hold::hold_name(&j.session))? {
+            format!("{why}: the workload was resumed on this host")
+        } else {
+            format!("{why}: nothing was frozen; the workload runs on this host")
+        };
         self.write(j, SourceState::RolledBack, &msg)?;
         Ok(Settled { state: SourceState::RolledBack, message: msg })
     }

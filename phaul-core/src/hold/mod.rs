@@ -45,6 +45,31 @@ pub enum HoldError {
     Tty(#[from] tty::TtyWritebackError),
 }
 
+/// The name of a session's freezer cgroup and network lock table (`phaul-` and the session's first 16 hex
+/// digits): fixed, so that a hold whose record never reached the journal can still be found and released.
+pub fn hold_name(session: &str) -> String {
+    format!("phaul-{}", &session[..16.min(session.len())])
+}
+
+/// Releases a hold known only by its name (its record never reached the journal): thaws the freezer cgroup
+/// (its processes go to the cgroup2 root: where they came from is not known) and removes the lock table.
+pub fn release_by_name(name: &str) -> Result<bool, HoldError> {
+    let Some(mount) = freezer::cgroup2_mount() else { return Ok(false) };
+    let path = mount.join(name);
+    let mut found = false;
+    if path.is_dir() {
+        found = true;
+        freezer::release_thaw(&FreezerRecord { path, members: Vec::new() })?;
+    }
+    if netlock::nft_binary().is_some() {
+        let rec = NetLockRecord { table: format!("inet {name}"), own_netns: false, locks: String::new() };
+        if netlock::remove(&rec, None).is_ok() {
+            found = true;
+        }
+    }
+    Ok(found)
+}
+
 /// What a hold consists of, kept in the source's journal so that another process can release it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HoldRecord {

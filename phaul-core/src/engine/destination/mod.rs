@@ -319,6 +319,7 @@ pub fn serve_session(
         page_server: None,
         outcome: None,
         restore_round: None,
+        pending_write: None,
     };
     let r = s.run();
     if let Some(reg) = registry {
@@ -389,6 +390,8 @@ struct Session<'a> {
     outcome: Option<ServeSummary>,
     /// The directory of the round being restored (CRIU writes its restore stats there).
     restore_round: Option<PathBuf>,
+    /// A journal write under way beside CRIU's resume.
+    pending_write: Option<std::thread::JoinHandle<Result<DestinationJournal, crate::journal::JournalError>>>,
 }
 
 fn lock(h: &Mutex<HostTypeBox>) -> std::sync::MutexGuard<'_, HostTypeBox> {
@@ -699,6 +702,7 @@ impl Session<'_> {
     }
 
     fn write_journal(&mut self, state: DestinationState, note: &str) -> Result<(), Failed> {
+        self.join_pending_write();
         let Some(j) = self.journal.as_mut() else { return Ok(()) };
         j.state = state;
         j.note = note.to_string();
@@ -993,7 +997,6 @@ impl Session<'_> {
             opts.root = Some(r.into_string());
         }
         opts.notify_scripts = Some(true);
-        self.write_journal(DestinationState::Active, "restoring")?;
         let (dtx, drx) = mpsc::channel();
         self.decision = Some(dtx);
         self.restore_round = Some(d.clone());
@@ -1030,12 +1033,6 @@ impl Session<'_> {
             j.restored = Some(proc_id);
             j.criu_pid = self.restore_criu;
         }
-        if let Err(f) = self.write_journal(DestinationState::Held, "restored and held") {
-            self.decide(false);
-            self.abort_with_failure(f);
-            return;
-        }
-        let _ = wall;
         self.state = State::Held { pid: proc_id, deadline: Instant::now() + self.max_frozen };
         if let Some(reason) = abort {
             self.abort(&reason);
@@ -1044,13 +1041,18 @@ impl Session<'_> {
             self.end_session(false, None, reason);
             return;
         }
-        let stats = self.restore_round.as_ref().and_then(|d| images::read_restore_stats(d).ok()).map(restore_stats);
+        // The answer first, then the journal (the write overlaps the round trip): a held copy needs no record to
+        // be safe (CRIU kills it if this process dies); the record lets a restarted serve name it.
         self.send(Body::RestoreReply(w::RestoreReply {
             pid,
-            stats,
+            stats: None,
             restore_wall_us: wall.as_micros() as u64,
             held: true,
         }));
+        if let Err(f) = self.write_journal(DestinationState::Held, "restored and held") {
+            self.decide(false);
+            self.abort_with_failure(f);
+        }
     }
 
     fn decide(&mut self, run: bool) {
@@ -1059,21 +1061,36 @@ impl Session<'_> {
         }
     }
 
+    /// Lets the held copy run. The journal records the commit while CRIU resumes the tree (an fsync on the
+    /// critical path would lengthen the downtime); `Committed` goes out only after both. Should this process die
+    /// in between, a restarted serve finds the journal at `held` and kills the copy: the source, which has kept
+    /// its own, is then told there is none here and resumes it; never two at once.
     fn commit(&mut self, pid: ProcId, reply_to: Option<Channel>) {
-        if let Err(f) = self.write_journal(DestinationState::CommitReceived, "commit received") {
-            // Not recorded, so not done: the copy is discarded and the source told.
-            self.state = State::Held { pid, deadline: Instant::now() };
-            self.decide(false);
-            self.abort_with_failure(f);
-            return;
-        }
         fault::at("dst", "step", "commit-received");
         self.decide(true);
+        if let Some(mut j) = self.journal.clone() {
+            let journals = self.journals.clone();
+            j.state = DestinationState::CommitReceived;
+            j.note = "commit received".into();
+            self.pending_write = Some(std::thread::spawn(move || journals.write(&mut j).map(|_| j)));
+        }
         self.state = State::Resuming { pid, started: Instant::now(), reply_to };
+    }
+
+    /// Waits for the journal write started by [`Session::commit`].
+    fn join_pending_write(&mut self) {
+        if let Some(h) = self.pending_write.take() {
+            match h.join() {
+                Ok(Ok(j)) => self.journal = Some(j),
+                Ok(Err(e)) => log::error!("session {}: {e}", self.session),
+                Err(_) => log::error!("session {}: the journal write panicked", self.session),
+            }
+        }
     }
 
     fn on_restore_done(&mut self, r: Result<(), CriuError>) {
         self.restore_criu = None;
+        self.join_pending_write();
         let state = std::mem::replace(&mut self.state, State::Ended);
         match (state, r) {
             (State::Resuming { pid, started, reply_to }, Ok(())) => {

@@ -226,14 +226,18 @@ fn start_final_round(
 
 /// Inside post-dump: the guard, the hold, the journal. Fails if CRIU let go of the tree before phaul held it (it
 /// may then have run after its dump, and the images would be stale).
+///
+/// One journal write, after the hold: should this process die between the two, the guard (or `phaul resolve`)
+/// finds the freezer by its name (see [`crate::hold::hold_name`]) and thaws it.
 fn engage(run: &mut SourceRun<'_>, live: &mut Live, fz: &mut Frozen) -> Result<(), MigrateError> {
     let dir = fz.dir.clone();
-    run.record(SourceState::Frozen, "frozen inside CRIU's post-dump notification", |j| j.final_round = Some(dir))?;
-    run.ensure_guard()?;
-    let name = format!("phaul-{}", &live.session[..16.min(live.session.len())]);
+    let name = crate::hold::hold_name(&live.session);
     let rec = run.keeper.engage(&name, live.root_pid)?;
     fz.hold = Some(rec.clone());
-    run.record(SourceState::Frozen, "held frozen by phaul's freezer", |j| j.hold = Some(rec))?;
+    run.record(SourceState::Frozen, "held frozen by phaul's freezer inside CRIU's post-dump notification", |j| {
+        j.final_round = Some(dir);
+        j.hold = Some(rec);
+    })?;
     if !crate::sys::pid_alive(fz.criu_pid as i32) {
         return Err(MigrateError::Refused(
             "CRIU ended before phaul held the frozen tree, so the tree may have run after its dump; the migration is abandoned"
@@ -459,6 +463,8 @@ fn overlap(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<(), M
         opts.track_mem = Some(true);
         opts.parent_img = Some(format!("../{}", round - 1));
     }
+    // The guard starts (and is journaled) before the freeze, not inside it.
+    run.ensure_guard()?;
     start_freeze(run);
     let deadline = run.freeze.map(|(_, d)| d).unwrap_or_else(|| Deadline::after(run.cfg.max_frozen, "--max-frozen"));
     let mut s = run.criu.session(fds, Some(&dir.join("criu-stderr.log")))?;
@@ -1005,6 +1011,7 @@ fn sequential(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<()
         opts.track_mem = Some(true);
         opts.parent_img = Some(format!("../{}", round - 1));
     }
+    run.ensure_guard()?;
     start_freeze(run);
     let mut s = run.criu.session(fds, Some(&dir.join("criu-stderr.log")))?;
     s.set_log(dir.join("dump.log"));

@@ -245,10 +245,11 @@ pub fn migrate(
     let mut run = SourceRun::new(cfg, ctx);
     let result = run.run(channels);
     let ended = run.ended(&result);
+    let copies = run.copies(ended);
     let mut report = std::mem::replace(&mut run.report, Report::empty());
     report.total_ms = started.elapsed().as_secs_f64() * 1000.0;
     report.outcome = ended.as_str();
-    report.copies = run.copies(ended);
+    report.copies = copies;
     if let Err(e) = &result {
         report.error = Some(e.to_string());
         // Nothing was dumped yet: do not leave an empty directory behind. Anything CRIU wrote is kept.
