@@ -197,7 +197,7 @@ migrate() {
       ;;
     relay)
       _next_port; _ps=$_lab_port; _next_port; _pb=$_lab_port; _next_port; _pa=$_lab_port
-      in_b "${_serve_common[@]}" --listen "127.0.0.1:$_ps" --once > "$_mw/serve.out" 2> "$_mw/serve.err" &
+      in_b "${_serve_common[@]}" --listen "127.0.0.1:$_ps" --once --insecure-loopback > "$_mw/serve.out" 2> "$_mw/serve.err" &
       _serve=$!
       in_b socat "TCP-LISTEN:$_pb,bind=$HOSTB_ADDR,fork,reuseaddr" "TCP:127.0.0.1:$_ps" 2> "$_mw/relay-b.err" &
       in_a socat "TCP-LISTEN:$_pa,bind=127.0.0.1,fork,reuseaddr" "TCP:$HOSTB_ADDR:$_pb" 2> "$_mw/relay-a.err" &
@@ -207,7 +207,7 @@ migrate() {
       log "migrate $_m: phaul migrate pid $_m_pid $* (A 127.0.0.1:$_pa -> B $HOSTB_ADDR:$_pb -> B 127.0.0.1:$_ps)"
       _t0=$(_now_ds)
       MIGRATE_STATUS=0
-      in_a "${_migrate_common[@]}" --to "127.0.0.1:$_pa" "$@" > "$_mw/report.json" 2> "$_mw/migrate.err" ||
+      in_a "${_migrate_common[@]}" --to "127.0.0.1:$_pa" --insecure-loopback "$@" > "$_mw/report.json" 2> "$_mw/migrate.err" ||
         MIGRATE_STATUS=$?
       ;;
     *) fail "LAB_TRANSPORT must be fds or relay, not ${LAB_TRANSPORT}" ;;

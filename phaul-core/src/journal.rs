@@ -137,6 +137,10 @@ pub struct DestinationJournal {
     pub restored: Option<ProcId>,
     /// The CRIU process restoring it (the hold ends when it does).
     pub criu_pid: Option<u32>,
+    /// The fingerprint of the certificate of the peer that opened the session (with TLS): only it may ask
+    /// about the session later.
+    #[serde(default)]
+    pub peer: Option<String>,
     pub note: String,
     pub updated_unix_ms: u64,
 }
@@ -309,6 +313,7 @@ mod tests {
             image_dir: "/x".into(),
             restored: Some(ProcId { pid: 5, start_time: 6 }),
             criu_pid: Some(7),
+            peer: None,
             note: String::new(),
             updated_unix_ms: 0,
         }

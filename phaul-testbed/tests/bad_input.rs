@@ -128,6 +128,7 @@ fn a_driver_that_is_not_enabled() {
             &pid,
             "--to",
             "127.0.0.1:1",
+            "--insecure-loopback",
             "--fs",
             "zfs",
         ],
@@ -142,13 +143,31 @@ fn a_pid_that_does_not_exist() {
     let lab = lab("nopid");
     phaul_fails(
         &lab,
-        &["--plugins", &lab.plugins.display().to_string(), "migrate", "pid", "999999999", "--to", "127.0.0.1:1"],
+        &[
+            "--plugins",
+            &lab.plugins.display().to_string(),
+            "migrate",
+            "pid",
+            "999999999",
+            "--to",
+            "127.0.0.1:1",
+            "--insecure-loopback",
+        ],
         1,
         &["no process with pid 999999999"],
     );
     phaul_fails(
         &lab,
-        &["--plugins", &lab.plugins.display().to_string(), "migrate", "pid", "twelve", "--to", "127.0.0.1:1"],
+        &[
+            "--plugins",
+            &lab.plugins.display().to_string(),
+            "migrate",
+            "pid",
+            "twelve",
+            "--to",
+            "127.0.0.1:1",
+            "--insecure-loopback",
+        ],
         1,
         &["'twelve' is not a pid"],
     );
@@ -161,7 +180,16 @@ fn a_pid_that_is_not_a_pid_namespace_init() {
     let pid = sleeper.id().to_string();
     let err = phaul_fails(
         &lab,
-        &["--plugins", &lab.plugins.display().to_string(), "migrate", "pid", &pid, "--to", "127.0.0.1:1"],
+        &[
+            "--plugins",
+            &lab.plugins.display().to_string(),
+            "migrate",
+            "pid",
+            &pid,
+            "--to",
+            "127.0.0.1:1",
+            "--insecure-loopback",
+        ],
         1,
         &["is not the init of its own pid namespace", "unshare --pid --fork"],
     );
@@ -197,13 +225,26 @@ fn fd_arguments_that_are_not_sockets() {
 }
 
 #[test]
-fn serve_refuses_a_non_loopback_listen_address() {
+fn serve_refuses_to_listen_without_tls_and_insecure_beyond_loopback() {
     let lab = lab("listen");
+    let plugins = lab.plugins.display().to_string();
     phaul_fails(
         &lab,
-        &["--plugins", &lab.plugins.display().to_string(), "serve", "--listen", "10.91.0.1:0"],
+        &["--plugins", &plugins, "--config", "/nonexistent-phaul.toml", "serve", "--listen", "127.0.0.1:0"],
         2,
-        &["refusing to listen on 10.91.0.1:0", "not authenticated", "--fdrpc"],
+        &["cannot read the settings file /nonexistent-phaul.toml"],
+    );
+    phaul_fails(
+        &lab,
+        &["--plugins", &plugins, "serve", "--listen", "127.0.0.1:0"],
+        2,
+        &["need TLS", "--tls-cert", "--insecure-loopback"],
+    );
+    phaul_fails(
+        &lab,
+        &["--plugins", &plugins, "serve", "--listen", "10.91.0.1:0", "--insecure-loopback"],
+        2,
+        &["refusing to listen on 10.91.0.1:0 without TLS", "phaul cert"],
     );
 }
 

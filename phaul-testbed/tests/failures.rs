@@ -123,7 +123,9 @@ fn a_panicking_plugin_becomes_an_error_and_the_workload_is_untouched() {
     )
     .expect("write");
     let p = plugins.display().to_string();
-    let out = lab.phaul(&["--plugins", &p, "migrate", "panicky", "1", "--to", "127.0.0.1:1"], &[]).expect("run");
+    let out = lab
+        .phaul(&["--plugins", &p, "migrate", "panicky", "1", "--to", "127.0.0.1:1", "--insecure-loopback"], &[])
+        .expect("run");
     // phaul did not abort (that would be signal 6, no exit code): it failed cleanly with the panic's message.
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
     assert!(

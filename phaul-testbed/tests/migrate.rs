@@ -121,8 +121,31 @@ fn tcp_server_keeps_an_established_connection() {
     assert_eq!(ask(4), "pong 4 4");
 }
 
-/// Starts `phaul serve --listen ADDR` in host A (standard error captured) and gives it time to listen.
-fn serve_listening(lab: &phaul_testbed::Lab, addr: &str, once: bool) -> std::process::Child {
+/// A `phaul serve` that is killed (by its pid) if the test ends before it was collected.
+struct Serving(Option<std::process::Child>);
+
+impl Serving {
+    fn collect(mut self) -> phaul_testbed::Collected {
+        let c = self.0.take().expect("not collected yet");
+        phaul_testbed::collect(c, Duration::from_secs(30), "serve").expect("serve finished")
+    }
+    fn alive(&mut self) -> bool {
+        self.0.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `phaul serve --listen ADDR` in host A (standard error captured) and gives it time to listen; with TLS
+/// (host B's certificate) unless `pki` is `None` (then `--insecure-loopback`).
+fn serve_listening(lab: &phaul_testbed::Lab, addr: &str, once: bool, pki: Option<&Pki>) -> Serving {
     let plugins = lab.plugins.display().to_string();
     let img = lab.path("dst-images").display().to_string();
     let state = lab.path("dst-state").display().to_string();
@@ -140,20 +163,40 @@ fn serve_listening(lab: &phaul_testbed::Lab, addr: &str, once: bool) -> std::pro
     if once {
         args.push("--once");
     }
+    let tls = pki.map(|p| p.args("hostb.test")).unwrap_or_else(|| vec!["--insecure-loopback".into()]);
+    args.extend(tls.iter().map(String::as_str));
     let mut serve = lab.a().command(&lab.phaul, &args);
     serve.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
     let serve = serve.spawn().expect("serve");
     std::thread::sleep(Duration::from_millis(500));
-    serve
+    Serving(Some(serve))
 }
 
-/// Runs `phaul migrate pid PID --to ADDR --dst-rpid RPID` in host A.
-fn migrate_to(lab: &phaul_testbed::Lab, pid: i32, addr: &str, rpid: &std::path::Path) -> phaul_testbed::Collected {
+/// Runs `phaul migrate pid PID --to ADDR --dst-rpid RPID` in host A, with TLS (host A's certificate, checked
+/// against hostb.test) unless `pki` is `None` (then `--insecure-loopback`).
+fn migrate_to(
+    lab: &phaul_testbed::Lab,
+    pid: i32,
+    addr: &str,
+    rpid: &std::path::Path,
+    pki: Option<&Pki>,
+) -> phaul_testbed::Collected {
     let plugins = lab.plugins.display().to_string();
     let src_img = lab.path("src-images").display().to_string();
     let (pid, rpid) = (pid.to_string(), rpid.display().to_string());
-    let args =
-        ["--plugins", &plugins, "migrate", "pid", &pid, "--to", addr, "--img-path", &src_img, "--dst-rpid", &rpid];
+    let mut args: Vec<String> =
+        ["--plugins", &plugins, "migrate", "pid", &pid, "--to", addr, "--img-path", &src_img, "--dst-rpid", &rpid]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    match pki {
+        Some(p) => {
+            args.extend(p.args("hosta.test"));
+            args.extend(["--tls-server-name".into(), "hostb.test".into()]);
+        }
+        None => args.push("--insecure-loopback".into()),
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     lab.phaul(&args, &[]).expect("migrate")
 }
 
@@ -161,17 +204,18 @@ fn restored_pid(rpid: &std::path::Path) -> i32 {
     std::fs::read_to_string(rpid).expect("rpid").trim().parse().expect("pid")
 }
 
-/// phaul's own TCP connections (`serve --listen` / `migrate --to`), on loopback inside host A.
+/// phaul's own TCP connections (`serve --listen` / `migrate --to`) with mutual TLS, on loopback inside host A.
 #[test]
-fn own_tcp_connections_on_loopback() {
+fn own_tls_connections_on_loopback() {
     let lab = lab("owntcp");
+    let pki = Pki::new(&lab);
     let mut w = lab.start_workload("counter", &[]).expect("start");
     let before = probe_ok(&w, w.pid());
     let addr = format!("127.0.0.1:{}", 20000 + (std::process::id() % 20000));
     let rpid = lab.path("owntcp.rpid");
-    let serve = serve_listening(&lab, &addr, true);
-    let out = migrate_to(&lab, w.pid(), &addr, &rpid);
-    let served = phaul_testbed::collect(serve, Duration::from_secs(30), "serve").expect("serve finished");
+    let serve = serve_listening(&lab, &addr, true, Some(&pki));
+    let out = migrate_to(&lab, w.pid(), &addr, &rpid, Some(&pki));
+    let served = serve.collect();
     assert!(out.status.success(), "{}\n{}\n{}", out.stdout, out.stderr, served.stderr);
     assert!(served.status.success(), "{}", served.stderr);
     let restored = restored_pid(&rpid);
@@ -181,26 +225,24 @@ fn own_tcp_connections_on_loopback() {
     assert!(u64_of(&after, "counter") >= u64_of(&before, "counter"));
 }
 
-/// `phaul serve --listen` without `--once` serves one migration after another.
+/// `phaul serve --listen --insecure-loopback` without `--once` serves one migration after another.
 #[test]
 fn serve_handles_several_migrations_in_a_row() {
     let lab = lab("serial");
     let addr = format!("127.0.0.1:{}", 40000 + (std::process::id() % 20000));
-    let mut serve = serve_listening(&lab, &addr, false);
+    let mut serve = serve_listening(&lab, &addr, false, None);
     for i in 0..2 {
         let mut w = lab.start_workload("counter", &[]).expect("start");
         let before = probe_ok(&w, w.pid());
         let rpid = lab.path(&format!("serial-{i}.rpid"));
-        let out = migrate_to(&lab, w.pid(), &addr, &rpid);
+        let out = migrate_to(&lab, w.pid(), &addr, &rpid, None);
         assert!(out.status.success(), "migration {i}: {}\n{}", out.stdout, out.stderr);
         let restored = restored_pid(&rpid);
         w.adopt_pid(restored).expect("adopt");
         let after = probe_ok(&w, restored);
         assert!(u64_of(&after, "counter") >= u64_of(&before, "counter"));
     }
-    assert!(serve.try_wait().expect("wait").is_none(), "serve exited after its migrations");
-    let _ = serve.kill();
-    let _ = serve.wait();
+    assert!(serve.alive(), "serve exited after its migrations");
 }
 
 fn pump(mut a: TcpStream, mut b: TcpStream) {
@@ -224,7 +266,8 @@ fn own_tcp_connections_arriving_in_any_order() {
     let base = 30000 + (std::process::id() % 10000) as u16;
     let (serve_addr, relay_addr) = (format!("127.0.0.1:{base}"), format!("127.0.0.1:{}", base + 1));
     let rpid = lab.path("reorder.rpid");
-    let serve = serve_listening(&lab, &serve_addr, true);
+    let pki = Pki::new(&lab);
+    let serve = serve_listening(&lab, &serve_addr, true, Some(&pki));
     // The relay lives in host A's network namespace, like the two phaul processes.
     let relay_addr2 = relay_addr.clone();
     let relay = lab
@@ -250,9 +293,9 @@ fn own_tcp_connections_arriving_in_any_order() {
                 std::thread::sleep(Duration::from_millis(100));
             }
         });
-        migrate_to(&lab, w.pid(), &relay_addr, &rpid)
+        migrate_to(&lab, w.pid(), &relay_addr, &rpid, Some(&pki))
     });
-    let served = phaul_testbed::collect(serve, Duration::from_secs(30), "serve").expect("serve finished");
+    let served = serve.collect();
     assert!(out.status.success(), "{}\n{}\n{}", out.stdout, out.stderr, served.stderr);
     let restored = restored_pid(&rpid);
     w.adopt_pid(restored).expect("adopt");

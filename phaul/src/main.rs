@@ -70,6 +70,104 @@ struct Common {
     /// A dead peer or a cut link is noticed within about this many seconds (TCP keepalive and user timeout).
     #[arg(long, global = true, value_name = "SECONDS", default_value_t = engine::DEFAULT_LINK_TIMEOUT_SECS)]
     link_timeout: u32,
+    /// Settings file ([tls] cert, key, ca, crl, allow); default /etc/phaul/phaul.toml when it exists.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+/// TLS on phaul's own connections (`--to`, `--listen`). Handed-in descriptors (`--fdrpc`...) are the caller's
+/// business: it vouches for them.
+#[derive(Args, Debug, Default, Clone)]
+struct TlsArgs {
+    /// This host's certificate (PEM), signed by the CA both hosts trust (`phaul cert` makes them).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The CA certificate (PEM) the peer's certificate must chain to.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// A revocation list of that CA (PEM); re-read when it changes.
+    #[arg(long, value_name = "FILE")]
+    tls_crl: Option<PathBuf>,
+    /// serve: accept only peers whose certificate names one of these (repeatable; default: any the CA signed).
+    #[arg(long, value_name = "NAME")]
+    tls_allow: Vec<String>,
+    /// migrate, resolve: the name the destination's certificate must carry (default: the host part of --to).
+    #[arg(long, value_name = "NAME")]
+    tls_server_name: Option<String>,
+    /// Without TLS, on loopback addresses only. WARNING: then any local user can make `phaul serve` restore a
+    /// process, as root.
+    #[arg(long)]
+    insecure_loopback: bool,
+}
+
+/// The settings file.
+#[derive(serde::Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    tls: Option<phaul_core::transport::tls::TlsFiles>,
+}
+
+/// The TLS files: the command line's, else the settings file's.
+fn tls_files(c: &Common, t: &TlsArgs) -> Result<Option<phaul_core::transport::tls::TlsFiles>, Fail> {
+    if t.insecure_loopback {
+        if t.tls_cert.is_some() || t.tls_key.is_some() || t.tls_ca.is_some() {
+            return Err(Fail(EXIT_USAGE, "--insecure-loopback and --tls-* exclude each other".into()));
+        }
+        return Ok(None);
+    }
+    let from_file = match (&c.config, std::path::Path::new("/etc/phaul/phaul.toml")) {
+        (Some(p), _) => Some(read_settings(p)?),
+        (None, d) if d.exists() => Some(read_settings(d)?),
+        _ => None,
+    }
+    .and_then(|s| s.tls);
+    let mut f = match (t.tls_cert.clone(), t.tls_key.clone(), t.tls_ca.clone(), from_file) {
+        (Some(cert), Some(key), Some(ca), _) => {
+            phaul_core::transport::tls::TlsFiles { cert, key, ca, crl: None, allow: Vec::new() }
+        }
+        (None, None, None, Some(f)) => f,
+        (None, None, None, None) => {
+            return Err(Fail(
+                EXIT_USAGE,
+                "phaul's own connections need TLS: give --tls-cert, --tls-key and --tls-ca (or [tls] in /etc/phaul/phaul.toml; `phaul cert` makes certificates), or --insecure-loopback to stay on loopback without it (then any local user can make phaul serve restore processes as root)".into(),
+            ))
+        }
+        _ => return Err(Fail(EXIT_USAGE, "give --tls-cert, --tls-key and --tls-ca together".into())),
+    };
+    if let Some(crl) = &t.tls_crl {
+        f.crl = Some(crl.clone());
+    }
+    if !t.tls_allow.is_empty() {
+        f.allow = t.tls_allow.clone();
+    }
+    Ok(Some(f))
+}
+
+fn read_settings(p: &std::path::Path) -> Result<Settings, Fail> {
+    let meta = std::fs::metadata(p)
+        .map_err(|e| Fail(EXIT_USAGE, format!("cannot read the settings file {}: {e}", p.display())))?;
+    if meta.len() > 1 << 20 {
+        return Err(Fail(EXIT_USAGE, format!("the settings file {} is larger than 1 MiB", p.display())));
+    }
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| Fail(EXIT_USAGE, format!("cannot read the settings file {}: {e}", p.display())))?;
+    toml::from_str(&text)
+        .map_err(|e| Fail(EXIT_USAGE, format!("{} is not a valid phaul settings file: {e}", p.display())))
+}
+
+/// How `--to` connections are made.
+fn dialer(c: &Common, t: &TlsArgs, to: &str) -> Result<phaul_core::transport::Dialer, Fail> {
+    match tls_files(c, t)? {
+        None => Ok(phaul_core::transport::Dialer::Insecure),
+        Some(f) => {
+            let config = f.client_config()?;
+            let server_name = t.tls_server_name.clone().unwrap_or_else(|| phaul_core::transport::host_of(to));
+            Ok(phaul_core::transport::Dialer::Tls { config, server_name })
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -100,6 +198,9 @@ enum Command {
     },
     /// Settle a session whose outcome is in doubt (after a cut link or a dead phaul), on either host.
     Resolve(ResolveArgs),
+    /// Make certificates for phaul's TLS: a CA, host certificates it signs, revocations.
+    #[command(subcommand)]
+    Cert(CertCmd),
     /// The source's guard (started by `phaul migrate`; not for operators).
     #[command(name = "__guard", hide = true)]
     Guard {
@@ -109,7 +210,34 @@ enum Command {
         watch_fd: i32,
         #[arg(long, default_value_t = engine::DEFAULT_RESOLVE_TIMEOUT_SECS)]
         patience: u64,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertCmd {
+    /// Create a CA in DIR (ca.pem, ca.key).
+    Ca {
+        dir: PathBuf,
+        /// The CA's name.
+        #[arg(long, default_value = "phaul CA")]
+        name: String,
+    },
+    /// Create a certificate for host NAME signed by the CA in DIR (NAME.pem, NAME.key), valid as a server and
+    /// as a client.
+    Host {
+        dir: PathBuf,
+        name: String,
+        /// Also valid for this IP address (repeatable).
+        #[arg(long, value_name = "ADDR")]
+        ip: Vec<std::net::IpAddr>,
+        /// Where to write the files (default: DIR).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+    /// Revoke a certificate the CA in DIR signed: DIR/crl.pem lists it from now on (give it to --tls-crl).
+    Revoke { dir: PathBuf, cert: PathBuf },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -155,6 +283,8 @@ struct ResolveArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -245,6 +375,8 @@ struct MigrateArgs {
     to: Option<String>,
     #[command(flatten)]
     fds: FdArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Filesystem driver (default: the host type's entry in plugins.toml).
     #[arg(long, value_name = "DRIVER")]
     fs: Option<String>,
@@ -315,9 +447,11 @@ struct MigrateArgs {
 
 #[derive(Args, Debug)]
 struct ServeArgs {
-    /// Accept sources on this address (loopback only until phaul authenticates its peers).
+    /// Accept sources on this address (with TLS; loopback only with --insecure-loopback).
     #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["fdrpc", "fdmem", "fdfs"], required_unless_present = "fdrpc")]
     listen: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Serve one migration and exit (always so with --fdrpc).
     #[arg(long)]
     once: bool,
@@ -410,7 +544,8 @@ fn run(cli: Cli) -> Result<(), Fail> {
             Ok(())
         }
         Command::Resolve(a) => resolve_cmd(&cli.common, a),
-        Command::Guard { journal, watch_fd, patience } => guard(&cli.common, journal, watch_fd, patience),
+        Command::Cert(c) => cert(c),
+        Command::Guard { journal, watch_fd, patience, tls } => guard(&cli.common, journal, watch_fd, patience, &tls),
     }
 }
 
@@ -418,7 +553,10 @@ fn migrate(c: &Common, a: MigrateArgs) -> Result<(), Fail> {
     let reg = registry(c)?;
     let criu = criu(c)?;
     let channels = match (a.to, a.fds.channels()?) {
-        (Some(addr), _) => SourceChannels::Connect { addr },
+        (Some(addr), _) => {
+            let dialer = dialer(c, &a.tls, &addr)?;
+            SourceChannels::Connect { addr, dialer }
+        }
         (None, Some((rpc, mem, fs))) => SourceChannels::Given { rpc, mem, fs },
         (None, None) => {
             return Err(Fail(EXIT_USAGE, "give the destination with --to HOST:PORT or --fdrpc/--fdmem".into()))
@@ -471,7 +609,7 @@ fn migrate(c: &Common, a: MigrateArgs) -> Result<(), Fail> {
         progress: !a.json,
         dst_rpid: a.dst_rpid,
     };
-    let guards = guard_spawner(c, a.resolve_timeout)?;
+    let guards = guard_spawner(c, &a.tls, a.resolve_timeout)?;
     let ctx = SourceContext { drivers: &reg, criu: &criu, keeper: Box::new(SystemKeeper), guards: Some(&guards) };
     let (report, ended, result) = engine::migrate(ctx, &cfg, channels);
     if a.json {
@@ -489,7 +627,7 @@ fn migrate(c: &Common, a: MigrateArgs) -> Result<(), Fail> {
 }
 
 /// Guards re-run this phaul: `phaul --plugins ... --criu ... --state-dir ... __guard --patience N`.
-fn guard_spawner(c: &Common, patience: u64) -> Result<ProcessGuards, Fail> {
+fn guard_spawner(c: &Common, t: &TlsArgs, patience: u64) -> Result<ProcessGuards, Fail> {
     let program = std::env::current_exe()
         .map_err(|e| Fail(EXIT_FAILED, format!("cannot find this phaul's own executable to start its guard: {e}")))?;
     let mut args: Vec<std::ffi::OsString> = Vec::new();
@@ -506,7 +644,24 @@ fn guard_spawner(c: &Common, patience: u64) -> Result<ProcessGuards, Fail> {
         "--state-dir".into(),
         std::path::absolute(&c.state_dir).unwrap_or_else(|_| c.state_dir.clone()).into_os_string(),
     ]);
+    if let Some(p) = &c.config {
+        args.extend(["--config".into(), std::path::absolute(p).unwrap_or_else(|_| p.clone()).into_os_string()]);
+    }
     args.extend(["-vv".into(), "__guard".into(), "--patience".into(), patience.to_string().into()]);
+    // The guard reaches the destination the way this phaul does.
+    for (flag, v) in
+        [("--tls-cert", &t.tls_cert), ("--tls-key", &t.tls_key), ("--tls-ca", &t.tls_ca), ("--tls-crl", &t.tls_crl)]
+    {
+        if let Some(p) = v {
+            args.extend([flag.into(), std::path::absolute(p).unwrap_or_else(|_| p.clone()).into_os_string()]);
+        }
+    }
+    if let Some(n) = &t.tls_server_name {
+        args.extend(["--tls-server-name".into(), n.into()]);
+    }
+    if t.insecure_loopback {
+        args.push("--insecure-loopback".into());
+    }
     Ok(ProcessGuards { program, args })
 }
 
@@ -544,8 +699,22 @@ fn serve(c: &Common, a: ServeArgs) -> Result<(), Fail> {
         return report(engine::serve_session(&ctx, rpc, None, DestinationChannels::Given { mem, fs }));
     }
     let addr = a.listen.unwrap_or_default();
-    let listener: TcpListener = transport::listen(&addr)?;
-    eprintln!("phaul: serving on {}", listener.local_addr().map(|a| a.to_string()).unwrap_or(addr));
+    let acceptance = match tls_files(c, &a.tls)? {
+        Some(f) => transport::Acceptance::Tls(phaul_core::transport::tls::ServerTls::new(f)?),
+        None => {
+            eprintln!(
+                "phaul: WARNING: --insecure-loopback: no TLS; any local user can connect and make this phaul serve restore a process as root"
+            );
+            transport::Acceptance::Insecure
+        }
+    };
+    let insecure = matches!(acceptance, transport::Acceptance::Insecure);
+    let listener: TcpListener = transport::listen(&addr, insecure)?;
+    eprintln!(
+        "phaul: serving on {}{}",
+        listener.local_addr().map(|a| a.to_string()).unwrap_or(addr),
+        if insecure { " (no TLS, loopback only)" } else { " (TLS, client certificates required)" }
+    );
     let stop = AtomicBool::new(false);
     let first: std::sync::Mutex<Option<Result<(), Fail>>> = std::sync::Mutex::new(None);
     let once = a.once;
@@ -562,11 +731,38 @@ fn serve(c: &Common, a: ServeArgs) -> Result<(), Fail> {
             stop.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     };
-    engine::server::serve_forever(&ctx, listener, &stop, &on_done)?;
+    engine::server::serve_forever(&ctx, listener, &acceptance, &stop, &on_done)?;
     first.into_inner().unwrap_or_else(|p| p.into_inner()).unwrap_or(Ok(()))
 }
 
 /// At start, every destination journal left unsettled by an earlier `phaul serve` is brought up to date.
+fn cert(c: CertCmd) -> Result<(), Fail> {
+    use phaul_core::transport::certs;
+    match c {
+        CertCmd::Ca { dir, name } => {
+            certs::new_ca(&dir, &name)?;
+            println!(
+                "CA written to {}: ca.pem (give it to --tls-ca on every host), ca.key (keep it secret)",
+                dir.display()
+            );
+        }
+        CertCmd::Host { dir, name, ip, out } => {
+            let out = out.unwrap_or_else(|| dir.clone());
+            let (c, k) = certs::new_host(&dir, &name, &ip, &out)?;
+            println!("{}: --tls-cert {} --tls-key {}", name, c.display(), k.display());
+        }
+        CertCmd::Revoke { dir, cert } => {
+            let crl = certs::revoke(&dir, &cert)?;
+            println!(
+                "{} revoked; give {} to --tls-crl (phaul serve re-reads it as it changes)",
+                cert.display(),
+                crl.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn settle_destination_journals(dir: &std::path::Path) {
     let Ok(j) = Journals::open(dir) else { return };
     for mut rec in j.list::<DestinationJournal>().unwrap_or_default() {
@@ -653,7 +849,10 @@ fn resolve_cmd(c: &Common, a: ResolveArgs) -> Result<(), Fail> {
         SideArg::Source => {
             let _claim = resolve::claim(&journals, &session)?;
             let reach = match (a.to, a.fdrpc) {
-                (Some(addr), _) => Reach::Addr(addr),
+                (Some(addr), _) => {
+                    let d = dialer(c, &a.tls, &addr)?;
+                    Reach::Addr(addr, d)
+                }
                 (None, Some(fd)) => Reach::Channel(Channel::from_raw(ChannelName::Rpc, fd, "--fdrpc")?),
                 (None, None) => Reach::None,
             };
@@ -661,13 +860,15 @@ fn resolve_cmd(c: &Common, a: ResolveArgs) -> Result<(), Fail> {
                 ForceArg::Resume => Force::Resume,
                 ForceArg::End => Force::End,
             });
-            settle_source(c, &journals, &session, reach, force, Duration::from_secs(a.wait), a.json)
+            settle_source(c, &a.tls, &journals, &session, reach, force, Duration::from_secs(a.wait), a.json)
         }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn settle_source(
     c: &Common,
+    tls: &TlsArgs,
     journals: &Journals,
     session: &str,
     reach: Reach,
@@ -685,7 +886,14 @@ fn settle_source(
         h.criu_options(phaul_core::abi::CriuStage::Restore).into_result().map_err(|e| e.to_string())
     };
     let mut keeper = SystemKeeper;
-    let mut settler = SourceSettler { criu: &criu, keeper: &mut keeper, restore_options: &restore_options, journals };
+    // The journal's --to address is reached the way the migration reached it.
+    let to = journals.read::<SourceJournal>(session).ok().flatten().and_then(|j| j.to);
+    let dialer = match to {
+        Some(to) => Some(dialer(c, tls, &to)?),
+        None => None,
+    };
+    let mut settler =
+        SourceSettler { criu: &criu, keeper: &mut keeper, restore_options: &restore_options, journals, dialer };
     match settler.settle(session, reach, force, patience) {
         Ok(s) => {
             if json {
@@ -701,7 +909,7 @@ fn settle_source(
 }
 
 /// The guard: waits for `phaul migrate` to say it settled the session; if it dies first, settles it.
-fn guard(c: &Common, journal: PathBuf, watch_fd: i32, patience: u64) -> Result<(), Fail> {
+fn guard(c: &Common, journal: PathBuf, watch_fd: i32, patience: u64, tls: &TlsArgs) -> Result<(), Fail> {
     let watch = phaul_core::sys::adopt_inherited(watch_fd).map_err(|e| Fail(EXIT_USAGE, e.to_string()))?;
     if let Some(word) = resolve::guard_wait(watch) {
         log::debug!("guard: phaul migrate said {word}");
@@ -712,7 +920,7 @@ fn guard(c: &Common, journal: PathBuf, watch_fd: i32, patience: u64) -> Result<(
     log::warn!("guard: phaul migrate ended without settling session {session}; settling it");
     let journals = Journals::open(&dir)?;
     let _claim = resolve::claim(&journals, &session)?;
-    let r = settle_source(c, &journals, &session, Reach::None, None, Duration::from_secs(patience), false);
+    let r = settle_source(c, tls, &journals, &session, Reach::None, None, Duration::from_secs(patience), false);
     if let Err(Fail(_, m)) = &r {
         log::error!("guard: {m}");
     }

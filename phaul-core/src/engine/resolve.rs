@@ -43,8 +43,15 @@ pub enum ResolveError {
 }
 
 /// Asks the destination at `addr` about a session on a new connection.
-pub fn ask(addr: &str, session: &str, decision: Decision, timeout: Duration) -> Result<w::ResolveReply, ResolveError> {
-    let ch = transport::connect(addr, ChannelName::Rpc, timeout.min(Duration::from_secs(5)))
+pub fn ask(
+    dialer: &transport::Dialer,
+    addr: &str,
+    session: &str,
+    decision: Decision,
+    timeout: Duration,
+) -> Result<w::ResolveReply, ResolveError> {
+    let ch = dialer
+        .dial(addr, ChannelName::Rpc, timeout.min(Duration::from_secs(5)), 5)
         .map_err(|e| ResolveError::Ask(e.to_string()))?;
     ask_on(ch, session, decision, timeout)
 }
@@ -114,9 +121,21 @@ fn state_of(j: &DestinationJournal) -> SessionState {
     }
 }
 
-/// Answers a `Resolve` about a session this destination is not serving right now, from its journal.
-pub(crate) fn answer_from_journal(journals: &Journals, _ctx: &DestinationContext<'_>, mut ch: Channel, r: w::Resolve) {
+/// Answers a `Resolve` about a session this destination is not serving right now, from its journal; only to the
+/// peer that opened the session (when it came over TLS).
+pub(crate) fn answer_from_journal(
+    journals: &Journals,
+    _ctx: &DestinationContext<'_>,
+    mut ch: Channel,
+    r: w::Resolve,
+    peer: &Option<String>,
+) {
     let reply = match journals.read::<DestinationJournal>(&r.session) {
+        Ok(Some(j)) if j.peer.is_some() && &j.peer != peer => {
+            log::warn!("a peer other than the one that opened session {} asked about it; refused", r.session);
+            let _ = wire::send_failure(&mut ch, "this session was opened by another peer".into(), Vec::new());
+            return;
+        }
         Ok(Some(mut j)) => {
             if let Err(e) = settle_destination(journals, &mut j) {
                 log::warn!("{e}");
@@ -154,8 +173,8 @@ pub fn restore_from_images(criu: &dyn CriuBackend, dir: &Path, h: &CriuOptions) 
 
 /// How `phaul resolve` may reach the destination.
 pub enum Reach {
-    /// The journal's `--to` address (or another).
-    Addr(String),
+    /// The journal's `--to` address (or another), with how to connect.
+    Addr(String, transport::Dialer),
     /// A connection handed in.
     Channel(Channel),
     /// Not at all.
@@ -212,6 +231,8 @@ pub struct SourceSettler<'a> {
     /// Restore options of the session's host type (for an image-set copy).
     pub restore_options: &'a dyn Fn(&SourceJournal) -> Result<CriuOptions, String>,
     pub journals: &'a Journals,
+    /// How to reach the journal's `--to` address, when the caller gave none.
+    pub dialer: Option<transport::Dialer>,
 }
 
 impl SourceSettler<'_> {
@@ -303,14 +324,14 @@ impl SourceSettler<'_> {
             Some(Force::End) => return self.end(&mut j, "the operator says the destination runs the workload", false),
             None => {}
         }
-        if let (Reach::None, Some(to)) = (&reach, j.to.clone()) {
-            reach = Reach::Addr(to);
+        if let (Reach::None, Some(to), Some(d)) = (&reach, j.to.clone(), self.dialer.clone()) {
+            reach = Reach::Addr(to, d);
         }
         let deadline = Instant::now() + patience;
         let mut last = String::from("the destination was not asked");
         loop {
             let answer = match &mut reach {
-                Reach::Addr(a) => Some(ask(a, session, Decision::Commit, Duration::from_secs(10))),
+                Reach::Addr(a, d) => Some(ask(d, a, session, Decision::Commit, Duration::from_secs(10))),
                 Reach::Channel(_) => match std::mem::replace(&mut reach, Reach::None) {
                     Reach::Channel(ch) => Some(ask_on(ch, session, Decision::Commit, Duration::from_secs(10))),
                     _ => None,

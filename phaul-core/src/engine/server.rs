@@ -4,7 +4,7 @@
 //! link, or `phaul resolve`): it reaches the live session, or is answered from the session's journal.
 
 use std::collections::HashMap;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
@@ -17,7 +17,7 @@ use phaul_proto::wire::{self as w, ChannelKind};
 
 use super::destination::{serve_session, DestinationChannels, DestinationContext, Event, ServeError, ServeSummary};
 use crate::journal::Journals;
-use crate::transport::{Channel, ChannelName, TransportError};
+use crate::transport::{Acceptance, Channel, TransportError};
 use crate::wire;
 
 /// How long a new connection may take to send its first frame.
@@ -36,8 +36,10 @@ pub struct SessionRegistry {
 
 #[derive(Default)]
 struct Inner {
-    parked: Vec<(String, i32, Channel, Instant)>,
-    live: HashMap<String, Sender<Event>>,
+    /// Data channels waiting for their session: (session, kind, the peer that opened it, channel, since).
+    parked: Vec<(String, i32, Option<String>, Channel, Instant)>,
+    /// Live sessions: their event queue and the peer (certificate fingerprint) that opened them.
+    live: HashMap<String, (Sender<Event>, Option<String>)>,
 }
 
 impl SessionRegistry {
@@ -46,24 +48,31 @@ impl SessionRegistry {
     }
 
     /// Keeps a data channel for its session.
-    pub fn park(&self, ch: Channel, open: w::ChannelOpen) {
+    pub fn park(&self, ch: Channel, open: w::ChannelOpen, peer: Option<String>) {
         let mut g = self.lock();
         if g.parked.len() >= MAX_PARKED {
             log::warn!("too many data channels wait for their sessions; dropping the oldest");
             g.parked.remove(0);
         }
-        g.parked.push((open.session, open.kind, ch, Instant::now()));
+        g.parked.push((open.session, open.kind, peer, ch, Instant::now()));
         drop(g);
         self.arrived.notify_all();
     }
 
-    /// The channel of `kind` for `session`, waiting at most `wait` for it to arrive.
-    pub fn take_channel(&self, session: &str, kind: ChannelKind, wait: Duration) -> Result<Channel, ServeError> {
+    /// The channel of `kind` for `session`, opened by the same peer, waiting at most `wait` for it to arrive.
+    pub fn take_channel(
+        &self,
+        session: &str,
+        kind: ChannelKind,
+        wait: Duration,
+        peer: &Option<String>,
+    ) -> Result<Channel, ServeError> {
         let deadline = Instant::now() + wait;
         let mut g = self.lock();
         loop {
-            if let Some(i) = g.parked.iter().position(|(s, k, _, _)| s == session && *k == kind as i32) {
-                return Ok(g.parked.remove(i).2);
+            if let Some(i) = g.parked.iter().position(|(s, k, p, _, _)| s == session && *k == kind as i32 && p == peer)
+            {
+                return Ok(g.parked.remove(i).3);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -77,19 +86,31 @@ impl SessionRegistry {
         }
     }
 
-    pub(crate) fn register(&self, session: &str, tx: Sender<Event>) {
-        self.lock().live.insert(session.to_string(), tx);
+    pub(crate) fn register(&self, session: &str, tx: Sender<Event>, peer: Option<String>) {
+        self.lock().live.insert(session.to_string(), (tx, peer));
     }
 
     pub(crate) fn unregister(&self, session: &str) {
         self.lock().live.remove(session);
     }
 
-    /// Hands a resolution to the live session; gives the channel back if there is none.
-    fn resolve(&self, session: &str, decision: w::Decision, ch: Channel) -> Result<(), Channel> {
-        let tx = self.lock().live.get(session).cloned();
-        match tx {
-            Some(tx) => match tx.send(Event::Resolve { ch, decision }) {
+    /// Hands a resolution to the live session (only from the peer that opened it); gives the channel back if
+    /// there is none.
+    fn resolve(
+        &self,
+        session: &str,
+        decision: w::Decision,
+        mut ch: Channel,
+        peer: &Option<String>,
+    ) -> Result<(), Channel> {
+        let live = self.lock().live.get(session).cloned();
+        match live {
+            Some((_, opener)) if &opener != peer => {
+                log::warn!("a peer other than the one that opened session {session} asked about it; refused");
+                let _ = wire::send_failure(&mut ch, "this session was opened by another peer".into(), Vec::new());
+                Ok(())
+            }
+            Some((tx, _)) => match tx.send(Event::Resolve { ch, decision }) {
                 Ok(()) => Ok(()),
                 Err(std::sync::mpsc::SendError(Event::Resolve { ch, .. })) => Err(ch),
                 Err(_) => Ok(()),
@@ -103,6 +124,7 @@ impl SessionRegistry {
 pub fn serve_forever(
     ctx: &DestinationContext<'_>,
     listener: TcpListener,
+    acceptance: &Acceptance,
     stop: &AtomicBool,
     on_done: &(dyn Fn(Result<ServeSummary, ServeError>) + Sync),
 ) -> Result<(), TransportError> {
@@ -137,24 +159,40 @@ pub fn serve_forever(
             handshakes.fetch_add(1, Ordering::SeqCst);
             let (reg, hs) = (&registry, &handshakes);
             scope.spawn(move || {
-                let first = first_frame(stream);
+                let first = acceptance
+                    .accept(stream, HANDSHAKE_TIMEOUT, ctx.cfg.link_timeout)
+                    .map_err(|e| e.to_string())
+                    .and_then(|(ch, id)| first_frame(ch).map(|(ch, b)| (ch, b, id)));
                 hs.fetch_sub(1, Ordering::SeqCst);
                 match first {
-                    Ok((ch, Body::Hello(h))) => {
-                        log::info!("migration session {} from {peer}", h.session);
-                        on_done(serve_session(ctx, ch, Some(h), DestinationChannels::Server(reg)));
+                    Ok((ch, Body::Hello(h), id)) => {
+                        let who =
+                            id.as_ref().map(|i| i.name.clone().unwrap_or_else(|| i.fingerprint[..16].to_string()));
+                        log::info!(
+                            "migration session {} from {peer} ({})",
+                            h.session,
+                            who.unwrap_or_else(|| "no TLS".into())
+                        );
+                        let peer_fp = id.map(|i| i.fingerprint);
+                        on_done(serve_session(
+                            ctx,
+                            ch,
+                            Some(h),
+                            DestinationChannels::Server { registry: reg, peer: peer_fp },
+                        ));
                     }
-                    Ok((ch, Body::ChannelOpen(o))) => reg.park(ch, o),
-                    Ok((ch, Body::Resolve(r))) => {
+                    Ok((ch, Body::ChannelOpen(o), id)) => reg.park(ch, o, id.map(|i| i.fingerprint)),
+                    Ok((ch, Body::Resolve(r), id)) => {
                         let decision = w::Decision::try_from(r.decision).unwrap_or(w::Decision::Query);
-                        if let Err(ch) = reg.resolve(&r.session, decision, ch) {
+                        let peer_fp = id.map(|i| i.fingerprint);
+                        if let Err(ch) = reg.resolve(&r.session, decision, ch, &peer_fp) {
                             match Journals::open(&ctx.cfg.state_dir) {
-                                Ok(j) => super::resolve::answer_from_journal(&j, ctx, ch, r),
+                                Ok(j) => super::resolve::answer_from_journal(&j, ctx, ch, r, &peer_fp),
                                 Err(e) => log::warn!("cannot answer a resolution: {e}"),
                             }
                         }
                     }
-                    Ok((_, other)) => {
+                    Ok((_, other, _)) => {
                         log::info!("dropping a connection from {peer}: its first frame was {}", wire::body_name(&other))
                     }
                     Err(e) => log::info!("dropping a connection from {peer}: {e}"),
@@ -165,8 +203,7 @@ pub fn serve_forever(
     })
 }
 
-fn first_frame(stream: TcpStream) -> Result<(Channel, Body), String> {
-    let mut ch = Channel::from_tcp(ChannelName::Rpc, stream).map_err(|e| e.to_string())?;
+fn first_frame(mut ch: Channel) -> Result<(Channel, Body), String> {
     let _ = ch.set_read_timeout(HANDSHAKE_TIMEOUT);
     let body = wire::recv(&mut ch).map_err(|e| e.to_string())?;
     let _ = ch.set_read_timeout(Duration::ZERO);

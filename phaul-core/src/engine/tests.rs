@@ -538,6 +538,7 @@ impl DestinationTest {
                     image_dir: PathBuf::new(),
                     restored: None,
                     criu_pid: None,
+                    peer: None,
                     note: "no journal".into(),
                     updated_unix_ms: 0,
                 }

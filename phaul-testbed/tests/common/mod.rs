@@ -80,3 +80,38 @@ pub fn assert_still_on_source(lab: &Lab, w: &Workload, run: &MigrationRun) {
         assert_eq!(r["outcome"], "failed", "{r}");
     }
 }
+
+/// A CA and certificates for hosts A and B (valid for their names, loopback and the veth addresses), made with
+/// `phaul cert` in the lab's scratch directory.
+pub struct Pki {
+    pub dir: std::path::PathBuf,
+}
+
+impl Pki {
+    pub fn new(lab: &Lab) -> Pki {
+        let dir = lab.path("pki");
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new(&lab.phaul).args(args).output().expect("phaul cert");
+            assert!(out.status.success(), "phaul {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let d = dir.display().to_string();
+        run(&["cert", "ca", &d]);
+        for h in ["hosta.test", "hostb.test", "mallory.test"] {
+            run(&["cert", "host", &d, h, "--ip", "127.0.0.1", "--ip", "10.91.0.1", "--ip", "10.91.0.2"]);
+        }
+        Pki { dir }
+    }
+
+    /// `--tls-cert/--tls-key/--tls-ca` of `host`.
+    pub fn args(&self, host: &str) -> Vec<String> {
+        let p = |f: &str| self.dir.join(f).display().to_string();
+        vec![
+            "--tls-cert".into(),
+            p(&format!("{host}.pem")),
+            "--tls-key".into(),
+            p(&format!("{host}.key")),
+            "--tls-ca".into(),
+            p("ca.pem"),
+        ]
+    }
+}

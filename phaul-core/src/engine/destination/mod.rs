@@ -89,15 +89,19 @@ pub enum DestinationChannels<'a> {
         mem: Channel,
         fs: Option<Channel>,
     },
-    /// phaul's own connections: the session's data channels and reconnections arrive through the server.
-    Server(&'a super::server::SessionRegistry),
+    /// phaul's own connections: the session's data channels and reconnections arrive through the server; `peer`
+    /// is the fingerprint of the certificate that opened the session (with TLS), to which they are bound.
+    Server {
+        registry: &'a super::server::SessionRegistry,
+        peer: Option<String>,
+    },
 }
 
 impl std::fmt::Debug for DestinationChannels<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             DestinationChannels::Given { .. } => "Given",
-            DestinationChannels::Server(_) => "Server",
+            DestinationChannels::Server { .. } => "Server",
         })
     }
 }
@@ -206,7 +210,7 @@ pub fn answer_resolution(ctx: &DestinationContext<'_>, mut rpc: Channel) -> Resu
     match wire::recv(&mut rpc)? {
         Body::Resolve(r) => {
             let journals = Journals::open(&ctx.cfg.state_dir)?;
-            super::resolve::answer_from_journal(&journals, ctx, rpc, r);
+            super::resolve::answer_from_journal(&journals, ctx, rpc, r, &None);
             Ok(ServeSummary { session: String::new(), migrated: false, restored_pid: None, reason: "answered".into() })
         }
         other => {
@@ -238,7 +242,7 @@ pub fn serve_session(
             Body::Resolve(r) => {
                 // A resolution with handed-in descriptors: answered from the journal.
                 let journals = Journals::open(&cfg.state_dir)?;
-                super::resolve::answer_from_journal(&journals, ctx, rpc, r);
+                super::resolve::answer_from_journal(&journals, ctx, rpc, r, &None);
                 return Ok(ServeSummary {
                     session: String::new(),
                     migrated: false,
@@ -272,14 +276,15 @@ pub fn serve_session(
         }),
     )?;
     let (events_tx, events) = mpsc::channel();
-    let (mem, fs, registry) = match channels {
-        DestinationChannels::Given { mem, fs } => (mem, fs, None),
-        DestinationChannels::Server(reg) => {
+    let (mem, fs, registry, peer) = match channels {
+        DestinationChannels::Given { mem, fs } => (mem, fs, None, None),
+        DestinationChannels::Server { registry: reg, peer } => {
             let wait = cfg.timeout.min(Duration::from_secs(60));
-            let mem = reg.take_channel(&hello.session, w::ChannelKind::ChannelMemory, wait)?.renamed(ChannelName::Mem);
-            let fs = reg.take_channel(&hello.session, w::ChannelKind::ChannelFs, wait)?.renamed(ChannelName::Fs);
-            reg.register(&hello.session, events_tx.clone());
-            (mem, Some(fs), Some(reg))
+            let s = &hello.session;
+            let mem = reg.take_channel(s, w::ChannelKind::ChannelMemory, wait, &peer)?.renamed(ChannelName::Mem);
+            let fs = reg.take_channel(s, w::ChannelKind::ChannelFs, wait, &peer)?.renamed(ChannelName::Fs);
+            reg.register(s, events_tx.clone(), peer.clone());
+            (mem, Some(fs), Some(reg), peer)
         }
     };
     let _ = mem.set_liveness(cfg.link_timeout);
@@ -320,6 +325,7 @@ pub fn serve_session(
         outcome: None,
         restore_round: None,
         pending_write: None,
+        peer,
     };
     let r = s.run();
     if let Some(reg) = registry {
@@ -392,6 +398,8 @@ struct Session<'a> {
     restore_round: Option<PathBuf>,
     /// A journal write under way beside CRIU's resume.
     pending_write: Option<std::thread::JoinHandle<Result<DestinationJournal, crate::journal::JournalError>>>,
+    /// The certificate fingerprint of the peer that opened the session (with TLS).
+    peer: Option<String>,
 }
 
 fn lock(h: &Mutex<HostTypeBox>) -> std::sync::MutexGuard<'_, HostTypeBox> {
@@ -755,6 +763,7 @@ impl Session<'_> {
             image_dir: dir.clone(),
             restored: None,
             criu_pid: None,
+            peer: self.peer.clone(),
             note: "set up".into(),
             updated_unix_ms: 0,
         };

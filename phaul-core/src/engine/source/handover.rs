@@ -405,7 +405,7 @@ fn committed(run: &mut SourceRun<'_>, live: &Live, c: w::Committed, sent: Instan
 /// `--resolve-timeout`. With handed-in descriptors phaul cannot reconnect by itself: it says so as an event.
 fn resolve_again(run: &mut SourceRun<'_>, live: &mut Live, why: String) -> Decision {
     log::warn!("{why}; trying to learn the outcome for up to {} s", run.cfg.resolve_timeout.as_secs());
-    let Some(addr) = live.to.clone() else {
+    let Some((addr, dialer)) = live.to.clone() else {
         eprintln!(
             "phaul: event: {}",
             serde_json::json!({
@@ -420,7 +420,7 @@ fn resolve_again(run: &mut SourceRun<'_>, live: &mut Live, why: String) -> Decis
     let deadline = Instant::now() + run.cfg.resolve_timeout;
     let mut last = why.clone();
     while Instant::now() < deadline {
-        match super::super::resolve::ask(&addr, &live.session, w::Decision::Commit, Duration::from_secs(5)) {
+        match super::super::resolve::ask(&dialer, &addr, &live.session, w::Decision::Commit, Duration::from_secs(5)) {
             Ok(r) => match SessionState::try_from(r.state).unwrap_or(SessionState::StateUnknown) {
                 SessionState::StateCommitted => {
                     if r.pid > 0 {
@@ -704,7 +704,7 @@ fn in_doubt(run: &mut SourceRun<'_>, live: &mut Live, why: String) -> Result<(),
     }
     let copies = run.copies(Ended::InDoubt);
     let how = match &live.to {
-        Some(addr) => format!(" (it asks the destination at {addr} again)"),
+        Some((addr, _)) => format!(" (it asks the destination at {addr} again)"),
         None => " with --fdrpc/--fdmem given new connections to the destination's `phaul serve`".into(),
     };
     Err(MigrateError::InDoubt {

@@ -103,7 +103,7 @@ pub enum SourceChannels {
     /// Connections handed in by a caller.
     Given { rpc: Channel, mem: Channel, fs: Option<Channel> },
     /// phaul connects to `phaul serve --listen ADDR` itself.
-    Connect { addr: String },
+    Connect { addr: String, dialer: transport::Dialer },
 }
 
 /// Why a migration failed. In every case the report says which copy exists where.
@@ -278,8 +278,8 @@ pub(super) struct Live {
     pub root_pid: i32,
     pub dir: PathBuf,
     pub session: String,
-    /// Where to reconnect (phaul's own connections).
-    pub to: Option<String>,
+    /// Where to reconnect (phaul's own connections), and how.
+    pub to: Option<(String, transport::Dialer)>,
 }
 
 pub(super) struct SourceRun<'c> {
@@ -544,17 +544,28 @@ impl<'c> SourceRun<'c> {
         let htype = p.htype.take().ok_or_else(|| MigrateError::Refused("the host type was taken twice".into()))?;
         let (rpc, mem, fs_ch, to) = match channels {
             SourceChannels::Given { rpc, mem, fs } => (rpc, mem, fs, None),
-            SourceChannels::Connect { addr } => {
-                let rpc = transport::connect(&addr, ChannelName::Rpc, Duration::from_secs(10))?;
-                let open = |name, kind: ChannelKind| -> Result<Channel, MigrateError> {
-                    let mut c = transport::connect(&addr, name, Duration::from_secs(10))?;
-                    let body = Body::ChannelOpen(ChannelOpen { session: p.session.clone(), kind: kind as i32 });
-                    wire::send(&mut c, body)?;
+            SourceChannels::Connect { addr, dialer } => {
+                // The three connections are opened at once (each with its TLS handshake): a relay or tunnel may
+                // pass them on only once it has all of them, and in any order.
+                let (t, lt) = (Duration::from_secs(10), self.cfg.link_timeout);
+                let open = |name, kind: Option<ChannelKind>| -> Result<Channel, MigrateError> {
+                    let mut c = dialer.dial(&addr, name, t, lt)?;
+                    if let Some(kind) = kind {
+                        let body = Body::ChannelOpen(ChannelOpen { session: p.session.clone(), kind: kind as i32 });
+                        wire::send(&mut c, body)?;
+                    }
                     Ok(c)
                 };
-                let mem = open(ChannelName::Mem, ChannelKind::ChannelMemory)?;
-                let fs = open(ChannelName::Fs, ChannelKind::ChannelFs)?;
-                (rpc, mem, Some(fs), Some(addr))
+                let (rpc, mem, fs) = std::thread::scope(|sc| {
+                    let r = sc.spawn(|| open(ChannelName::Rpc, None));
+                    let m = sc.spawn(|| open(ChannelName::Mem, Some(ChannelKind::ChannelMemory)));
+                    let f = sc.spawn(|| open(ChannelName::Fs, Some(ChannelKind::ChannelFs)));
+                    let join = |h: std::thread::ScopedJoinHandle<'_, Result<Channel, MigrateError>>| {
+                        h.join().unwrap_or_else(|_| Err(MigrateError::Refused("a connecting thread panicked".into())))
+                    };
+                    (join(r), join(m), join(f))
+                });
+                (rpc?, mem?, Some(fs?), Some((addr, dialer)))
             }
         };
         for c in [Some(&rpc), Some(&mem), fs_ch.as_ref()].into_iter().flatten() {
@@ -564,7 +575,7 @@ impl<'c> SourceRun<'c> {
         let fs_fd = fs_ch.as_ref().map(|c| c.as_fd().as_raw_fd());
         let fs = self.drivers.fs_sender(&p.fs_name, &self.cfg.fs_options, fs_fd, &p.fs_roots, &p.dir)?;
         let control = Control::new(rpc).map_err(|source| TransportError::Setup { channel: "control", source })?;
-        let to2 = to.clone();
+        let to2 = to.as_ref().map(|(a, _)| a.clone());
         let _ = self.record(SourceState::Running, "connected", |j| j.to = to2);
         let live = Live {
             control,

@@ -13,6 +13,9 @@ use nix::sys::time::TimeVal;
 
 use crate::sys::{self, FdError};
 
+pub mod certs;
+pub mod tls;
+
 /// Which channel a connection is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelName {
@@ -36,9 +39,13 @@ pub enum TransportError {
     #[error(transparent)]
     Fd(#[from] FdError),
     #[error(
-        "refusing to listen on {addr}: phaul's own connections are not authenticated or encrypted yet, so `phaul serve --listen` only accepts loopback addresses; to migrate between machines, hand phaul connections you have secured yourself with --fdrpc/--fdmem/--fdfs (for example through an SSH tunnel to a loopback port)"
+        "refusing to listen on {addr} without TLS: with --insecure-loopback phaul listens on loopback addresses only; give it certificates (--tls-cert, --tls-key, --tls-ca, or [tls] in phaul.toml; `phaul cert` makes them) to listen on any address"
     )]
     NotLoopback { addr: SocketAddr },
+    #[error("refusing to connect to {addr} without TLS: --insecure-loopback reaches loopback addresses only; give phaul certificates (--tls-cert, --tls-key, --tls-ca) to migrate between machines")]
+    InsecureRemote { addr: String },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("cannot resolve {addr}: {source}")]
     Resolve { addr: String, source: io::Error },
     #[error("cannot listen on {addr}: {source}")]
@@ -109,6 +116,11 @@ impl Channel {
         Ok(Channel::new(self.name, self.dup_fd()?))
     }
 
+    /// Ends the writing half (the peer reads an end), keeping the reading half.
+    pub fn shutdown_write(&self) {
+        let _ = nix::sys::socket::shutdown(self.file.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+    }
+
     /// Shuts the connection down for both sides of it, whoever else holds it (CRIU, a reader thread): their
     /// reads end and their writes fail at once.
     pub fn shutdown(&self) {
@@ -147,26 +159,127 @@ impl Write for Channel {
     }
 }
 
-/// Connects to a `phaul serve --listen` address.
-pub fn connect(addr: &str, channel: ChannelName, timeout: Duration) -> Result<Channel, TransportError> {
+/// Opens a TCP connection to `addr` (each address it resolves to in turn).
+pub fn connect_tcp(addr: &str, channel: ChannelName, timeout: Duration) -> Result<TcpStream, TransportError> {
     let addrs: Vec<SocketAddr> =
         addr.to_socket_addrs().map_err(|source| TransportError::Resolve { addr: addr.to_string(), source })?.collect();
     let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolved to no address");
     for a in addrs {
         match TcpStream::connect_timeout(&a, timeout) {
-            Ok(s) => return Channel::from_tcp(channel, s),
+            Ok(s) => return Ok(s),
             Err(e) => last = e,
         }
     }
     Err(TransportError::Connect { channel: channel.as_str(), addr: addr.to_string(), source: last })
 }
 
-/// Listens for sources. Only loopback addresses are accepted until phaul authenticates its peers.
-pub fn listen(addr: &str) -> Result<TcpListener, TransportError> {
+/// Connects to a `phaul serve --listen --insecure-loopback` address (no TLS).
+pub fn connect(addr: &str, channel: ChannelName, timeout: Duration) -> Result<Channel, TransportError> {
+    Channel::from_tcp(channel, connect_tcp(addr, channel, timeout)?)
+}
+
+/// How phaul opens its own connections to a destination.
+#[derive(Clone)]
+pub enum Dialer {
+    /// Plain TCP to a loopback address (`--insecure-loopback`).
+    Insecure,
+    /// TLS 1.3 with this host's certificate; the destination's is checked against `server_name`.
+    Tls { config: std::sync::Arc<rustls::ClientConfig>, server_name: String },
+}
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dialer::Insecure => f.write_str("Insecure"),
+            Dialer::Tls { server_name, .. } => write!(f, "Tls({server_name})"),
+        }
+    }
+}
+
+/// The host part of `HOST:PORT` (brackets of an IPv6 address removed): what the destination's certificate must
+/// name unless `--tls-server-name` says otherwise.
+pub fn host_of(addr: &str) -> String {
+    let host = match addr.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => addr,
+    };
+    host.trim_start_matches('[').trim_end_matches(']').to_string()
+}
+
+impl Dialer {
+    /// Opens one channel: TCP (noticing a dead peer within about `link_timeout` seconds), then TLS unless
+    /// insecure.
+    pub fn dial(
+        &self,
+        addr: &str,
+        name: ChannelName,
+        timeout: Duration,
+        link_timeout: u32,
+    ) -> Result<Channel, TransportError> {
+        let tcp = connect_tcp(addr, name, timeout)?;
+        tcp.set_nodelay(true).map_err(|source| TransportError::Setup { channel: name.as_str(), source })?;
+        sys::tcp_liveness(&tcp, link_timeout)
+            .map_err(|source| TransportError::Setup { channel: name.as_str(), source })?;
+        match self {
+            Dialer::Insecure => {
+                if !tcp.peer_addr().map(|a| a.ip().is_loopback()).unwrap_or(false) {
+                    return Err(TransportError::InsecureRemote { addr: addr.to_string() });
+                }
+                Channel::from_tcp(name, tcp)
+            }
+            Dialer::Tls { config, server_name } => {
+                Ok(tls::connect(tcp, config.clone(), server_name, timeout.max(Duration::from_secs(5)), name)?)
+            }
+        }
+    }
+}
+
+/// How `phaul serve --listen` takes connections.
+pub enum Acceptance {
+    /// Plain TCP, loopback only (`--insecure-loopback`).
+    Insecure,
+    /// TLS 1.3, a client certificate of the CA required.
+    Tls(tls::ServerTls),
+}
+
+impl std::fmt::Debug for Acceptance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Acceptance::Insecure => "Insecure",
+            Acceptance::Tls(_) => "Tls",
+        })
+    }
+}
+
+impl Acceptance {
+    /// Turns an accepted connection into a channel: the TLS handshake (bounded by `handshake`) unless insecure.
+    pub fn accept(
+        &self,
+        tcp: TcpStream,
+        handshake: Duration,
+        link_timeout: u32,
+    ) -> Result<(Channel, Option<tls::PeerIdentity>), TransportError> {
+        let _ = tcp.set_nodelay(true);
+        let _ = sys::tcp_liveness(&tcp, link_timeout);
+        match self {
+            Acceptance::Insecure => Ok((Channel::from_tcp(ChannelName::Rpc, tcp)?, None)),
+            Acceptance::Tls(t) => {
+                let cfg = t.config()?;
+                let (ch, id) = tls::accept(tcp, cfg, &t.files().allow, handshake, ChannelName::Rpc)?;
+                Ok((ch, Some(id)))
+            }
+        }
+    }
+}
+
+/// Listens for sources on `addr`: any address with TLS; without it (`insecure`), loopback only.
+pub fn listen(addr: &str, insecure: bool) -> Result<TcpListener, TransportError> {
     let addrs: Vec<SocketAddr> =
         addr.to_socket_addrs().map_err(|source| TransportError::Resolve { addr: addr.to_string(), source })?.collect();
-    if let Some(bad) = addrs.iter().find(|a| !a.ip().is_loopback()) {
-        return Err(TransportError::NotLoopback { addr: *bad });
+    if insecure {
+        if let Some(bad) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+            return Err(TransportError::NotLoopback { addr: *bad });
+        }
     }
     TcpListener::bind(addrs.as_slice()).map_err(|source| TransportError::Listen { addr: addr.to_string(), source })
 }
