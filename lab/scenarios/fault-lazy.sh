@@ -77,8 +77,14 @@ kill -9 "$WORKLOAD_PID"
 cell src-dies-committing src:step:committing kill --mode lazy
 wait_for 20 nothing_on_b || fail "src-dies-committing: processes left on B (the held copy must be discarded)"
 kill -0 "$WORKLOAD_PID" 2>/dev/null || fail "src-dies-committing: the source's copy is gone"
-session=$(ls /var/lib/phaul/sessions/ | sed -n 's/\.source\.json$//p' | while read -r s; do
-  [ "$(jq -r .state "/var/lib/phaul/sessions/$s.source.json")" = in-doubt ] && echo "$s"; done | tail -1)
+# The guard writes "in doubt" once it has tried for --resolve-timeout (5 s here): wait for it, bounded.
+in_doubt_session() {
+  ls /var/lib/phaul/sessions/ | sed -n 's/\.source\.json$//p' | while read -r s; do
+    [ "$(jq -r .state "/var/lib/phaul/sessions/$s.source.json")" = in-doubt ] && echo "$s"; done | tail -1
+}
+has_in_doubt() { [ -n "$(in_doubt_session)" ]; }
+wait_for 30 has_in_doubt || true
+session=$(in_doubt_session)
 [ -n "$session" ] || fail "src-dies-committing: no in-doubt source journal: $(ls /var/lib/phaul/sessions/)"
 grep -q "frozen 1" /sys/fs/cgroup/phaul-"${session:0:16}"/cgroup.events ||
   fail "src-dies-committing: the source's copy is not held frozen"

@@ -170,9 +170,9 @@ migrate() {
   _mw=$LAB_WORK/$_m
   mkdir -p "$_mw/src-img" "$_mw/dst-img"
   rm -f "$_mw/rpid"
-  _serve_common=(phaul --log-file "$_mw/serve.log" -v serve --img-path "$_mw/dst-img")
+  _serve_common=(phaul --log-file "$_mw/serve.log" -v serve --img-path "$_mw/dst-img" --rpid-dir "$_mw")
   _migrate_common=(phaul --log-file "$_mw/migrate.log" -v migrate pid "$_m_pid" --json --img-path "$_mw/src-img"
-                   --dst-rpid "$_mw/rpid")
+                   --dst-rpid rpid)
   case "${LAB_TRANSPORT:-fds}" in
     fds)
       _next_port; _p1=$_lab_port; _next_port; _p2=$_lab_port; _next_port; _p3=$_lab_port

@@ -30,6 +30,10 @@ pub enum PluginLoadError {
     NoConfig,
     #[error("cannot read the plugin list {path}: {source}; pass another with --plugins FILE")]
     ConfigRead { path: PathBuf, source: std::io::Error },
+    #[error("refusing the plugin list {path}: {why}")]
+    ConfigUnsafe { path: PathBuf, why: String },
+    #[error("refusing the plugin file {file} (listed in {config}): {why}")]
+    PluginUnsafe { file: PathBuf, config: PathBuf, why: String },
     #[error("{path} is not a valid plugin list: {message}")]
     ConfigParse { path: PathBuf, message: String },
     #[error("plugin file {file} (listed in {config}) does not exist; build it (scripts/setup builds every plugin) or set `enabled = false` on its entry")]
@@ -176,11 +180,77 @@ fn to_rvec(kvs: &[(String, String)]) -> RVec<KeyValue> {
     kvs.iter().map(|(k, v)| KeyValue { key: RString::from(k.as_str()), value: RString::from(v.as_str()) }).collect()
 }
 
+/// The largest plugin list phaul reads.
+pub const MAX_PLUGIN_LIST_BYTES: u64 = 1 << 20;
+
+/// Why a file phaul is about to trust with root's powers (a plugin list, a plugin library) must not be trusted:
+/// it is not a regular file, belongs to someone other than root or this user, or can be changed by group or others
+/// (or sits in a directory they can change without the sticky bit). `None` when it is fine.
+pub fn unsafe_file(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => return Some(format!("cannot inspect it: {e}")),
+    };
+    if !meta.is_file() {
+        return Some("it is not a regular file".into());
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    let mode = meta.mode() & 0o7777;
+    if meta.uid() != 0 && meta.uid() != me {
+        return Some(format!(
+            "it belongs to uid {}, not to root{}; phaul runs plugin code with its own privileges: `chown root {}`",
+            meta.uid(),
+            if me == 0 { String::new() } else { format!(" or uid {me}") },
+            path.display()
+        ));
+    }
+    if mode & 0o022 != 0 {
+        return Some(format!(
+            "group or others may write it (mode {mode:04o}); phaul runs plugin code with its own privileges: `chmod go-w {}`",
+            path.display()
+        ));
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if let Ok(d) = std::fs::metadata(dir) {
+        let dmode = d.mode() & 0o7777;
+        if dmode & 0o022 != 0 && dmode & 0o1000 == 0 {
+            return Some(format!(
+                "its directory {} may be changed by group or others (mode {dmode:04o}), who could swap the file: `chmod go-w {}`",
+                dir.display(),
+                dir.display()
+            ));
+        }
+    }
+    None
+}
+
+/// Reads a plugin list, refusing one that is unsafe (see [`unsafe_file`]) or larger than
+/// [`MAX_PLUGIN_LIST_BYTES`].
+fn read_plugin_list(config: &Path) -> Result<String, PluginLoadError> {
+    use std::io::Read;
+    if let Some(why) = unsafe_file(config) {
+        return Err(PluginLoadError::ConfigUnsafe { path: config.to_path_buf(), why });
+    }
+    let f = std::fs::File::open(config)
+        .map_err(|source| PluginLoadError::ConfigRead { path: config.to_path_buf(), source })?;
+    let mut text = String::new();
+    f.take(MAX_PLUGIN_LIST_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|source| PluginLoadError::ConfigRead { path: config.to_path_buf(), source })?;
+    if text.len() as u64 > MAX_PLUGIN_LIST_BYTES {
+        return Err(PluginLoadError::ConfigUnsafe {
+            path: config.to_path_buf(),
+            why: format!("it is larger than {} KiB; a plugin list is a few lines", MAX_PLUGIN_LIST_BYTES >> 10),
+        });
+    }
+    Ok(text)
+}
+
 impl Registry {
     /// Reads `config` and loads every enabled plugin it lists.
     pub fn load(config: &Path) -> Result<Registry, PluginLoadError> {
-        let text = std::fs::read_to_string(config)
-            .map_err(|source| PluginLoadError::ConfigRead { path: config.to_path_buf(), source })?;
+        let text = read_plugin_list(config)?;
         let list = parse_plugin_list(&text, config)?;
         let mut plugins: Vec<LoadedPlugin> = Vec::new();
         let mut disabled = Vec::new();
@@ -314,6 +384,9 @@ fn driver_result<T>(name: &str, kind: &'static str, r: RResult<T, PluginError>) 
 fn load_one(path: &Path, config: &Path) -> Result<LoadedPlugin, PluginLoadError> {
     if !path.exists() {
         return Err(PluginLoadError::Missing { file: path.to_path_buf(), config: config.to_path_buf() });
+    }
+    if let Some(why) = unsafe_file(path) {
+        return Err(PluginLoadError::PluginUnsafe { file: path.to_path_buf(), config: config.to_path_buf(), why });
     }
     let header = lib_header_from_path(path).map_err(|e| match e {
         LibraryError::OpenError { err, .. } => PluginLoadError::NotALibrary {

@@ -109,6 +109,43 @@ pub fn recv(ch: &mut Channel) -> Result<Body, WireError> {
     Ok(body)
 }
 
+/// Reads one message, all of it before `deadline` (a peer trickling a byte at a time does not keep the read
+/// alive past it).
+pub fn recv_by(ch: &mut Channel, deadline: std::time::Instant) -> Result<Body, WireError> {
+    let name = ch.name().as_str();
+    let mut len = [0u8; 4];
+    read_by(ch, &mut len, deadline)?;
+    let len = u32::from_be_bytes(len);
+    if len > MAX_FRAME {
+        return Err(WireError::TooLarge { size: len });
+    }
+    let mut buf = vec![0u8; len as usize];
+    read_by(ch, &mut buf, deadline)?;
+    let _ = ch.set_read_timeout(std::time::Duration::ZERO);
+    let body = decode_envelope(&buf)?;
+    log::trace!("<- {} ({name}, bounded)", body_name(&body));
+    Ok(body)
+}
+
+fn read_by(ch: &mut Channel, buf: &mut [u8], deadline: std::time::Instant) -> Result<(), WireError> {
+    let name = ch.name().as_str();
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(WireError::Timeout { channel: name });
+        }
+        ch.set_read_timeout(left).map_err(|e| io_err(name, e))?;
+        match ch.read(&mut buf[got..]) {
+            Ok(0) => return Err(WireError::Closed { channel: name }),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err(name, e)),
+        }
+    }
+    Ok(())
+}
+
 /// Sends a failure report to the peer.
 pub fn send_failure(ch: &mut Channel, message: String, criu_errors: Vec<String>) -> Result<(), WireError> {
     send(ch, Body::Failure(Failure { message, criu_errors, aborted: false }))

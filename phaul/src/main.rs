@@ -149,6 +149,9 @@ fn tls_files(c: &Common, t: &TlsArgs) -> Result<Option<phaul_core::transport::tl
 fn read_settings(p: &std::path::Path) -> Result<Settings, Fail> {
     let meta = std::fs::metadata(p)
         .map_err(|e| Fail(EXIT_USAGE, format!("cannot read the settings file {}: {e}", p.display())))?;
+    if !meta.is_file() {
+        return Err(Fail(EXIT_USAGE, format!("the settings file {} is not a regular file", p.display())));
+    }
     if meta.len() > 1 << 20 {
         return Err(Fail(EXIT_USAGE, format!("the settings file {} is larger than 1 MiB", p.display())));
     }
@@ -431,9 +434,10 @@ struct MigrateArgs {
     /// Where image directories are created on this host.
     #[arg(long, value_name = "DIR", default_value = engine::DEFAULT_IMG_PATH)]
     img_path: PathBuf,
-    /// Write the restored root pid to this file on the destination once the migration is confirmed.
-    #[arg(long, value_name = "FILE")]
-    dst_rpid: Option<PathBuf>,
+    /// Have the destination write the restored root pid, once the migration is committed, into a file of this
+    /// name under its `--rpid-dir` (a plain name: [A-Za-z0-9._-], at most 64).
+    #[arg(long, value_name = "NAME", value_parser = parse_rpid_name)]
+    dst_rpid: Option<String>,
     /// Migrate even if the destination's CPU lacks features of this one.
     #[arg(long)]
     skip_cpu_check: bool,
@@ -460,13 +464,26 @@ struct ServeArgs {
     /// Where image directories are created on this host.
     #[arg(long, value_name = "DIR", default_value = engine::DEFAULT_IMG_PATH)]
     img_path: PathBuf,
-    /// Write the restored root pid here (the source's --dst-rpid wins).
+    /// Write the restored root pid here (a source's --dst-rpid goes under --rpid-dir instead).
     #[arg(long, value_name = "FILE")]
     dst_rpid: Option<PathBuf>,
+    /// Where a source's --dst-rpid NAME is written (without it, sources may not ask for a pid file).
+    #[arg(long, value_name = "DIR")]
+    rpid_dir: Option<PathBuf>,
+    /// At most this many migrations at once (--listen).
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    max_sessions: usize,
     /// How long a restored copy waits for its source to come back after the control connection broke (seconds;
     /// phaul's own connections only).
     #[arg(long, value_name = "SECONDS", default_value_t = 15)]
     reconnect_window: u64,
+}
+
+/// `--dst-rpid`: refused here already, before anything starts, when the destination would refuse it.
+fn parse_rpid_name(s: &str) -> Result<String, String> {
+    engine::check_name("restored-pid file name", s)
+        .map(|()| s.to_string())
+        .map_err(|e| format!("{e}; the destination writes the file under its own --rpid-dir"))
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -675,6 +692,8 @@ fn serve(c: &Common, a: ServeArgs) -> Result<(), Fail> {
         state_dir: c.state_dir.clone(),
         reconnect_window: Duration::from_secs(a.reconnect_window),
         link_timeout: c.link_timeout,
+        max_sessions: a.max_sessions.max(1),
+        rpid_dir: a.rpid_dir,
     };
     settle_destination_journals(&cfg.state_dir);
     let ctx = DestinationContext { drivers: &reg, criu: Arc::new(criu), cfg: &cfg };

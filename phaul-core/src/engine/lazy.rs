@@ -222,8 +222,18 @@ impl SourceRelay {
             // Destination -> CRIU: the daemon's requests, one header at a time.
             let mut mem_r = std::fs::File::from(mem);
             let mut buf = vec![0u8; header];
+            // Whether the daemon's close request was passed on (only ever after the commit).
+            let mut closed = false;
             loop {
                 if mem_r.read_exact(&mut buf).is_err() {
+                    if closed {
+                        // The close went through and the daemon hung up: CRIU now waits for the connection's plain
+                        // end; sending it anything would fail its transfer after the fact.
+                        if let Some(c) = tc.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                            let _ = c.shutdown(Shutdown::Write);
+                        }
+                        break;
+                    }
                     // The destination hung up without a close request: whatever it holds, its memory is not
                     // complete, so CRIU must not take this for success (after the commit the workload is lost, and
                     // the source's tree is ended by phaul, not by CRIU).
@@ -232,6 +242,10 @@ impl SourceRelay {
                     }
                     poison_criu(&tc, &p, header);
                     break;
+                }
+                if closed {
+                    log::warn!("the destination's lazy-pages daemon sent a request after its close request; ignored");
+                    continue;
                 }
                 let cmd = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) & PS_CMD_MASK;
                 if cmd == PS_IOV_CLOSE || cmd == PS_IOV_FORCE_CLOSE {
@@ -245,6 +259,7 @@ impl SourceRelay {
                         poison_criu(&tc, &p, header);
                         break;
                     }
+                    closed = true;
                 }
                 let mut g = tc.lock().unwrap_or_else(|p| p.into_inner());
                 if p.load(Ordering::SeqCst) {

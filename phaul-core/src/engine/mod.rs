@@ -59,6 +59,23 @@ pub(crate) fn page_size() -> u64 {
 }
 
 /// Turns an operator-given id into something safe inside a directory name.
+/// Checks a name that a source sends and a destination turns into part of a path or a lookup (host type, driver,
+/// container id, restored-pid file): `[A-Za-z0-9._-]`, 1 to 64 bytes, not `.` or `..`.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name != "."
+        && name != ".."
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        return Ok(());
+    }
+    Err(format!(
+        "the {what} {:?} is not a plain name ([A-Za-z0-9._-], 1 to 64 characters): names the source sends become file names on the destination, which refuses anything else",
+        name.chars().take(80).collect::<String>()
+    ))
+}
+
 pub(crate) fn sanitize(id: &str) -> String {
     id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).take(48).collect()
 }

@@ -20,7 +20,7 @@ use crate::journal::Journals;
 use crate::transport::{Acceptance, Channel, TransportError};
 use crate::wire;
 
-/// How long a new connection may take to send its first frame.
+/// How long a new connection may take for its TLS handshake and, again, for its first frame.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many data channels wait for their session at most (the oldest go first).
 const MAX_PARKED: usize = 32;
@@ -120,7 +120,16 @@ impl SessionRegistry {
     }
 }
 
-/// Serves connections on `listener` until `stop` is set; `on_done` gets each session's outcome.
+/// Connections that have not said who they are yet: when there are too many, the oldest goes (a flood of silent
+/// connections then delays a real source by one handshake at most, instead of locking it out).
+#[derive(Default)]
+struct Pending {
+    next: u64,
+    conns: std::collections::VecDeque<(u64, std::net::TcpStream)>,
+}
+
+/// Serves connections on `listener` until `stop` is set; `on_done` gets each session's outcome. At most
+/// `ctx.cfg.max_sessions` sessions run at once (a source beyond that is told so).
 pub fn serve_forever(
     ctx: &DestinationContext<'_>,
     listener: TcpListener,
@@ -129,7 +138,8 @@ pub fn serve_forever(
     on_done: &(dyn Fn(Result<ServeSummary, ServeError>) + Sync),
 ) -> Result<(), TransportError> {
     let registry = SessionRegistry::default();
-    let handshakes = AtomicUsize::new(0);
+    let pending = Mutex::new(Pending::default());
+    let sessions = AtomicUsize::new(0);
     std::thread::scope(|scope| -> Result<(), TransportError> {
         while !stop.load(Ordering::SeqCst) {
             let ready = {
@@ -150,22 +160,55 @@ pub fn serve_forever(
                     continue;
                 }
             };
-            if handshakes.load(Ordering::SeqCst) >= MAX_HANDSHAKES {
-                log::warn!(
-                    "dropping a connection from {peer}: {MAX_HANDSHAKES} connections are already waiting to say who they are"
-                );
-                continue;
-            }
-            handshakes.fetch_add(1, Ordering::SeqCst);
-            let (reg, hs) = (&registry, &handshakes);
+            let id = {
+                let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                if p.conns.len() >= MAX_HANDSHAKES {
+                    if let Some((_, oldest)) = p.conns.pop_front() {
+                        let who = oldest.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                        log::warn!(
+                            "{MAX_HANDSHAKES} connections are waiting to say who they are; closing the oldest (from {who}) to take one from {peer}"
+                        );
+                        let _ = oldest.shutdown(std::net::Shutdown::Both);
+                    }
+                }
+                p.next += 1;
+                let id = p.next;
+                if let Ok(c) = stream.try_clone() {
+                    p.conns.push_back((id, c));
+                }
+                id
+            };
+            let (reg, pend, live) = (&registry, &pending, &sessions);
             scope.spawn(move || {
                 let first = acceptance
                     .accept(stream, HANDSHAKE_TIMEOUT, ctx.cfg.link_timeout)
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| {
+                        // A peer that connects and closes (a port probe, a health check) is not news; one that
+                        // fails the handshake (an unknown certificate, a replay, a trickle) is.
+                        let closed = matches!(&e, TransportError::Tls(crate::transport::tls::TlsError::Handshake { detail, .. }) if detail == tls_closed());
+                        if !closed {
+                            log::warn!("refusing a connection from {peer}: {e}");
+                        }
+                        e.to_string()
+                    })
                     .and_then(|(ch, id)| first_frame(ch).map(|(ch, b)| (ch, b, id)));
-                hs.fetch_sub(1, Ordering::SeqCst);
+                pend.lock().unwrap_or_else(|e| e.into_inner()).conns.retain(|(i, _)| *i != id);
                 match first {
-                    Ok((ch, Body::Hello(h), id)) => {
+                    Ok((mut ch, Body::Hello(h), id)) => {
+                        if live.fetch_add(1, Ordering::SeqCst) >= ctx.cfg.max_sessions {
+                            live.fetch_sub(1, Ordering::SeqCst);
+                            log::warn!(
+                                "refusing session {} from {peer}: {} sessions run already (--max-sessions)",
+                                h.session,
+                                ctx.cfg.max_sessions
+                            );
+                            let msg = format!(
+                                "this destination runs {} migrations already (its --max-sessions); try again later",
+                                ctx.cfg.max_sessions
+                            );
+                            let _ = wire::send_failure(&mut ch, msg, Vec::new());
+                            return;
+                        }
                         let who =
                             id.as_ref().map(|i| i.name.clone().unwrap_or_else(|| i.fingerprint[..16].to_string()));
                         log::info!(
@@ -174,12 +217,14 @@ pub fn serve_forever(
                             who.unwrap_or_else(|| "no TLS".into())
                         );
                         let peer_fp = id.map(|i| i.fingerprint);
-                        on_done(serve_session(
-                            ctx,
-                            ch,
-                            Some(h),
-                            DestinationChannels::Server { registry: reg, peer: peer_fp },
-                        ));
+                        let r = serve_session(ctx, ch, Some(h), DestinationChannels::Server { registry: reg, peer: peer_fp });
+                        live.fetch_sub(1, Ordering::SeqCst);
+                        on_done(r);
+                    }
+                    Ok((mut ch, body, _)) if bad_session(&body).is_some() => {
+                        let e = bad_session(&body).unwrap_or_default();
+                        log::warn!("refusing a {} from {peer}: {e}", wire::body_name(&body));
+                        let _ = wire::send_failure(&mut ch, e, Vec::new());
                     }
                     Ok((ch, Body::ChannelOpen(o), id)) => reg.park(ch, o, id.map(|i| i.fingerprint)),
                     Ok((ch, Body::Resolve(r), id)) => {
@@ -203,9 +248,21 @@ pub fn serve_forever(
     })
 }
 
+fn tls_closed() -> &'static str {
+    crate::transport::tls::PEER_CLOSED
+}
+
+/// Why the session id a data channel or a resolution names is refused (before it is looked up anywhere).
+fn bad_session(body: &Body) -> Option<String> {
+    let session = match body {
+        Body::ChannelOpen(o) => &o.session,
+        Body::Resolve(r) => &r.session,
+        _ => return None,
+    };
+    crate::journal::check_session(session).err().map(|e| e.to_string())
+}
+
 fn first_frame(mut ch: Channel) -> Result<(Channel, Body), String> {
-    let _ = ch.set_read_timeout(HANDSHAKE_TIMEOUT);
-    let body = wire::recv(&mut ch).map_err(|e| e.to_string())?;
-    let _ = ch.set_read_timeout(Duration::ZERO);
+    let body = wire::recv_by(&mut ch, Instant::now() + HANDSHAKE_TIMEOUT).map_err(|e| e.to_string())?;
     Ok((ch, body))
 }

@@ -497,6 +497,8 @@ impl DestinationTest {
             state_dir: self.dir.path().join("state"),
             reconnect_window: Duration::from_secs(1),
             link_timeout: 3,
+            max_sessions: 4,
+            rpid_dir: None,
         }
     }
 

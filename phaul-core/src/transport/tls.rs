@@ -242,23 +242,57 @@ fn check_allowed(cert: &CertificateDer<'_>, allow: &[String], peer: &str) -> Res
     Err(TlsError::NotAllowed { peer: peer.into(), allowed: allow.join(", ") })
 }
 
-/// Runs the handshake on a blocking TCP stream, bounded.
+/// The detail of [`TlsError::Handshake`] when the peer closed the connection before finishing.
+pub const PEER_CLOSED: &str = "it closed the connection";
+
+/// Runs the handshake on a blocking TCP stream, bounded as a whole by `limit`: a peer trickling its handshake a
+/// byte at a time is cut off at the deadline like a silent one (rustls' own `complete_io` would keep reading as
+/// long as bytes come).
 fn handshake(conn: &mut dyn Tls, tcp: &mut TcpStream, peer: &str, limit: Duration) -> Result<(), TlsError> {
     let deadline = Instant::now() + limit;
-    tcp.set_read_timeout(Some(limit))?;
-    tcp.set_write_timeout(Some(limit))?;
-    while conn.t_handshaking() {
-        if Instant::now() >= deadline {
-            return Err(TlsError::HandshakeTimeout { peer: peer.into(), secs: limit.as_secs() });
+    let timeout = || TlsError::HandshakeTimeout { peer: peer.into(), secs: limit.as_secs() };
+    let left = || {
+        let l = deadline.saturating_duration_since(Instant::now());
+        if l.is_zero() {
+            None
+        } else {
+            Some(l)
         }
-        match conn.t_complete_io(tcp) {
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                return Err(TlsError::HandshakeTimeout { peer: peer.into(), secs: limit.as_secs() })
+    };
+    let flush = |conn: &mut dyn Tls, tcp: &mut TcpStream| -> Result<(), TlsError> {
+        while conn.t_wants_write() {
+            tcp.set_write_timeout(Some(left().ok_or_else(timeout)?))?;
+            match conn.t_write_tls(tcp) {
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Err(timeout())
+                }
+                Err(e) => return Err(TlsError::Handshake { peer: peer.into(), detail: e.to_string() }),
             }
+        }
+        Ok(())
+    };
+    while conn.t_handshaking() {
+        flush(conn, tcp)?;
+        if !conn.t_handshaking() {
+            break;
+        }
+        tcp.set_read_timeout(Some(left().ok_or_else(timeout)?))?;
+        match conn.t_read_tls(tcp) {
+            Ok(0) => return Err(TlsError::Handshake { peer: peer.into(), detail: PEER_CLOSED.into() }),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Err(timeout()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(TlsError::Handshake { peer: peer.into(), detail: e.to_string() }),
         }
+        if let Err(e) = conn.t_process() {
+            // Tell the peer why (the alert rustls queued), then give up.
+            let _ = flush(conn, tcp);
+            return Err(TlsError::Handshake { peer: peer.into(), detail: e.to_string() });
+        }
     }
+    // The last flight (the client's Finished) goes out before the relay takes over.
+    flush(conn, tcp)?;
     tcp.set_read_timeout(None)?;
     tcp.set_write_timeout(None)?;
     Ok(())
@@ -305,7 +339,6 @@ pub fn connect(
 /// What the relay needs of a TLS connection, client or server.
 trait Tls: Send {
     fn t_handshaking(&self) -> bool;
-    fn t_complete_io(&mut self, io: &mut TcpStream) -> io::Result<(usize, usize)>;
     fn t_read_tls(&mut self, r: &mut dyn Read) -> io::Result<usize>;
     fn t_process(&mut self) -> Result<(), rustls::Error>;
     fn t_read_plain(&mut self, buf: &mut [u8]) -> io::Result<usize>;
@@ -320,9 +353,6 @@ macro_rules! impl_tls {
         impl Tls for $t {
             fn t_handshaking(&self) -> bool {
                 self.is_handshaking()
-            }
-            fn t_complete_io(&mut self, io: &mut TcpStream) -> io::Result<(usize, usize)> {
-                self.complete_io(io)
             }
             fn t_read_tls(&mut self, mut r: &mut dyn Read) -> io::Result<usize> {
                 self.read_tls(&mut r)

@@ -52,6 +52,10 @@ pub struct DestinationConfig {
     pub reconnect_window: Duration,
     /// TCP liveness bound on the channels (seconds).
     pub link_timeout: u32,
+    /// `phaul serve --listen`: at most this many sessions at once.
+    pub max_sessions: usize,
+    /// Where a peer's `Setup.dst_rpid` (a bare name) is written (`--rpid-dir`); none: peers may not ask for one.
+    pub rpid_dir: Option<PathBuf>,
 }
 
 /// What one served session came to.
@@ -193,6 +197,11 @@ impl<E: std::fmt::Display> From<E> for Failed {
     }
 }
 
+/// A name a peer sent that becomes part of a path or a lookup here (see [`super::check_name`]).
+fn check_token(what: &str, name: &str) -> Result<(), Failed> {
+    super::check_name(what, name).map_err(Failed::from)
+}
+
 fn criu_failed(e: CriuError) -> Failed {
     Failed { criu_errors: e.criu_errors().to_vec(), message: e.to_string() }
 }
@@ -330,6 +339,13 @@ pub fn serve_session(
     let r = s.run();
     if let Some(reg) = registry {
         reg.unregister(&hello.session);
+    }
+    // The session is over: the peer learns it from the connection's end as well (what was sent is still
+    // delivered). The reader thread holds a duplicate of the descriptor, so dropping ours would not close it.
+    s.rpc.shutdown();
+    s.mem.shutdown();
+    if let Some(f) = &s.fs_ch {
+        f.shutdown();
     }
     r
 }
@@ -741,6 +757,20 @@ impl Session<'_> {
         if s.mode != w::Mode::Live as i32 {
             return Err("this destination serves live migrations only".into());
         }
+        // Everything the peer names is checked before anything is made on this host.
+        check_token("host type", &s.htype)?;
+        check_token("filesystem driver", &s.fs_driver)?;
+        check_token("container id", &s.id)?;
+        if !s.dst_rpid.is_empty() {
+            // A bare name, written under this destination's --rpid-dir: never a path the peer chose.
+            let Some(dir) = self.ctx.cfg.rpid_dir.clone() else {
+                return Err(Failed::from(
+                    "the source asked for a restored-pid file (--dst-rpid), but this destination writes them only under its --rpid-dir, which is not set; start phaul serve with --rpid-dir DIR",
+                ));
+            };
+            check_token("--dst-rpid", &s.dst_rpid)?;
+            self.dst_rpid = Some(dir.join(&s.dst_rpid));
+        }
         private_dir(&self.ctx.cfg.img_path, true)?;
         let dir = self.ctx.cfg.img_path.join(format!(
             "{}-{}-{}-destination",
@@ -773,9 +803,6 @@ impl Session<'_> {
             // Before the source freezes anything: do lazy pages work here at all?
             let criu = crate::criu::Criu::new(self.ctx.criu.path().to_path_buf(), self.ctx.criu.timeout());
             lazy::trial(&criu, &dir.join("lazy-trial"), "the destination")?;
-        }
-        if !s.dst_rpid.is_empty() {
-            self.dst_rpid = Some(PathBuf::from(&s.dst_rpid));
         }
         let opts: Vec<(String, String)> = s.htype_options.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect();
         let htype = self.ctx.drivers.host_type(&s.htype, Role::Destination, &s.id, &opts, &dir)?;
@@ -960,6 +987,17 @@ impl Session<'_> {
             }
             _ => return Err("files for an unknown target".into()),
         };
+        // What the source announces must fit: refused before a byte is written, with the numbers.
+        let announced: u64 = f.files.iter().map(|h| h.size).fold(0u64, u64::saturating_add);
+        if let Ok(st) = nix::sys::statvfs::statvfs(&dir) {
+            let free = st.blocks_available().saturating_mul(st.fragment_size());
+            if announced > free {
+                return Err(Failed::from(format!(
+                    "the destination's disk is full: the source would send {announced} bytes of images, but {} has {free} bytes free",
+                    dir.display()
+                )));
+            }
+        }
         let n = files::receive_files(&mut self.mem, &dir, &f.files).map_err(|e: FileTransferError| {
             let full =
                 matches!(&e, FileTransferError::Write { source, .. } if source.raw_os_error() == Some(libc::ENOSPC));
@@ -1259,7 +1297,7 @@ impl Session<'_> {
         }
         self.drivers_finish(Outcome::Migrated);
         if let Some(path) = self.dst_rpid.clone() {
-            if let Err(e) = std::fs::write(&path, format!("{}\n", pid.pid)) {
+            if let Err(e) = write_pid_file(&path, pid.pid) {
                 log::warn!("could not write the restored pid to {}: {e}", path.display());
             }
         }
@@ -1359,6 +1397,22 @@ impl Session<'_> {
         self.drivers_finish(Outcome::RolledBack);
         self.state = State::Ended;
     }
+}
+
+/// Writes a pid file without following a symbolic link planted at its name (written beside, then renamed over).
+fn write_pid_file(path: &Path, pid: i32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    f.write_all(format!("{pid}\n").as_bytes())?;
+    drop(f);
+    std::fs::rename(&tmp, path)
 }
 
 fn restore_stats(s: images::RestoreStats) -> w::RestoreStats {

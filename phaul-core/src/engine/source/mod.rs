@@ -93,8 +93,8 @@ pub struct SourceConfig {
     /// TCP liveness bound on the channels, in seconds (`--link-timeout`).
     pub link_timeout: u32,
     pub progress: bool,
-    /// A file on the destination to write the restored root pid into.
-    pub dst_rpid: Option<PathBuf>,
+    /// The name of a file the destination writes the restored root pid into, under its `--rpid-dir`.
+    pub dst_rpid: Option<String>,
 }
 
 /// How the source reaches the destination.
@@ -637,7 +637,7 @@ impl<'c> SourceRun<'c> {
             fs_roots: p.fs_roots.clone(),
             keep_images: cfg.keep_images,
             has_fs_channel: live.fs_ch.is_some(),
-            dst_rpid: cfg.dst_rpid.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            dst_rpid: cfg.dst_rpid.clone().unwrap_or_default(),
             post_copy: cfg.may_post_copy(),
             lazy_restore: cfg.lazy_restore,
             handover: if order == HandoverOrder::Sequential {
