@@ -37,6 +37,7 @@
 mod binary;
 mod cmd;
 mod error;
+pub mod fault;
 mod migration;
 mod netns;
 mod process;
@@ -48,9 +49,11 @@ pub use cmd::{describe_command, run_command, COMMAND_TIMEOUT};
 pub use error::TestbedError;
 pub use migration::{
     collect, collect_every, run_collect, write_plugins_toml, Collected, Lab, MigrateOptions, MigrationRun, ProcUsage,
-    ScratchDir, MIGRATION_TIMEOUT, PLUGIN_FILES,
+    RunningPids, ScratchDir, MIGRATION_TIMEOUT, PLUGIN_FILES,
 };
-pub use netns::{socket_netns_inode, ChannelTriple, Host, HostPair, ADDR_A, ADDR_B, PREFIX_LEN};
+pub use netns::{
+    socket_netns_inode, ChannelTriple, CutKind, Host, HostPair, LinkCut, ADDR_A, ADDR_B, BLACKHOLE_TABLE, PREFIX_LEN,
+};
 pub use process::{
     become_subreaper, netns_of_pid, ns_pids, pid_alive, pids_in_netns, proc_stat, reap_pid, require_root,
     wait_pid_gone, ProcStat,

@@ -104,6 +104,30 @@ pub struct MigrateOptions {
     /// How often to check whether the two processes have exited (and to sample them); 20 ms when not given. The
     /// benchmark uses a finer step so that the wall time around [`Lab::migrate`] is not rounded up by polling.
     pub poll: Option<Duration>,
+    /// Environment variables of `phaul migrate` (and of the source wrapper, when one is given), e.g. the fault
+    /// hook's `PHAUL_TEST_FAULT_AT` / `PHAUL_TEST_FAULT_FILE`. Processes phaul starts (CRIU, its guard) inherit them.
+    pub src_env: Vec<(String, String)>,
+    /// Environment variables of `phaul serve` (and of the destination wrapper).
+    pub dst_env: Vec<(String, String)>,
+    /// Called while both sides run, with the pids of both processes started (unlike [`Self::while_running`],
+    /// which gets only the destination's).
+    #[allow(clippy::type_complexity)]
+    pub while_running_both: Option<Box<dyn FnOnce(RunningPids) + Send>>,
+    /// How long to wait for `phaul serve` once `phaul migrate` has exited (60 s when not given).
+    pub dst_timeout: Option<Duration>,
+    /// A side that does not exit in time is killed and reported in [`MigrationRun::src_timed_out`] /
+    /// [`MigrationRun::dst_timed_out`] (with what it printed) instead of failing the whole run with
+    /// [`TestbedError::Timeout`].
+    pub tolerate_timeouts: bool,
+}
+
+/// The two processes a migration started (see [`MigrateOptions::while_running_both`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunningPids {
+    /// `phaul migrate` (or the source wrapper).
+    pub src: u32,
+    /// `phaul serve` (or the destination wrapper).
+    pub dst: u32,
 }
 
 /// What a migration run produced.
@@ -124,6 +148,17 @@ pub struct MigrationRun {
     pub src_usage: Option<ProcUsage>,
     /// What `phaul serve` used, when [`MigrateOptions::sample_usage`] was set.
     pub dst_usage: Option<ProcUsage>,
+    /// The pids of the two processes started.
+    pub pids: RunningPids,
+    /// How long after its start `phaul migrate` was seen to exit (or was killed).
+    pub src_elapsed: Duration,
+    /// How long after the start `phaul serve` was seen to exit (or was killed); never less than `src_elapsed`,
+    /// since it is collected second.
+    pub dst_elapsed: Duration,
+    /// With [`MigrateOptions::tolerate_timeouts`]: `phaul migrate` did not exit in time and was killed.
+    pub src_timed_out: bool,
+    /// With [`MigrateOptions::tolerate_timeouts`]: `phaul serve` did not exit in time and was killed.
+    pub dst_timed_out: bool,
 }
 
 /// What one process used, read from `/proc/PID/status` and `/proc/PID/stat` while it ran and once more when it
@@ -282,7 +317,10 @@ impl Lab {
 
     /// Starts a workload in host A with its state directory under the scratch directory.
     pub fn start_workload(&self, kind: &str, args: &[&str]) -> Result<Workload, TestbedError> {
-        let dir = self.path("state").join(format!("{kind}-{}", std::process::id()));
+        // One directory per workload, so that a test may run several.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = self.path("state").join(format!("{kind}-{}-{n}", std::process::id()));
         Workload::start(self.a(), &self.workload_bin, kind, args, &dir)
     }
 
@@ -310,29 +348,35 @@ impl Lab {
         let dst_plugins = opts.dst_plugins.clone().unwrap_or_else(|| self.plugins.clone());
         let src_plugins = opts.src_plugins.clone().unwrap_or_else(|| self.plugins.clone());
 
-        let mut serve_args = phaul_args(&dst_plugins, &["serve"], &dst_images);
+        let mut serve_args = phaul_args(&dst_plugins, &["serve"], &dst_images, &opts.dst_args);
         serve_args.extend(["--state-dir".into(), self.path("dst-state").display().to_string()]);
+        serve_args.extend(["--rpid-dir".into(), self.scratch.path().display().to_string()]);
         serve_args.extend(opts.dst_args.iter().cloned());
         let mut serve_cmd = self.phaul_command(self.b(), opts.dst_wrapper.as_ref(), &serve_args);
         serve_cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        serve_cmd.envs(opts.dst_env.iter().map(|(k, v)| (k, v)));
+        let started = Instant::now();
         let serve = spawn_with_fds(serve_cmd, &[(ch.rpc.1.as_fd(), 3), (ch.mem.1.as_fd(), 4), (ch.fs.1.as_fd(), 5)])
             .map_err(|e| TestbedError::io("starting phaul serve", e))?;
 
-        let mut mig_args = phaul_args(&src_plugins, &["migrate", "pid", &pid.to_string()], &src_images);
+        let mut mig_args = phaul_args(&src_plugins, &["migrate", "pid", &pid.to_string()], &src_images, &opts.src_args);
         mig_args.extend(["--state-dir".into(), self.path("src-state").display().to_string()]);
-        mig_args.extend(["--dst-rpid".into(), rpid.display().to_string()]);
+        // The destination writes the restored pid under its --rpid-dir, by the plain name the source gives.
+        mig_args.extend(["--dst-rpid".into(), format!("rpid-{pid}")]);
         if !opts.human_report {
             mig_args.push("--json".into());
         }
         mig_args.extend(opts.src_args.iter().cloned());
         let mut mig_cmd = self.phaul_command(self.a(), opts.src_wrapper.as_ref(), &mig_args);
         mig_cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        mig_cmd.envs(opts.src_env.iter().map(|(k, v)| (k, v)));
         let migrate = spawn_with_fds(mig_cmd, &[(ch.rpc.0.as_fd(), 3), (ch.mem.0.as_fd(), 4), (ch.fs.0.as_fd(), 5)])
             .map_err(|e| TestbedError::io("starting phaul migrate", e))?;
         // Only the two phaul processes may hold the channels, so that either one's death is seen by the other.
         drop(ch);
 
         let serve_pid = serve.id();
+        let pids = RunningPids { src: migrate.id(), dst: serve_pid };
         let timeout = opts.timeout.unwrap_or(MIGRATION_TIMEOUT);
         let poll = opts.poll.unwrap_or(DEFAULT_POLL);
         let samplers = opts.sample_usage.then(|| {
@@ -340,14 +384,26 @@ impl Lab {
             (spawn_usage_sampler(migrate.id(), poll, limit), spawn_usage_sampler(serve_pid, poll, limit))
         });
         let watcher = opts.while_running.map(|f| std::thread::spawn(move || f(serve_pid)));
+        let watcher_both = opts.while_running_both.map(|f| std::thread::spawn(move || f(pids)));
         let (src_sampler, dst_sampler) = match samplers {
             Some((s, d)) => (Some(s), Some(d)),
             None => (None, None),
         };
-        let src = collect_inner(migrate, timeout, "phaul migrate", poll, src_sampler.as_ref())?;
-        let dst = collect_inner(serve, Duration::from_secs(60), "phaul serve", poll, dst_sampler.as_ref())?;
-        if let Some(w) = watcher {
+        let src = collect_inner(migrate, timeout, "phaul migrate", poll, src_sampler.as_ref());
+        let src_elapsed = started.elapsed();
+        let dst_timeout = opts.dst_timeout.unwrap_or(Duration::from_secs(60));
+        let dst = collect_inner(serve, dst_timeout, "phaul serve", poll, dst_sampler.as_ref());
+        let dst_elapsed = started.elapsed();
+        for w in [watcher, watcher_both].into_iter().flatten() {
             let _ = w.join();
+        }
+        let (src, dst) = (src?, dst?);
+        if !opts.tolerate_timeouts {
+            for (c, what) in [(&src, "phaul migrate"), (&dst, "phaul serve")] {
+                if let Some(timeout) = c.timed_out {
+                    return Err(TestbedError::Timeout { what: format!("{what} to finish"), timeout });
+                }
+            }
         }
         let src_usage = src_sampler.and_then(|h| h.join().ok());
         let dst_usage = dst_sampler.and_then(|h| h.join().ok());
@@ -365,6 +421,11 @@ impl Lab {
             dst_images,
             src_usage,
             dst_usage,
+            pids,
+            src_elapsed,
+            dst_elapsed,
+            src_timed_out: src.timed_out.is_some(),
+            dst_timed_out: dst.timed_out.is_some(),
         })
     }
 
@@ -390,12 +451,24 @@ pub struct Collected {
     pub stderr: String,
 }
 
-fn reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = r.read_to_string(&mut s);
-        s
-    })
+/// A thread reading a pipe to its end; what it read so far is always in the buffer.
+type Reader = (std::thread::JoinHandle<()>, std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+fn reader(mut r: impl Read + Send + 'static) -> Reader {
+    let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = buf.clone();
+    let h = std::thread::spawn(move || {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match r.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => sink.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+    });
+    (h, buf)
 }
 
 /// How often [`collect`] checks whether the child has exited.
@@ -408,21 +481,35 @@ pub fn collect(child: Child, timeout: Duration, what: &str) -> Result<Collected,
 
 /// [`collect`], checking every `poll` whether the child has exited.
 pub fn collect_every(child: Child, timeout: Duration, what: &str, poll: Duration) -> Result<Collected, TestbedError> {
-    collect_inner(child, timeout, what, poll, None)
+    let c = collect_inner(child, timeout, what, poll, None)?;
+    match c.timed_out {
+        Some(timeout) => Err(TestbedError::Timeout { what: format!("{what} to finish"), timeout }),
+        None => Ok(Collected { status: c.status, stdout: c.stdout, stderr: c.stderr }),
+    }
+}
+
+/// What [`collect_inner`] saw: the child's end, and whether it had to be killed because it ran past its bound.
+struct Ended {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+    /// The bound it ran past (it was killed then).
+    timed_out: Option<Duration>,
 }
 
 /// Waits as [`collect`] does; when `sampler` is given, the exited child is only reaped once the sampler has read
-/// its final figures (or given up).
+/// its final figures (or given up). A child still running at `timeout` is killed, and its output still collected.
 fn collect_inner(
     mut child: Child,
     timeout: Duration,
     what: &str,
     poll: Duration,
     sampler: Option<&std::thread::JoinHandle<ProcUsage>>,
-) -> Result<Collected, TestbedError> {
+) -> Result<Ended, TestbedError> {
     let out = child.stdout.take().map(reader);
     let err = child.stderr.take().map(reader);
     let deadline = Instant::now() + timeout;
+    let mut timed_out = None;
     let status = loop {
         let may_reap = !matches!(sampler, Some(s) if !s.is_finished());
         let state = if may_reap { child.try_wait() } else { Ok(None) };
@@ -430,16 +517,35 @@ fn collect_inner(
             Ok(Some(s)) => break s,
             Ok(None) if Instant::now() >= deadline => {
                 let _ = child.kill();
-                let _ = child.wait();
-                return Err(TestbedError::Timeout { what: format!("{what} to finish"), timeout });
+                timed_out = Some(timeout);
+                match child.wait() {
+                    Ok(s) => break s,
+                    Err(e) => return Err(TestbedError::io(format!("waiting for {what}"), e)),
+                }
             }
             Ok(None) => std::thread::sleep(poll),
             Err(e) => return Err(TestbedError::io(format!("waiting for {what}"), e)),
         }
     };
-    let stdout = out.and_then(|h| h.join().ok()).unwrap_or_default();
-    let stderr = err.and_then(|h| h.join().ok()).unwrap_or_default();
-    Ok(Collected { status, stdout, stderr })
+    // A grandchild that outlived the child may still hold its pipes: read what is there, bounded.
+    let stdout = join_bounded(out, Duration::from_secs(5));
+    let stderr = join_bounded(err, Duration::from_secs(5));
+    Ok(Ended { status, stdout, stderr, timed_out })
+}
+
+/// The text a [`reader`] thread collected, waiting at most `bound` for its pipe to close (a process the child
+/// started may still hold it: then what was read so far).
+fn join_bounded(r: Option<Reader>, bound: Duration) -> String {
+    let Some((h, buf)) = r else { return String::new() };
+    let deadline = Instant::now() + bound;
+    while !h.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if h.is_finished() {
+        let _ = h.join();
+    }
+    let bytes = buf.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// Runs a command to completion with a timeout, collecting output.
@@ -450,13 +556,17 @@ pub fn run_collect(mut cmd: Command, timeout: Duration, what: &str) -> Result<Co
 }
 
 /// `phaul --plugins PLUGINS SUBCOMMAND... --fdrpc 3 --fdmem 4 --fdfs 5 --img-path IMAGES --timeout 120`: what both
-/// sides of a handed-in-fds migration share.
-fn phaul_args(plugins: &Path, subcommand: &[&str], images: &Path) -> Vec<String> {
+/// sides of a handed-in-fds migration share. `--timeout 120` only when the caller's own arguments (`extra`, added
+/// after these) give no `--timeout` (phaul refuses an option given twice).
+fn phaul_args(plugins: &Path, subcommand: &[&str], images: &Path, extra: &[String]) -> Vec<String> {
     let mut args = vec!["--plugins".to_string(), plugins.display().to_string()];
     args.extend(subcommand.iter().map(|s| s.to_string()));
     for (flag, value) in [("--fdrpc", "3"), ("--fdmem", "4"), ("--fdfs", "5")] {
         args.extend([flag.to_string(), value.to_string()]);
     }
-    args.extend(["--img-path".to_string(), images.display().to_string(), "--timeout".to_string(), "120".to_string()]);
+    args.extend(["--img-path".to_string(), images.display().to_string()]);
+    if !extra.iter().any(|a| a == "--timeout" || a.starts_with("--timeout=")) {
+        args.extend(["--timeout".to_string(), "120".to_string()]);
+    }
     args
 }

@@ -42,8 +42,9 @@ fn ip_cmd() -> Command {
     Command::new(tool("/usr/sbin/ip", "ip"))
 }
 
-/// One side of a [`HostPair`]: a named network namespace with one veth end.
-#[derive(Debug)]
+/// One side of a [`HostPair`]: a named network namespace with one veth end. A clone names the same namespace
+/// (for a thread that acts on the host while the pair lives).
+#[derive(Debug, Clone)]
 pub struct Host {
     name: String,
     addr: Ipv4Addr,
@@ -101,6 +102,49 @@ impl Host {
         run_command(&mut self.command(program, args), COMMAND_TIMEOUT)
     }
 
+    /// Cuts the link to the other host at this host's end (see [`CutKind`]); the returned guard restores it.
+    pub fn cut_link(&self, kind: CutKind) -> Result<LinkCut, TestbedError> {
+        match kind {
+            CutKind::Down => {
+                self.run(tool("/usr/sbin/ip", "ip"), ["link", "set", self.veth.as_str(), "down"])?;
+            }
+            CutKind::Blackhole => {
+                static N: AtomicU32 = AtomicU32::new(0);
+                let n = N.fetch_add(1, Ordering::SeqCst);
+                let file = std::env::temp_dir().join(format!("phaul-testbed-blackhole-{}-{n}.nft", std::process::id()));
+                let veth = &self.veth;
+                // Before conntrack and everything else (priority -400), both ways.
+                let rules = format!(
+                    "table inet {BLACKHOLE_TABLE} {{\n  chain input {{ type filter hook input priority -400; policy accept; iifname \"{veth}\" drop; }}\n  chain output {{ type filter hook output priority -400; policy accept; oifname \"{veth}\" drop; }}\n}}\n"
+                );
+                std::fs::write(&file, rules).map_err(|e| TestbedError::io(format!("writing {}", file.display()), e))?;
+                let r = self.run(nft_tool(), [std::ffi::OsStr::new("-f"), file.as_os_str()]);
+                let _ = std::fs::remove_file(&file);
+                r?;
+            }
+        }
+        Ok(LinkCut { host: self.clone(), kind, cut_at: Instant::now(), restored_at: None })
+    }
+
+    /// The nftables tables of this host, as `FAMILY NAME`.
+    pub fn nft_tables(&self) -> Result<Vec<String>, TestbedError> {
+        let out = self.run(nft_tool(), ["list", "tables"])?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("table "))
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// Adds `cidr` to this host's loopback device (idempotent).
+    pub fn add_loopback_address(&self, cidr: &str) -> Result<(), TestbedError> {
+        let shown = self.run(tool("/usr/sbin/ip", "ip"), ["-o", "addr", "show", "dev", "lo"])?;
+        if String::from_utf8_lossy(&shown.stdout).split_whitespace().any(|w| w == cidr) {
+            return Ok(());
+        }
+        self.run(tool("/usr/sbin/ip", "ip"), ["addr", "add", cidr, "dev", "lo"]).map(|_| ())
+    }
+
     /// Run `f` on a fresh thread that has joined this host's network namespace (sockets created there stay
     /// in it), waiting at most `timeout` for its result. On timeout the thread is left behind, so `f` should
     /// bound its own waits.
@@ -130,6 +174,83 @@ impl Host {
             Err(_) => Err(TestbedError::Timeout { what, timeout }),
         }
     }
+}
+
+/// How [`Host::cut_link`] cuts the link between the two hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CutKind {
+    /// `ip link set VETH down` in the host: its end of the veth is down, so the peer's end loses its carrier (its
+    /// packets are dropped) and the host's own route to the other host goes (its sends fail at once).
+    Down,
+    /// A silent blackhole: an nftables table in the host drops every packet in and out of its veth. Nobody is
+    /// told; TCP notices only through its own timeouts.
+    Blackhole,
+}
+
+impl CutKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            CutKind::Down => "link down",
+            CutKind::Blackhole => "blackhole",
+        }
+    }
+}
+
+/// The name of the nftables table [`CutKind::Blackhole`] adds (not `phaul-*`, which is phaul's own).
+pub const BLACKHOLE_TABLE: &str = "testbed_blackhole";
+
+/// A cut link; restored by [`LinkCut::restore`] or on drop.
+#[derive(Debug)]
+pub struct LinkCut {
+    host: Host,
+    kind: CutKind,
+    cut_at: Instant,
+    restored_at: Option<Instant>,
+}
+
+impl LinkCut {
+    pub fn kind(&self) -> CutKind {
+        self.kind
+    }
+
+    /// When the link was cut.
+    pub fn cut_at(&self) -> Instant {
+        self.cut_at
+    }
+
+    /// When the link was restored, if it was.
+    pub fn restored_at(&self) -> Option<Instant> {
+        self.restored_at
+    }
+
+    /// Restores the link (once; later calls do nothing).
+    pub fn restore(&mut self) -> Result<(), TestbedError> {
+        if self.restored_at.is_some() {
+            return Ok(());
+        }
+        match self.kind {
+            CutKind::Down => {
+                self.host.run(tool("/usr/sbin/ip", "ip"), ["link", "set", self.host.veth.as_str(), "up"])?;
+            }
+            CutKind::Blackhole => {
+                self.host.run(nft_tool(), ["delete", "table", "inet", BLACKHOLE_TABLE])?;
+            }
+        }
+        self.restored_at = Some(Instant::now());
+        Ok(())
+    }
+}
+
+impl Drop for LinkCut {
+    fn drop(&mut self) {
+        if let Err(e) = self.restore() {
+            log::warn!("cannot restore the {} on {}: {e}", self.kind.name(), self.host.name);
+        }
+    }
+}
+
+fn nft_tool() -> String {
+    tool("/usr/sbin/nft", "nft")
 }
 
 /// The inode of the network namespace a socket belongs to (via the `SIOCGSKNS` ioctl), to compare with

@@ -319,3 +319,48 @@ fn a_destination_speaking_another_protocol_version() {
     assert!(out.stderr.contains("keeps running"), "{}", out.stderr);
     probe_ok(&w, w.pid());
 }
+
+/// phaul runs plugin code with its own privileges (root, for serve): a plugin list or a plugin library that
+/// someone else could change is refused, naming the file and the fix; so is a plugin list that is not a regular
+/// file (`/dev/zero` would otherwise be read for ever) or is too large.
+#[test]
+fn plugin_files_others_could_change_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = lab("unsafeplug");
+    let chmod =
+        |p: &std::path::Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod");
+    // A plugin list writable by others.
+    let list = lab.path("writable.toml");
+    std::fs::copy(&lab.plugins, &list).expect("copy the plugin list");
+    chmod(&list, 0o666);
+    let l = list.display().to_string();
+    phaul_fails(&lab, &["--plugins", &l, "plugins"], 2, &["refusing the plugin list", &l, "mode 0666", "chmod go-w"]);
+    // A plugin library writable by its group, listed in a safe list.
+    let lib = lab.path("libphaul_htype_pid.so");
+    std::fs::copy(plugin_dir().join("libphaul_htype_pid.so"), &lib).expect("copy the pid plugin");
+    chmod(&lib, 0o775);
+    let safe = lab.path("safe.toml");
+    std::fs::write(&safe, format!("[[plugin]]\npath = \"{}\"\n", lib.display())).expect("write");
+    let s = safe.display().to_string();
+    let ld = lib.display().to_string();
+    phaul_fails(&lab, &["--plugins", &s, "plugins"], 2, &["refusing the plugin file", &ld, "mode 0775"]);
+    // A plugin library owned by another user.
+    chmod(&lib, 0o755);
+    nix::unistd::chown(&lib, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
+    phaul_fails(&lab, &["--plugins", &s, "plugins"], 2, &["refusing the plugin file", "belongs to uid 65534"]);
+    // A list in a directory anyone may change.
+    let open_dir = lab.path("open-dir");
+    std::fs::create_dir(&open_dir).expect("mkdir");
+    chmod(&open_dir, 0o777);
+    let in_open = open_dir.join("plugins.toml");
+    std::fs::copy(&lab.plugins, &in_open).expect("copy");
+    phaul_fails(&lab, &["--plugins", &in_open.display().to_string(), "plugins"], 2, &["its directory", "0777"]);
+    // Not a regular file, and too large.
+    phaul_fails(&lab, &["--plugins", "/dev/zero", "plugins"], 2, &["/dev/zero", "not a regular file"]);
+    let big = lab.path("big.toml");
+    std::fs::write(&big, "#".repeat(2 << 20)).expect("write");
+    phaul_fails(&lab, &["--plugins", &big.display().to_string(), "plugins"], 2, &["larger than 1024 KiB"]);
+    // The safe list still works.
+    let out = lab.phaul(&["--plugins", &lab.plugins.display().to_string(), "plugins"], &[]).expect("plugins");
+    assert!(out.status.success(), "{}", out.stderr);
+}

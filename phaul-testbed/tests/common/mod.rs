@@ -115,3 +115,149 @@ impl Pki {
         ]
     }
 }
+
+/// A `phaul serve` that is killed (by its pid) if the test ends before it was collected. Its standard error goes
+/// to a file in the scratch directory (a pipe nobody reads could fill and stall it).
+pub struct Serving {
+    child: Option<std::process::Child>,
+    pub log: std::path::PathBuf,
+}
+
+impl Serving {
+    pub fn collect(mut self) -> phaul_testbed::Collected {
+        let c = self.child.take().expect("not collected yet");
+        let mut c = phaul_testbed::collect(c, Duration::from_secs(30), "serve").expect("serve finished");
+        c.stderr = self.log_text();
+        c
+    }
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The test failed: what serve said is the first thing its reader wants.
+            eprintln!("--- phaul serve's log ({}):\n{}", self.log.display(), self.log_text());
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `phaul serve --listen ADDR` in host A and waits until it listens; with TLS (host B's certificate)
+/// unless `pki` is `None` (then `--insecure-loopback`). Restored-pid files go to the scratch directory.
+pub fn serve_listening(lab: &Lab, addr: &str, once: bool, pki: Option<&Pki>) -> Serving {
+    serve_listening_with(lab, addr, once, pki, &[])
+}
+
+/// [`serve_listening`] with more arguments after `serve`.
+pub fn serve_listening_with(lab: &Lab, addr: &str, once: bool, pki: Option<&Pki>, extra: &[&str]) -> Serving {
+    let plugins = lab.plugins.display().to_string();
+    let img = lab.path("dst-images").display().to_string();
+    let state = lab.path("dst-state").display().to_string();
+    let rpid_dir = lab.scratch.path().display().to_string();
+    let mut args = vec![
+        "--plugins",
+        plugins.as_str(),
+        "--state-dir",
+        state.as_str(),
+        "serve",
+        "--listen",
+        addr,
+        "--img-path",
+        img.as_str(),
+        "--rpid-dir",
+        rpid_dir.as_str(),
+    ];
+    if once {
+        args.push("--once");
+    }
+    args.extend_from_slice(extra);
+    let tls = pki.map(|p| p.args("hostb.test")).unwrap_or_else(|| vec!["--insecure-loopback".into()]);
+    args.extend(tls.iter().map(String::as_str));
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let log = lab.path(&format!("serve-{}.log", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+    let file = std::fs::File::create(&log).expect("serve log");
+    let mut serve = lab.a().command(&lab.phaul, &args);
+    serve.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(file);
+    let child = serve.spawn().expect("serve");
+    let serving = Serving { child: Some(child), log };
+    wait_listening(lab, addr);
+    serving
+}
+
+/// Waits (10 s at most) until something accepts connections on `addr` in host A.
+pub fn wait_listening(lab: &Lab, addr: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = addr.to_string();
+        // A probe that connects and closes at once: serve takes it for a connection that never spoke.
+        let ok =
+            lab.a().in_netns(Duration::from_secs(5), move || std::net::TcpStream::connect(&a).is_ok()).unwrap_or(false);
+        if ok {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "nothing listens on {addr} after 10 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `phaul migrate pid PID --to ADDR --dst-rpid NAME` in host A, with TLS (host A's certificate, checked
+/// against hostb.test) unless `pki` is `None` (then `--insecure-loopback`). The destination writes the restored
+/// pid to NAME under its --rpid-dir (the scratch directory): read it with [`restored_pid`].
+pub fn migrate_to(
+    lab: &Lab,
+    pid: i32,
+    addr: &str,
+    rpid: &std::path::Path,
+    pki: Option<&Pki>,
+) -> phaul_testbed::Collected {
+    migrate_to_as(lab, pid, addr, rpid, pki, "hosta.test")
+}
+
+/// [`migrate_to`] with the certificate of `host`.
+pub fn migrate_to_as(
+    lab: &Lab,
+    pid: i32,
+    addr: &str,
+    rpid: &std::path::Path,
+    pki: Option<&Pki>,
+    host: &str,
+) -> phaul_testbed::Collected {
+    let plugins = lab.plugins.display().to_string();
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let src_img = lab
+        .path(&format!("src-images-{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)))
+        .display()
+        .to_string();
+    std::fs::create_dir_all(&src_img).expect("source image directory");
+    let (pid, rpid) = (pid.to_string(), rpid.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    let mut args: Vec<String> =
+        ["--plugins", &plugins, "migrate", "pid", &pid, "--to", addr, "--img-path", &src_img, "--dst-rpid", &rpid]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    match pki {
+        Some(p) => {
+            args.extend(p.args(host));
+            args.extend(["--tls-server-name".into(), "hostb.test".into()]);
+        }
+        None => args.push("--insecure-loopback".into()),
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    lab.phaul(&args, &[]).expect("migrate")
+}
+
+pub fn restored_pid(rpid: &std::path::Path) -> i32 {
+    std::fs::read_to_string(rpid).expect("rpid").trim().parse().expect("pid")
+}
