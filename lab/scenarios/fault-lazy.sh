@@ -85,7 +85,7 @@ in_doubt_session() {
 has_in_doubt() { [ -n "$(in_doubt_session)" ]; }
 wait_for 30 has_in_doubt || true
 session=$(in_doubt_session)
-[ -n "$session" ] || fail "src-dies-committing: no in-doubt source journal: $(ls /var/lib/phaul/sessions/)"
+[ -n "$session" ] || fail "src-dies-committing: no in-doubt source journal: $(for f in /var/lib/phaul/sessions/*.source.json; do jq -c '{session,state,note,guard_pid}' "$f"; done)"
 grep -q "frozen 1" /sys/fs/cgroup/phaul-"${session:0:16}"/cgroup.events ||
   fail "src-dies-committing: the source's copy is not held frozen"
 _next_port; rp=$_lab_port

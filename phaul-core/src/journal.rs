@@ -212,6 +212,25 @@ impl Journals {
 
     /// Writes `rec` durably: when this returns, the state survives a crash of phaul or of the machine.
     pub fn write<R: Record>(&self, rec: &mut R) -> Result<(), JournalError> {
+        self.write_with(rec, true)
+    }
+
+    /// Writes `rec` atomically but without waiting for the disk: when this returns, the state survives a crash
+    /// of phaul (the kernel has it), not of the machine. For records about processes, which do not survive the
+    /// machine either, written where every millisecond counts; [`Journals::sync`] makes it durable later.
+    pub fn write_volatile<R: Record>(&self, rec: &mut R) -> Result<(), JournalError> {
+        self.write_with(rec, false)
+    }
+
+    /// Makes the last write of a session's journal of kind `R` durable.
+    pub fn sync<R: Record>(&self, session: &str) -> Result<(), JournalError> {
+        let path = self.path::<R>(session);
+        let err = |source| JournalError::Write { path: path.clone(), source };
+        File::open(&path).and_then(|f| f.sync_all()).map_err(err)?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(err)
+    }
+
+    fn write_with<R: Record>(&self, rec: &mut R, durable: bool) -> Result<(), JournalError> {
         check_session(rec.session())?;
         rec.touch();
         let path = self.path::<R>(rec.session());
@@ -222,10 +241,14 @@ impl Journals {
             let mut f =
                 OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
             f.write_all(&text).map_err(err)?;
-            f.sync_all().map_err(err)?;
+            if durable {
+                f.sync_all().map_err(err)?;
+            }
         }
         fs::rename(&tmp, &path).map_err(err)?;
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(err)?;
+        if durable {
+            File::open(&self.dir).and_then(|d| d.sync_all()).map_err(err)?;
+        }
         Ok(())
     }
 

@@ -419,10 +419,17 @@ impl SwrkSession {
             if left.is_zero() {
                 return Err(CriuError::Timeout { op, secs: self.timeout.as_secs() });
             }
-            let ms = u16::try_from(left.as_millis().min(10_000)).unwrap_or(10_000);
+            // In short slices: CRIU may die while a child it forked (a half-restored root) keeps its socket
+            // open, so the socket alone would never say so.
+            let ms = u16::try_from(left.as_millis().min(100)).unwrap_or(100);
             let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
             match poll(&mut fds, PollTimeout::from(ms)) {
-                Ok(0) => continue,
+                Ok(0) => {
+                    if matches!(self.child.try_wait(), Ok(Some(_))) {
+                        return Err(self.died(op));
+                    }
+                    continue;
+                }
                 Ok(_) => break,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(CriuError::Io { op, source: e.into() }),

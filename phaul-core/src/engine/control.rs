@@ -82,6 +82,8 @@ pub(crate) struct Control {
     received: Arc<std::sync::atomic::AtomicU64>,
     auto: Arc<Mutex<Option<AutoCommit>>>,
     pub seen: Arc<CommitSeen>,
+    /// The reader saw the connection end or break.
+    gone: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Control {
@@ -100,9 +102,14 @@ impl Control {
         let auto: Arc<Mutex<Option<AutoCommit>>> = Arc::new(Mutex::new(None));
         let seen = Arc::new(CommitSeen::default());
         let mut commit_writer = ch.try_clone()?;
+        let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (ab, oa, rc, au, se) = (aborted.clone(), on_abort.clone(), received.clone(), auto.clone(), seen.clone());
+        let gn = gone.clone();
         wire::spawn_reader(reader, move |m, bytes| {
             rc.store(bytes, std::sync::atomic::Ordering::Relaxed);
+            if m.is_err() {
+                gn.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             match &m {
                 Ok(Body::RestoreReply(r)) if r.held => {
                     // Decided and sent under the lock, so that a cancellation is either before it or after it.
@@ -135,7 +142,7 @@ impl Control {
             }
             tx.send((Instant::now(), m)).is_ok()
         });
-        Ok(Control { writer: ch, rx, last_arrival: None, aborted, on_abort, received, auto, seen })
+        Ok(Control { writer: ch, rx, last_arrival: None, aborted, on_abort, received, auto, seen, gone })
     }
 
     /// Shuts `ch` down as soon as the destination aborts (or now, if it already has).
@@ -178,6 +185,11 @@ impl Control {
     /// Forgets the channels registered with [`Control::shut_on_abort`].
     pub fn clear_on_abort(&self) {
         self.on_abort.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Whether the reader already saw this connection end or break.
+    pub fn gone(&self) -> bool {
+        self.gone.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn peer_aborted(&self) -> Option<Failure> {

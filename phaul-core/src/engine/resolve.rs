@@ -94,13 +94,21 @@ pub fn settle_destination(journals: &Journals, j: &mut DestinationJournal) -> Re
     let (state, note) = match (j.state, alive) {
         (DestinationState::CommitReceived, true) => (DestinationState::Committed, "the copy runs here (settled)"),
         (DestinationState::Held, true) => {
-            // CRIU is gone without letting the tree run: it sits in CRIU's restorer and must go.
+            // CRIU is gone without letting the tree run (`commit-received` is recorded before CRIU is told to
+            // let it run): it sits in CRIU's restorer and must go.
             if let Some(p) = j.restored {
                 kill_restored_tree(p.pid);
             }
             (DestinationState::Aborted, "the held copy outlived its CRIU and was killed (settled)")
         }
-        (DestinationState::Active, _) => {
+        (DestinationState::Active, true) => {
+            // A restore under way when this serve died: the half-restored tree never ran.
+            if let Some(p) = j.restored {
+                kill_restored_tree(p.pid);
+            }
+            (DestinationState::Aborted, "the session ended during its restore; what was restored was killed (settled)")
+        }
+        (DestinationState::Active, false) => {
             (DestinationState::Aborted, "the session ended before anything was restored (settled)")
         }
         (_, false) => (DestinationState::Aborted, "no restored copy exists (settled)"),

@@ -125,6 +125,10 @@ pub(crate) enum Event {
     PageServer { round: u32, result: Result<i32, CriuError> },
     /// The restoring CRIU's pid.
     RestoreCriu(u32),
+    /// The restored root exists (CRIU's setup-namespaces notification).
+    RestoreRoot(i32),
+    /// CRIU is letting the restored tree run (its pre-resume or post-resume notification).
+    Released,
     /// The restored tree is held inside post-restore.
     Held { pid: Option<i32>, wall: Duration },
     /// CRIU's RESTORE request returned.
@@ -330,6 +334,7 @@ pub fn serve_session(
         max_frozen: cfg.timeout,
         decision: None,
         restore_criu: None,
+        released: false,
         page_server: None,
         outcome: None,
         restore_round: None,
@@ -407,6 +412,8 @@ struct Session<'a> {
     /// The decision channel into the restore thread.
     decision: Option<Sender<bool>>,
     restore_criu: Option<u32>,
+    /// CRIU said it lets the restored tree run (after the commit): from then on the tree is never discarded.
+    released: bool,
     /// The page server's CRIU session (kept until the round ends) and its pid.
     page_server: Option<ProcId>,
     outcome: Option<ServeSummary>,
@@ -452,6 +459,8 @@ impl Session<'_> {
                 Event::Control(Err(e)) => self.on_control_lost(e),
                 Event::PageServer { round, result } => self.on_page_server(round, result),
                 Event::RestoreCriu(pid) => self.restore_criu = Some(pid),
+                Event::RestoreRoot(pid) => self.on_restore_root(pid),
+                Event::Released => self.released = true,
                 Event::Held { pid, wall } => self.on_held(pid, wall),
                 Event::RestoreDone(r) => self.on_restore_done(r),
                 Event::Resolve { ch, decision } => self.on_resolve(ch, decision),
@@ -1061,6 +1070,20 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// The restored root exists: recorded (for this session's roll-back and for a restarted serve) before the
+    /// tree can go anywhere. Only to the page cache: a half-restored tree does not outlive the machine.
+    fn on_restore_root(&mut self, pid: i32) {
+        let Some(proc_id) = ProcId::of(pid) else { return };
+        if let Some(j) = self.journal.as_mut() {
+            j.restored = Some(proc_id);
+            j.criu_pid = self.restore_criu;
+            j.note = "restoring".into();
+            if let Err(e) = self.journals.write_volatile(j) {
+                log::warn!("session {}: {e}", self.session);
+            }
+        }
+    }
+
     fn on_held(&mut self, pid: Option<i32>, wall: Duration) {
         let abort = match &self.state {
             State::Restoring { abort, .. } => abort.clone(),
@@ -1080,7 +1103,20 @@ impl Session<'_> {
             j.restored = Some(proc_id);
             j.criu_pid = self.restore_criu;
         }
-        self.state = State::Held { pid: proc_id, deadline: Instant::now() + self.max_frozen };
+        let mut deadline = Instant::now() + self.max_frozen;
+        if !self.rpc_alive {
+            if !self.can_reconnect {
+                // The source went away during the restore and cannot come back on handed-in descriptors: nobody
+                // will ever commit this copy.
+                self.state = State::Held { pid: proc_id, deadline };
+                self.decide(false);
+                self.abort("the control connection was lost during the restore; the held copy is discarded");
+                self.end_session(false, None, "the control connection was lost during the restore");
+                return;
+            }
+            deadline = deadline.min(Instant::now() + self.ctx.cfg.reconnect_window);
+        }
+        self.state = State::Held { pid: proc_id, deadline };
         if let Some(reason) = abort {
             self.abort(&reason);
             let kept = self.dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default();
@@ -1114,13 +1150,24 @@ impl Session<'_> {
     /// its own, is then told there is none here and resumes it; never two at once.
     fn commit(&mut self, pid: ProcId, reply_to: Option<Channel>) {
         fault::at("dst", "step", "commit-received");
-        self.decide(true);
+        // The record comes before the tree may run, so that a restarted serve that finds a live tree with a
+        // journal that says `held` knows it never ran (it sits in CRIU's restorer) and may kill it. The write
+        // only reaches the page cache here (it must survive this process, not the machine: the tree does not
+        // survive the machine either); the disk catches up beside the resume.
         if let Some(mut j) = self.journal.clone() {
-            let journals = self.journals.clone();
             j.state = DestinationState::CommitReceived;
             j.note = "commit received".into();
-            self.pending_write = Some(std::thread::spawn(move || journals.write(&mut j).map(|_| j)));
+            match self.journals.write_volatile(&mut j) {
+                Ok(()) => {
+                    let journals = self.journals.clone();
+                    self.pending_write = Some(std::thread::spawn(move || {
+                        journals.sync::<DestinationJournal>(&j.session.clone()).map(|_| j)
+                    }));
+                }
+                Err(e) => log::error!("session {}: {e}", self.session),
+            }
         }
+        self.decide(true);
         self.state = State::Resuming { pid, started: Instant::now(), reply_to };
     }
 
@@ -1135,42 +1182,50 @@ impl Session<'_> {
         }
     }
 
+    /// The committed tree runs: recorded, then the source (or the reconnection that asked) is told.
+    fn on_resumed(&mut self, pid: ProcId, started: Instant, reply_to: Option<Channel>) {
+        if let Err(f) = self.write_journal(DestinationState::Committed, "the workload runs here") {
+            log::error!("session {}: {}", self.session, f.message);
+        }
+        if let Some(l) = self.lazy.as_mut() {
+            l.resumed_at = Some(Instant::now());
+        }
+        self.watch_lazy_daemon();
+        let stats = self.restore_round.as_ref().and_then(|d| images::read_restore_stats(d).ok()).map(restore_stats);
+        let body =
+            Body::Committed(w::Committed { pid: pid.pid, resume_wall_us: started.elapsed().as_micros() as u64, stats });
+        self.state = State::Committed { pid };
+        match reply_to {
+            Some(mut ch) => {
+                let _ = wire::send(
+                    &mut ch,
+                    Body::ResolveReply(w::ResolveReply {
+                        state: SessionState::StateCommitted as i32,
+                        pid: pid.pid,
+                        detail: "the workload runs here".into(),
+                    }),
+                );
+                // Nobody else will say Finish: the source learnt the outcome on this connection.
+                self.finalize("committed on a reconnection");
+            }
+            None => self.send(body),
+        }
+    }
+
     fn on_restore_done(&mut self, r: Result<(), CriuError>) {
         self.restore_criu = None;
         self.join_pending_write();
         let state = std::mem::replace(&mut self.state, State::Ended);
         match (state, r) {
-            (State::Resuming { pid, started, reply_to }, Ok(())) => {
-                if let Err(f) = self.write_journal(DestinationState::Committed, "the workload runs here") {
-                    log::error!("session {}: {}", self.session, f.message);
-                }
-                if let Some(l) = self.lazy.as_mut() {
-                    l.resumed_at = Some(Instant::now());
-                }
-                self.watch_lazy_daemon();
-                let stats =
-                    self.restore_round.as_ref().and_then(|d| images::read_restore_stats(d).ok()).map(restore_stats);
-                let body = Body::Committed(w::Committed {
-                    pid: pid.pid,
-                    resume_wall_us: started.elapsed().as_micros() as u64,
-                    stats,
-                });
-                self.state = State::Committed { pid };
-                match reply_to {
-                    Some(mut ch) => {
-                        let _ = wire::send(
-                            &mut ch,
-                            Body::ResolveReply(w::ResolveReply {
-                                state: SessionState::StateCommitted as i32,
-                                pid: pid.pid,
-                                detail: "the workload runs here".into(),
-                            }),
-                        );
-                        // Nobody else will say Finish: the source learnt the outcome on this connection.
-                        self.finalize("committed on a reconnection");
-                    }
-                    None => self.send(body),
-                }
+            (State::Resuming { pid, started, reply_to }, Ok(())) => self.on_resumed(pid, started, reply_to),
+            (State::Resuming { pid, started, reply_to }, Err(e)) if self.released && pid.alive() => {
+                // CRIU ended after it let the tree go (in its pre-resume or post-resume step): the tree runs, so
+                // after the commit it is the copy, whatever CRIU says.
+                log::warn!(
+                    "session {}: CRIU ended after letting the restored tree run ({e}); the tree stays",
+                    self.session
+                );
+                self.on_resumed(pid, started, reply_to);
             }
             (State::Resuming { pid, reply_to, .. }, Err(e)) => {
                 // CRIU could not let the tree run; it kills it on failure. Nothing of it may stay.
@@ -1367,9 +1422,11 @@ impl Session<'_> {
                 restore::kill_criu_tree(criu);
             }
         }
+        // CRIU is done by now (it returned, or it was ended above) and kills what it restored when it fails; a
+        // tree still there outlived it (CRIU died, or its half-restored child survived it) and goes now.
         let restored = self.journal.as_ref().and_then(|j| j.restored);
         if let Some(p) = restored {
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let deadline = Instant::now() + Duration::from_millis(200);
             while p.alive() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }

@@ -56,7 +56,15 @@ fn run(job: Job) {
             match script {
                 "setup-namespaces" => {
                     let pid = pid.ok_or("CRIU's setup-namespaces notification named no pid")?;
+                    // From here on the restored root exists: should CRIU die, the session kills it by this pid
+                    // (CRIU's half-restored child would otherwise outlive it, holding CRIU's socket open).
+                    let _ = events.send(Event::RestoreRoot(pid));
                     hook(lock(&htype).setup_namespaces(pid))
+                }
+                "pre-resume" | "post-resume" => {
+                    // CRIU is letting the tree go: from here on it runs even if CRIU dies.
+                    let _ = events.send(Event::Released);
+                    Ok(())
                 }
                 "network-unlock" => hook(lock(&htype).net_unlock()),
                 "post-restore" => {

@@ -338,6 +338,11 @@ fn record_restore(run: &mut SourceRun<'_>, pid: i32, stats: Option<w::RestoreSta
 
 /// Records the decision to commit (the point of no return) and sends `Commit`.
 fn send_commit(run: &mut SourceRun<'_>, live: &mut Live) -> Result<Instant, Decision> {
+    if live.control.gone() {
+        // The connection ended before the decision: Commit could not reach the destination on it, and without a
+        // commit the destination discards what it holds. Rolling back now is safe, and spares a session in doubt.
+        return Err(Decision::NotCommitted(MigrateError::Wire(WireError::Closed { channel: "control" })));
+    }
     run.record(SourceState::Committing, "Commit decided: the point of no return", |_| {})
         .map_err(Decision::NotCommitted)?;
     fault::at("src", "step", "committing");

@@ -426,8 +426,16 @@ impl<'c> SourceRun<'c> {
 
     fn run(&mut self, channels: SourceChannels) -> Result<(), MigrateError> {
         let prepared = self.prepare()?;
-        let (p, live) = self.connect(prepared, channels)?;
-        let (p, mut live) = self.greet((p, live))?;
+        // Until the destination greeted us nothing was touched: a failure only needs the journal to say so.
+        let greeted = self.connect(prepared, channels).and_then(|c| self.greet(c));
+        let (p, mut live) = match greeted {
+            Ok(g) => g,
+            Err(e) => {
+                self.ended = Some(Ended::RolledBack);
+                let _ = self.record(SourceState::RolledBack, &e.to_string(), |_| {});
+                return Err(e);
+            }
+        };
         let result = self.set_up_and_migrate(&p, &mut live);
         self.tally(&live);
         if result.is_err() && self.ended.is_none() {
