@@ -1,15 +1,24 @@
-//! The traits driver authors implement, in plain Rust.
+//! The traits driver authors implement, in plain Rust. Every method but a host type's `root_pid` has a default, so
+//! a driver implements what its kind of workload or storage needs and nothing else.
 //!
-//! phaul calls a host type's methods in this order on the **source**:
-//! `root_pid`, `can_pre_dump`, `fs_roots`, `criu_options(PreDump)` per pre-copy round, `criu_options(Dump)`,
-//! `net_lock` / `net_unlock` (from CRIU's notifications, only when the driver asked CRIU to skip its own lock),
-//! `extra_files`, and finally `finish(outcome)`. In restart mode `stop` replaces the dump.
+//! phaul calls a host type on the **source**: `root_pid`, `can_pre_dump`, `fs_roots`, `criu_options(PRE_DUMP)` per
+//! pre-copy round, `criu_options(DUMP)`, `notify` for each of CRIU's notifications (before phaul answers CRIU),
+//! `extra_files`, and finally `finish(outcome)`. In restart mode `stop` replaces the dump (and `start` brings the
+//! workload back on the source if the migration fails before the destination started it).
 //!
-//! On the **destination**: `install_extra_files`, `mount_root`, `criu_options(Restore)`, `setup_namespaces`,
-//! `net_unlock`, `post_restore`, then `finish(outcome)`, which must undo `mount_root` when the outcome is
-//! `RolledBack`. In restart mode `start` replaces the restore.
+//! On the **destination**: `install_extra_files`, `mount_root` (with what the filesystem driver prepared),
+//! `criu_options(RESTORE)`, then either phaul's own restore (`notify` for each notification) or, when
+//! `restores_itself`, `restore`; `discard` if the restored copy must go; `finish(outcome)`, which must undo
+//! `mount_root` when the outcome is `ROLLED_BACK`. In restart mode `start` replaces the restore.
+//!
+//! A filesystem driver's sender and receiver go through numbered rounds (`round` / `wait_round`), the last one
+//! marked final and run while the workload is frozen; the receiver then says what it `prepared` for the host type.
 
-use crate::types::{CriuOptions, CriuStage, ExtraFile, FsRound, Outcome, PluginError, PluginResult};
+use crate::options::CriuOptions;
+use crate::types::{
+    CriuStage, ExtraFile, FsRound, FsRoundInfo, KeyValue, Notification, Outcome, PluginError, PluginResult,
+    RestoreRequest,
+};
 
 /// How to migrate one kind of workload.
 pub trait HostType: Send + 'static {
@@ -26,7 +35,7 @@ pub trait HostType: Send + 'static {
         true
     }
 
-    /// Directories that hold the workload's files, handed to the filesystem driver.
+    /// Directories that hold the workload's files, handed to the filesystem driver (source).
     fn fs_roots(&mut self) -> PluginResult<Vec<String>> {
         Ok(Vec::new())
     }
@@ -42,43 +51,54 @@ pub trait HostType: Send + 'static {
     }
 
     /// Prepares the root the tree is restored into and returns it, or `None` to restore into `/` (destination).
-    fn mount_root(&mut self) -> PluginResult<Option<String>> {
+    /// `prepared` is what the filesystem driver's receiver prepared (`root`, `device`, `root-map` = `SRC=DST`...).
+    fn mount_root(&mut self, _prepared: &[KeyValue]) -> PluginResult<Option<String>> {
         Ok(None)
     }
 
-    /// CRIU's `setup-namespaces` notification: the restored root exists with its namespaces (destination).
-    fn setup_namespaces(&mut self, _pid: i32) -> PluginResult<()> {
+    /// One of CRIU's notifications, on either side, before phaul acts on it and answers CRIU. An error fails the
+    /// step (before the commit: the migration rolls back).
+    fn notify(&mut self, _n: &Notification) -> PluginResult<()> {
         Ok(())
     }
 
-    /// Blocks the workload's network traffic (CRIU's `network-lock` notification).
-    fn net_lock(&mut self) -> PluginResult<()> {
-        Ok(())
+    /// Whether this host type restores the workload itself ([`HostType::restore`]) instead of phaul asking CRIU.
+    fn restores_itself(&self) -> bool {
+        false
     }
 
-    /// Lets the workload's traffic through again (CRIU's `network-unlock` notification).
-    fn net_unlock(&mut self) -> PluginResult<()> {
-        Ok(())
+    /// Restores the workload from `req.images_dir` through the host type's own manager, running CRIU with
+    /// `req.action_script`; returns the restored root pid once the restore returned (destination).
+    fn restore(&mut self, _req: &RestoreRequest) -> PluginResult<i32> {
+        Err(PluginError::unsupported("this host type does not restore by itself"))
     }
 
-    /// The tree is restored and about to resume (destination).
-    fn post_restore(&mut self, _pid: i32) -> PluginResult<()> {
-        Ok(())
+    /// Whether this kind of workload can be stopped and started (restart mode).
+    fn can_restart(&self) -> bool {
+        false
     }
 
-    /// Restart mode: stops the workload on the source.
+    /// Restart mode: stops the workload (source).
     fn stop(&mut self) -> PluginResult<()> {
         Err(PluginError::unsupported("this host type cannot be stopped for restart mode"))
     }
 
-    /// Restart mode: starts the workload on the destination and returns its root pid.
+    /// Restart mode: starts the workload and returns its root pid (destination; on the source, to bring it back
+    /// after a failure).
     fn start(&mut self) -> PluginResult<i32> {
         Err(PluginError::unsupported("this host type cannot be started for restart mode"))
     }
 
-    /// The migration is over. On the destination, `RolledBack` must undo whatever `mount_root` did.
+    /// The migration is over. On the destination, `ROLLED_BACK` must undo whatever `mount_root` did.
     fn finish(&mut self, _outcome: Outcome) -> PluginResult<()> {
         Ok(())
+    }
+
+    /// Interface revision 3. The restored copy rooted at `pid` must go (a roll-back on the destination): end it
+    /// the way its manager ends such a workload and wait until every process of it is gone. `Ok(false)`: the host
+    /// type leaves it to phaul, which kills the tree by pid.
+    fn discard(&mut self, _pid: i32) -> PluginResult<bool> {
+        Ok(false)
     }
 }
 
@@ -89,14 +109,10 @@ pub trait FsSender: Send + 'static {
         Ok(())
     }
 
-    /// One more round while the workload still runs.
-    fn next_round(&mut self) -> PluginResult<FsRound> {
-        Ok(FsRound::default())
-    }
-
-    /// The last round, while the workload is frozen: after it the destination must have every file.
-    fn final_round(&mut self) -> PluginResult<FsRound> {
-        Ok(FsRound::default())
+    /// One round. Rounds before the final one run while the workload runs and may take as long as they need; the
+    /// final one runs while it is frozen, after CRIU's post-dump: after it the destination must have every file.
+    fn round(&mut self, _info: &FsRoundInfo) -> PluginResult<FsRound> {
+        Ok(FsRound::moved(0, 0))
     }
 
     /// Whether inode numbers survive the move (when not, CRIU must resolve inotify watches by path).
@@ -123,12 +139,18 @@ pub trait FsReceiver: Send + 'static {
         Ok(())
     }
 
-    /// Blocks until the source's round `round` (1-based, counting the final one) has been fully received.
-    fn wait_round(&mut self, _round: u32) -> PluginResult<FsRound> {
-        Ok(FsRound::default())
+    /// Blocks until the source's round `info.number` has been fully received.
+    fn wait_round(&mut self, _info: &FsRoundInfo) -> PluginResult<FsRound> {
+        Ok(FsRound::moved(0, 0))
     }
 
-    /// The migration is over; on `RolledBack` the driver removes what it received.
+    /// After the final round: what the receiver prepared for the host type's `mount_root` (`root` = a mounted
+    /// root, `device` = a block device, `root-map` = `SOURCE-PATH=DESTINATION-PATH`, repeated...).
+    fn prepared(&mut self) -> PluginResult<Vec<KeyValue>> {
+        Ok(Vec::new())
+    }
+
+    /// The migration is over; on `ROLLED_BACK` the driver removes what it received.
     fn finish(&mut self, _outcome: Outcome) -> PluginResult<()> {
         Ok(())
     }

@@ -1,8 +1,8 @@
 //! # phaul-abi: what a phaul driver plugin is built against
 //!
-//! A plugin is a `cdylib` crate that depends on this crate only. It implements [`HostType`] (how to find, dump and
-//! restore one kind of workload) or [`FsSender`] + [`FsReceiver`] (how its files reach the destination) in plain
-//! Rust, then exports itself with one macro:
+//! A plugin is a `cdylib` crate that depends on this crate (and `log`, if it logs). It implements [`HostType`] (how
+//! to find, dump and restore one kind of workload) and/or [`FsSender`] + [`FsReceiver`] (how its files reach the
+//! destination) in plain Rust, then exports its drivers with one macro; one library may carry several:
 //!
 //! ```ignore
 //! struct MyHost { pid: i32 }
@@ -10,91 +10,82 @@
 //!     fn root_pid(&mut self) -> phaul_abi::PluginResult<i32> { Ok(self.pid) }
 //! }
 //! fn new(args: &phaul_abi::HostTypeArgs) -> phaul_abi::PluginResult<MyHost> { /* parse args.id */ }
-//! phaul_abi::export_host_type!(name: "mine", description: "my containers", new: new);
+//! phaul_abi::export_plugin! {
+//!     host_type { name: "mine", description: "my containers", new: new }
+//! }
 //! ```
 //!
-//! The host checks, when it loads the library, that abi_stable's version, the layout of every type here and
-//! [`PHAUL_ABI_VERSION`] match its own, and refuses the file with a message naming it otherwise. Every call into the
-//! driver is wrapped so that a panic becomes an error instead of aborting the host.
+//! When it loads a library the host checks the layout of every type here (abi_stable) and that the library's
+//! interface revision is within the range it supports ([`PHAUL_ABI_OLDEST`] to [`PHAUL_ABI_VERSION`]); it refuses
+//! the file with a message naming it and both revisions otherwise. Every call into the driver is wrapped so that
+//! a panic becomes an error instead of aborting the host. How the interface may grow without breaking plugins
+//! built before: `docs/plugins.md`.
 
 mod drivers;
 mod ffi;
+mod host;
+mod options;
 mod types;
 
 pub use drivers::{FsReceiver, FsSender, HostType};
 pub use ffi::{
-    guard, make_fs_receiver, make_fs_sender, make_host_type, not_a_host_type, not_an_fs_driver_receiver,
-    not_an_fs_driver_sender, FsReceiverBox, FsReceiverFfi, FsSenderBox, FsSenderFfi, Guarded, HostTypeBox, HostTypeFfi,
-    NewFsReceiverFn, NewFsSenderFn, NewHostTypeFn, PluginModule, PluginModuleRef, PHAUL_ABI_VERSION,
+    driver_info, guard, make_fs_receiver, make_fs_sender, make_host_type, no_such_driver, plain_services, FsArgs,
+    FsReceiverBox, FsReceiverFfi, FsSenderBox, FsSenderFfi, Guarded, HostServices, HostServicesRef, HostTypeArgs,
+    HostTypeBox, HostTypeFfi, NewFsReceiverFn, NewFsSenderFn, NewHostTypeFn, PluginModule, PluginModuleRef,
+    PHAUL_ABI_OLDEST, PHAUL_ABI_VERSION,
 };
+pub use host::{install_logger, Host};
+pub use options::{CgroupMode, CriuOptions, NetworkLock};
 pub use types::*;
 
 /// Re-exported so the export macros work in plugins that do not depend on abi_stable themselves.
 pub use abi_stable;
 
-/// The plugin's self-description (used by the export macros).
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __phaul_plugin_info {
-    ($kind:ident, $name:expr, $desc:expr) => {
-        extern "C" fn __phaul_plugin_info() -> $crate::PluginInfo {
-            $crate::PluginInfo {
-                kind: $crate::PluginKind::$kind,
-                name: $name.into(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                description: $desc.into(),
-            }
-        }
-    };
-}
-
-/// Exports a host-type plugin.
+/// Exports a plugin library: its host types first, then its filesystem drivers, any number of each.
 ///
-/// `new` is a `fn(&HostTypeArgs) -> PluginResult<T>` where `T: HostType`.
+/// `new` is a `fn(&HostTypeArgs) -> PluginResult<T>` where `T: HostType`; `sender` and `receiver` are
+/// `fn(&FsArgs) -> PluginResult<T>` where `T: FsSender` and `T: FsReceiver`.
 #[macro_export]
-macro_rules! export_host_type {
-    (name: $name:expr, description: $desc:expr, new: $ctor:path $(,)?) => {
-        $crate::__phaul_plugin_info!(HostType, $name, $desc);
+macro_rules! export_plugin {
+    (
+        $( host_type { name: $hname:expr, description: $hdesc:expr, new: $hnew:path $(,)? } )*
+        $( fs_driver { name: $fname:expr, description: $fdesc:expr, sender: $fsend:path, receiver: $frecv:path $(,)? } )*
+    ) => {
+        extern "C" fn __phaul_drivers() -> $crate::abi_stable::std_types::RVec<$crate::PluginInfo> {
+            let mut v = ::std::vec::Vec::new();
+            $( v.push($crate::driver_info($crate::PluginKind::HOST_TYPE, $hname, env!("CARGO_PKG_VERSION"), $hdesc)); )*
+            $( v.push($crate::driver_info($crate::PluginKind::FS_DRIVER, $fname, env!("CARGO_PKG_VERSION"), $fdesc)); )*
+            v.into()
+        }
 
+        #[allow(unused_variables)]
         extern "C" fn __phaul_new_host_type(
+            name: $crate::abi_stable::std_types::RStr<'_>,
             args: &$crate::HostTypeArgs,
         ) -> $crate::abi_stable::std_types::RResult<$crate::HostTypeBox, $crate::PluginError> {
-            $crate::make_host_type(args, $ctor)
+            $crate::install_logger(args.host, env!("CARGO_PKG_NAME"));
+            $( if name.as_str() == $hname { return $crate::make_host_type(args, $hnew); } )*
+            $crate::no_such_driver($crate::PluginKind::HOST_TYPE, name)
         }
 
-        #[$crate::abi_stable::export_root_module]
-        pub fn __phaul_root_module() -> $crate::PluginModuleRef {
-            use $crate::abi_stable::prefix_type::PrefixTypeTrait;
-            $crate::PluginModule {
-                abi_version: $crate::PHAUL_ABI_VERSION,
-                info: __phaul_plugin_info,
-                new_host_type: __phaul_new_host_type,
-                new_fs_sender: $crate::not_an_fs_driver_sender,
-                new_fs_receiver: $crate::not_an_fs_driver_receiver,
-            }
-            .leak_into_prefix()
-        }
-    };
-}
-
-/// Exports a filesystem-driver plugin.
-///
-/// `sender` and `receiver` are `fn(&FsArgs) -> PluginResult<T>` where `T: FsSender` and `T: FsReceiver`.
-#[macro_export]
-macro_rules! export_fs_driver {
-    (name: $name:expr, description: $desc:expr, sender: $send:path, receiver: $recv:path $(,)?) => {
-        $crate::__phaul_plugin_info!(FsDriver, $name, $desc);
-
+        #[allow(unused_variables)]
         extern "C" fn __phaul_new_fs_sender(
+            name: $crate::abi_stable::std_types::RStr<'_>,
             args: &$crate::FsArgs,
         ) -> $crate::abi_stable::std_types::RResult<$crate::FsSenderBox, $crate::PluginError> {
-            $crate::make_fs_sender(args, $send)
+            $crate::install_logger(args.host, env!("CARGO_PKG_NAME"));
+            $( if name.as_str() == $fname { return $crate::make_fs_sender(args, $fsend); } )*
+            $crate::no_such_driver($crate::PluginKind::FS_DRIVER, name)
         }
 
+        #[allow(unused_variables)]
         extern "C" fn __phaul_new_fs_receiver(
+            name: $crate::abi_stable::std_types::RStr<'_>,
             args: &$crate::FsArgs,
         ) -> $crate::abi_stable::std_types::RResult<$crate::FsReceiverBox, $crate::PluginError> {
-            $crate::make_fs_receiver(args, $recv)
+            $crate::install_logger(args.host, env!("CARGO_PKG_NAME"));
+            $( if name.as_str() == $fname { return $crate::make_fs_receiver(args, $frecv); } )*
+            $crate::no_such_driver($crate::PluginKind::FS_DRIVER, name)
         }
 
         #[$crate::abi_stable::export_root_module]
@@ -102,12 +93,28 @@ macro_rules! export_fs_driver {
             use $crate::abi_stable::prefix_type::PrefixTypeTrait;
             $crate::PluginModule {
                 abi_version: $crate::PHAUL_ABI_VERSION,
-                info: __phaul_plugin_info,
-                new_host_type: $crate::not_a_host_type,
+                drivers: __phaul_drivers,
+                new_host_type: __phaul_new_host_type,
                 new_fs_sender: __phaul_new_fs_sender,
                 new_fs_receiver: __phaul_new_fs_receiver,
             }
             .leak_into_prefix()
         }
+    };
+}
+
+/// Exports a library with one host type (shorthand for [`export_plugin!`]).
+#[macro_export]
+macro_rules! export_host_type {
+    (name: $name:expr, description: $desc:expr, new: $ctor:path $(,)?) => {
+        $crate::export_plugin! { host_type { name: $name, description: $desc, new: $ctor } }
+    };
+}
+
+/// Exports a library with one filesystem driver (shorthand for [`export_plugin!`]).
+#[macro_export]
+macro_rules! export_fs_driver {
+    (name: $name:expr, description: $desc:expr, sender: $send:path, receiver: $recv:path $(,)?) => {
+        $crate::export_plugin! { fs_driver { name: $name, description: $desc, sender: $send, receiver: $recv } }
     };
 }

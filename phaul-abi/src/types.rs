@@ -1,63 +1,122 @@
 //! Plain data that crosses the plugin boundary.
 //!
-//! Every type here is `#[repr(C)]` and derives `StableAbi`, so the loader can check at load time that the plugin was
-//! built against the same layout as the host.
+//! Every type here is `#[repr(C)]` (or a transparent integer) and derives `StableAbi`, so the loader checks at load
+//! time that the plugin was built against the same layout. These layouts never change (see the evolution rules in
+//! `docs/plugins.md`): what a later interface revision adds travels in the `more` lists (`key = value`, looked up by
+//! name; a side that does not know a key ignores it) or as new methods at the end of the driver traits; and the
+//! "enums" are integer codes with named constants, so that a later revision can add a code without breaking a
+//! plugin that does not know it.
 
-use abi_stable::std_types::{ROption, RString, RVec};
+use abi_stable::std_types::{RString, RVec};
 use abi_stable::StableAbi;
 
-/// What a plugin provides.
-#[repr(u8)]
-#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PluginKind {
-    /// A host type: how to find, freeze, dump and restore one kind of workload (a process tree, an LXC container...).
-    HostType,
-    /// A filesystem-migration driver: how the workload's files get to the destination.
-    FsDriver,
+macro_rules! codes {
+    ($(#[$m:meta])* $name:ident { $($(#[$cm:meta])* $c:ident = $v:expr => $s:expr),+ $(,)? }) => {
+        $(#[$m])*
+        #[repr(transparent)]
+        #[derive(StableAbi, Clone, Copy, PartialEq, Eq, Hash)]
+        pub struct $name(pub u8);
+
+        impl $name {
+            $($(#[$cm])* pub const $c: $name = $name($v);)+
+
+            /// The code's name (`unknown` for a code this revision does not know; `Debug` prints `unknown-N`).
+            pub fn as_str(self) -> &'static str {
+                match self.0 {
+                    $($v => $s,)+
+                    _ => "unknown",
+                }
+            }
+
+            /// Whether this revision of the interface knows the code.
+            pub fn is_known(self) -> bool {
+                [$($v),+].contains(&self.0)
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                if self.is_known() {
+                    f.write_str(self.as_str())
+                } else {
+                    write!(f, "unknown-{}", self.0)
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                std::fmt::Debug::fmt(self, f)
+            }
+        }
+    };
 }
 
-impl PluginKind {
-    /// The word used for this kind in `plugins.toml`, on the command line and in `phaul plugins`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PluginKind::HostType => "htype",
-            PluginKind::FsDriver => "fs",
-        }
+codes! {
+    /// What a driver is.
+    PluginKind {
+        /// How to find, freeze, dump and restore one kind of workload (a process tree, an LXC container...).
+        HOST_TYPE = 1 => "htype",
+        /// How the workload's files get to the destination.
+        FS_DRIVER = 2 => "fs",
     }
 }
 
-/// What a plugin says about itself.
-#[repr(C)]
-#[derive(StableAbi, Debug, Clone)]
-pub struct PluginInfo {
-    pub kind: PluginKind,
-    /// The name operators use to pick it (`pid`, `lxc`, `shared`, `zfs`...). Unique among loaded plugins.
-    pub name: RString,
-    /// The plugin crate's own version.
-    pub version: RString,
-    /// One line for `phaul plugins`.
-    pub description: RString,
+codes! {
+    /// Which end of a migration a driver instance serves.
+    Role {
+        SOURCE = 1 => "source",
+        DESTINATION = 2 => "destination",
+    }
 }
 
-/// Which end of a migration a driver instance serves.
-#[repr(u8)]
-#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Source,
-    Destination,
+codes! {
+    /// How a migration ended, told to drivers so they can clean up.
+    Outcome {
+        /// The workload runs on the destination; the source copy is gone.
+        MIGRATED = 1 => "migrated",
+        /// The migration failed or was aborted; the workload keeps running on the source.
+        ROLLED_BACK = 2 => "rolled-back",
+    }
 }
 
-/// How a migration ended, told to drivers so they can clean up.
-#[repr(u8)]
-#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The workload runs on the destination; the source copy is gone.
-    Migrated,
-    /// The migration failed or was aborted; the workload keeps running on the source.
-    RolledBack,
+codes! {
+    /// The class of a plugin failure; the message says the rest.
+    ErrorKind {
+        /// The operator gave something the driver cannot use (an unknown option, a bad id...).
+        INVALID_INPUT = 1 => "invalid-input",
+        /// The thing to migrate, or something it needs, does not exist.
+        NOT_FOUND = 2 => "not-found",
+        /// The driver cannot do what was asked.
+        UNSUPPORTED = 3 => "unsupported",
+        /// The operation was attempted and failed.
+        FAILED = 4 => "failed",
+        /// The plugin panicked; the panic was caught at the boundary.
+        PANICKED = 5 => "panicked",
+    }
 }
 
-/// A `key=value` option given with `--htype-opt` or `--fs-opt`.
+codes! {
+    /// When a host type is asked for CRIU options.
+    CriuStage {
+        PRE_DUMP = 1 => "pre-dump",
+        DUMP = 2 => "dump",
+        RESTORE = 3 => "restore",
+    }
+}
+
+codes! {
+    /// How the migration moves the workload.
+    Mode {
+        /// Checkpoint and restore (pre-copy, stop-and-copy, post-copy).
+        LIVE = 1 => "live",
+        /// Filesystem only: stop on the source, start on the destination.
+        RESTART = 2 => "restart",
+    }
+}
+
+/// A `key = value` pair: an operator's `--htype-opt`/`--fs-opt`, a CRIU option, or an argument a later revision
+/// of the interface added.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
 pub struct KeyValue {
@@ -65,20 +124,20 @@ pub struct KeyValue {
     pub value: RString,
 }
 
-/// The class of a plugin failure; the message says the rest.
-#[repr(u8)]
-#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// The operator gave something the driver cannot use (an unknown option, a bad id...).
-    InvalidInput,
-    /// The thing to migrate, or something it needs, does not exist.
-    NotFound,
-    /// The driver cannot do what was asked (for example a caller answered "unsupported").
-    Unsupported,
-    /// The operation was attempted and failed.
-    Failed,
-    /// The plugin panicked; the panic was caught at the boundary.
-    Panicked,
+impl KeyValue {
+    pub fn new(key: impl Into<String>, value: impl Into<String>) -> KeyValue {
+        KeyValue { key: RString::from(key.into()), value: RString::from(value.into()) }
+    }
+}
+
+/// Looks up a key (the last one wins).
+pub fn option<'a>(list: &'a [KeyValue], key: &str) -> Option<&'a str> {
+    list.iter().rev().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.as_str())
+}
+
+/// Every value of a repeated key, in order.
+pub fn options<'a>(list: &'a [KeyValue], key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    list.iter().filter(move |kv| kv.key.as_str() == key).map(|kv| kv.value.as_str())
 }
 
 /// An error returned by a plugin. `message` is a sentence meant for the operator.
@@ -94,16 +153,16 @@ impl PluginError {
         PluginError { kind, message: RString::from(message.into()) }
     }
     pub fn invalid(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::InvalidInput, message)
+        Self::new(ErrorKind::INVALID_INPUT, message)
     }
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::NotFound, message)
+        Self::new(ErrorKind::NOT_FOUND, message)
     }
     pub fn unsupported(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::Unsupported, message)
+        Self::new(ErrorKind::UNSUPPORTED, message)
     }
     pub fn failed(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::Failed, message)
+        Self::new(ErrorKind::FAILED, message)
     }
 }
 
@@ -118,88 +177,19 @@ impl std::error::Error for PluginError {}
 /// Result type used by the driver traits plugin authors implement.
 pub type PluginResult<T> = Result<T, PluginError>;
 
-/// How CRIU should treat cgroups (CRIU's `--manage-cgroups` modes).
-#[repr(u8)]
-#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum CgroupMode {
-    /// Leave CRIU's own default.
-    #[default]
-    CriuDefault,
-    Ignore,
-    None,
-    Props,
-    Soft,
-    Full,
-    Strict,
-}
-
-/// How CRIU locks the network while the tree is frozen.
-#[repr(u8)]
-#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum NetworkLock {
-    /// Let phaul choose (nftables: it needs no external binary).
-    #[default]
-    Auto,
-    Iptables,
-    Nftables,
-    /// CRIU does not lock; the host type does it from its `net_lock` hook.
-    Skip,
-}
-
-/// A cgroup root mapping (CRIU's `--cgroup-root [controller:]path`).
+/// What one driver of a library says about itself.
 #[repr(C)]
-#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
-pub struct CgroupRoot {
-    pub controller: ROption<RString>,
-    pub path: RString,
-}
-
-/// A file descriptor the host hands to CRIU for restore (CRIU's `--inherit-fd fd[N]:KEY`).
-#[repr(C)]
-#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
-pub struct InheritFd {
-    pub key: RString,
-    pub fd: i32,
-}
-
-/// CRIU options a host type adds to the ones phaul sets itself.
-#[repr(C)]
-#[derive(StableAbi, Debug, Clone, Default)]
-pub struct CriuOptions {
-    pub shell_job: bool,
-    pub tcp_established: bool,
-    pub ext_unix_sk: bool,
-    pub file_locks: bool,
-    pub link_remap: bool,
-    pub evasive_devices: bool,
-    pub orphan_pts_master: bool,
-    pub mntns_compat_mode: bool,
-    pub force_irmap: bool,
-    /// Skip half-open ("in-flight") TCP connections instead of failing the dump (CRIU's `--skip-in-flight`):
-    /// their clients retransmit their SYN.
-    pub tcp_skip_in_flight: bool,
-    pub manage_cgroups: CgroupMode,
-    pub network_lock: NetworkLock,
-    /// Root of the restored tree's mount namespace (restore only).
-    pub root: ROption<RString>,
-    /// A cgroup CRIU freezes instead of walking the tree with ptrace.
-    pub freeze_cgroup: ROption<RString>,
-    pub lsm_profile: ROption<RString>,
-    /// CRIU's `--external` resources (`mnt[...]`, `veth[...]`, `tty[...]`, ...).
-    pub external: RVec<RString>,
-    pub skip_mnt: RVec<RString>,
-    pub enable_fs: RVec<RString>,
-    pub cgroup_roots: RVec<CgroupRoot>,
-    pub inherit_fds: RVec<InheritFd>,
-}
-
-/// When a host type is asked for CRIU options.
-#[repr(u8)]
-#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CriuStage {
-    PreDump,
-    Dump,
-    Restore,
+#[derive(StableAbi, Debug, Clone)]
+pub struct PluginInfo {
+    pub kind: PluginKind,
+    /// The name operators use to pick it (`pid`, `lxc`, `shared`, `zfs`...). Unique among loaded drivers.
+    pub name: RString,
+    /// The plugin crate's own version.
+    pub version: RString,
+    /// One line for `phaul plugins`.
+    pub description: RString,
+    /// More about the driver, by name (none defined yet).
+    pub more: RVec<KeyValue>,
 }
 
 /// A file the source host type wants carried to the destination next to the images (a container's config, say).
@@ -212,43 +202,76 @@ pub struct ExtraFile {
     pub name: RString,
 }
 
-/// What a host-type factory is given.
+/// One of CRIU's action-script notifications, forwarded to the host type before phaul answers CRIU.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone)]
-pub struct HostTypeArgs {
-    pub role: Role,
-    /// What the operator named: a pid, a container name...
-    pub id: RString,
-    pub options: RVec<KeyValue>,
-    /// A private directory for this migration that the driver may use.
-    pub work_dir: RString,
+pub struct Notification {
+    /// CRIU's name for it: `pre-dump`, `post-dump`, `network-lock`, `network-unlock`, `pre-restore`,
+    /// `setup-namespaces`, `post-setup-namespaces`, `post-restore`, `pre-resume`, `post-resume`,
+    /// `orphan-pts-master`, and whatever a later CRIU adds.
+    pub script: RString,
+    /// The pid CRIU names (the restored root from `setup-namespaces` on), or 0.
+    pub pid: i32,
+    /// A descriptor CRIU handed over with it (`orphan-pts-master`: the pty master), or -1. It is open in this
+    /// process until the call returns: duplicate it to keep it.
+    pub fd: i32,
+    /// More about it, by name (none defined yet).
+    pub more: RVec<KeyValue>,
 }
 
-/// What a filesystem-driver factory is given.
+/// Which filesystem round this is.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone)]
-pub struct FsArgs {
-    pub role: Role,
-    pub options: RVec<KeyValue>,
-    /// The connected filesystem data channel (`--fdfs`), if there is one. The driver may read and write it but must
-    /// not close it.
-    pub data_fd: ROption<i32>,
-    /// The directories the host type says hold the workload's files.
-    pub roots: RVec<RString>,
-    pub work_dir: RString,
+pub struct FsRoundInfo {
+    /// 1-based.
+    pub number: u32,
+    /// The last round, while the workload is frozen (after CRIU's post-dump, so link-remap files exist): after it
+    /// the destination must have every file. Its time counts as frozen time.
+    pub is_final: bool,
+    /// More about the round, by name (none defined yet).
+    pub more: RVec<KeyValue>,
 }
 
 /// What one filesystem round moved.
 #[repr(C)]
-#[derive(StableAbi, Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(StableAbi, Debug, Clone, Default, PartialEq, Eq)]
 pub struct FsRound {
     pub bytes: u64,
     pub files: u64,
+    /// What the driver expects a next round to move (bytes), for the stop policy; [`FsRound::UNKNOWN`] if it
+    /// cannot tell.
+    pub remaining_bytes: u64,
+    /// More about the round, by name (none defined yet).
+    pub more: RVec<KeyValue>,
 }
 
-/// Looks up an option by key.
-pub fn option<'a>(options: &'a [KeyValue], key: &str) -> Option<&'a str> {
-    options.iter().rev().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.as_str())
+impl FsRound {
+    /// `remaining_bytes` when the driver cannot tell.
+    pub const UNKNOWN: u64 = u64::MAX;
+
+    /// A round that moved `bytes` in `files` files, with nothing known about what is left.
+    pub fn moved(bytes: u64, files: u64) -> FsRound {
+        FsRound { bytes, files, remaining_bytes: Self::UNKNOWN, more: RVec::new() }
+    }
+}
+
+/// What the destination's host type is asked to restore by itself (a host type whose manager must own the
+/// restored container: liblxc, vzctl).
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct RestoreRequest {
+    /// The received images.
+    pub images_dir: RString,
+    /// The executable to pass to CRIU as its action script (`--action-script`): it carries CRIU's notifications to
+    /// phaul, which holds the restored tree in post-restore until the commit, as with its own restores. A restore
+    /// that runs CRIU without it cannot be committed and is refused.
+    pub action_script: RString,
+    /// The CRIU options phaul would use, as `criu restore` command-line arguments.
+    pub criu_args: RVec<RString>,
+    /// The same as a list (see [`crate::CriuOptions`] for the keys).
+    pub criu_options: RVec<KeyValue>,
+    /// More, by name (none defined yet).
+    pub more: RVec<KeyValue>,
 }
 
 /// Duplicates a descriptor a driver was handed (the `--fdfs` data channel, or a caller's message fd), so the

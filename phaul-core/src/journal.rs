@@ -48,6 +48,9 @@ pub enum SourceState {
     Frozen,
     /// Sequential handover: the tree has ended; the source's copy is its complete image set. Nothing committed.
     ImagesOnly,
+    /// Restart mode: the workload is stopped (or being stopped) on the source; its files are the copy. Nothing
+    /// committed: it may be started here again.
+    Stopped,
     /// `Commit` was decided (and perhaps sent): the point of no return. Never resumed by itself from here.
     Committing,
     /// The destination confirmed that the workload runs there; the source's copy is being ended.

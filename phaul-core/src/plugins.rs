@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use abi_stable::library::{lib_header_from_path, LibraryError};
 use abi_stable::std_types::{RResult, RString, RVec};
 use phaul_abi::{
-    FsArgs, FsReceiverBox, FsSenderBox, HostTypeArgs, HostTypeBox, KeyValue, PluginError, PluginKind, PluginModuleRef,
-    Role, PHAUL_ABI_VERSION,
+    FsArgs, FsReceiverBox, FsSenderBox, HostTypeArgs, HostTypeBox, KeyValue, Mode, PluginError, PluginKind,
+    PluginModuleRef, Role, PHAUL_ABI_OLDEST, PHAUL_ABI_VERSION,
 };
 use serde::Deserialize;
 
@@ -46,8 +46,10 @@ pub enum PluginLoadError {
         "{file} was built against an incompatible plugin ABI ({detail}); rebuild it against phaul-abi {host_version}"
     )]
     Incompatible { file: PathBuf, detail: String, host_version: &'static str },
-    #[error("{file} speaks phaul plugin ABI version {found}, this phaul speaks {expected}; rebuild the plugin against the phaul-abi that ships with this phaul")]
-    AbiVersion { file: PathBuf, found: u32, expected: u32 },
+    #[error("{file} was built against phaul plugin interface revision {found}, newer than this phaul's {newest}; upgrade phaul, or rebuild the plugin against a phaul-abi of revision {newest} or older (down to {oldest})")]
+    AbiTooNew { file: PathBuf, found: u32, newest: u32, oldest: u32 },
+    #[error("{file} was built against phaul plugin interface revision {found}, older than the oldest this phaul loads ({oldest}; it speaks up to {newest}); rebuild the plugin against the phaul-abi that ships with this phaul")]
+    AbiTooOld { file: PathBuf, found: u32, newest: u32, oldest: u32 },
     #[error("two plugins are named '{name}': {first} and {second}; disable one of them in {config}")]
     Duplicate { name: String, first: PathBuf, second: PathBuf, config: PathBuf },
     #[error("no {kind} named '{name}' is enabled in {config}; {}", available_list(available))]
@@ -91,7 +93,7 @@ struct HostTypeDefaults {
     fs: String,
 }
 
-/// One loaded plugin.
+/// One loaded driver (a library may carry several).
 #[derive(Clone)]
 pub struct LoadedPlugin {
     pub kind: PluginKind,
@@ -99,6 +101,8 @@ pub struct LoadedPlugin {
     pub version: String,
     pub description: String,
     pub path: PathBuf,
+    /// The interface revision the library was built against.
+    pub abi_version: u32,
     module: PluginModuleRef,
 }
 
@@ -108,6 +112,7 @@ impl std::fmt::Debug for LoadedPlugin {
             .field("kind", &self.kind)
             .field("name", &self.name)
             .field("version", &self.version)
+            .field("abi_version", &self.abi_version)
             .field("path", &self.path)
             .finish()
     }
@@ -259,16 +264,17 @@ impl Registry {
                 disabled.push(DisabledPlugin { path });
                 continue;
             }
-            let p = load_one(&path, config)?;
-            if let Some(first) = plugins.iter().find(|q| q.name == p.name) {
-                return Err(PluginLoadError::Duplicate {
-                    name: p.name,
-                    first: first.path.clone(),
-                    second: path,
-                    config: config.to_path_buf(),
-                });
+            for p in load_one(&path, config)? {
+                if let Some(first) = plugins.iter().find(|q| q.name == p.name) {
+                    return Err(PluginLoadError::Duplicate {
+                        name: p.name,
+                        first: first.path.clone(),
+                        second: path,
+                        config: config.to_path_buf(),
+                    });
+                }
+                plugins.push(p);
             }
-            plugins.push(p);
         }
         Ok(Registry { config: config.to_path_buf(), plugins, disabled, default_fs: list.default_fs })
     }
@@ -309,22 +315,27 @@ impl Registry {
         &self,
         name: &str,
         role: Role,
+        mode: Mode,
         id: &str,
         options: &[(String, String)],
         work_dir: &Path,
     ) -> Result<HostTypeBox, PluginLoadError> {
-        let p = self.find(PluginKind::HostType, name)?;
+        let p = self.find(PluginKind::HOST_TYPE, name)?;
         let args = HostTypeArgs {
             role,
+            mode,
             id: id.into(),
             options: to_rvec(options),
             work_dir: work_dir.to_string_lossy().as_ref().into(),
+            host: services::host_services(),
+            more: RVec::new(),
         };
-        driver_result(name, "host type", (p.module.new_host_type())(&args))
+        driver_result(name, "host type", (p.module.new_host_type())(name.into(), &args))
     }
 
     fn fs_args(
         role: Role,
+        mode: Mode,
         options: &[(String, String)],
         data_fd: Option<i32>,
         roots: &[String],
@@ -332,10 +343,13 @@ impl Registry {
     ) -> FsArgs {
         FsArgs {
             role,
+            mode,
             options: to_rvec(options),
-            data_fd: data_fd.into(),
+            data_fd: data_fd.unwrap_or(-1),
             roots: roots.iter().map(|r| RString::from(r.as_str())).collect(),
             work_dir: work_dir.to_string_lossy().as_ref().into(),
+            host: services::host_services(),
+            more: RVec::new(),
         }
     }
 
@@ -343,35 +357,38 @@ impl Registry {
     pub fn new_fs_sender(
         &self,
         name: &str,
+        mode: Mode,
         options: &[(String, String)],
         data_fd: Option<i32>,
         roots: &[String],
         work_dir: &Path,
     ) -> Result<FsSenderBox, PluginLoadError> {
-        let p = self.find(PluginKind::FsDriver, name)?;
-        let args = Self::fs_args(Role::Source, options, data_fd, roots, work_dir);
-        driver_result(name, "filesystem driver", (p.module.new_fs_sender())(&args))
+        let p = self.find(PluginKind::FS_DRIVER, name)?;
+        let args = Self::fs_args(Role::SOURCE, mode, options, data_fd, roots, work_dir);
+        driver_result(name, "filesystem driver", (p.module.new_fs_sender())(name.into(), &args))
     }
 
     /// Creates the receiving half of a filesystem driver.
     pub fn new_fs_receiver(
         &self,
         name: &str,
+        mode: Mode,
         options: &[(String, String)],
         data_fd: Option<i32>,
         roots: &[String],
         work_dir: &Path,
     ) -> Result<FsReceiverBox, PluginLoadError> {
-        let p = self.find(PluginKind::FsDriver, name)?;
-        let args = Self::fs_args(Role::Destination, options, data_fd, roots, work_dir);
-        driver_result(name, "filesystem driver", (p.module.new_fs_receiver())(&args))
+        let p = self.find(PluginKind::FS_DRIVER, name)?;
+        let args = Self::fs_args(Role::DESTINATION, mode, options, data_fd, roots, work_dir);
+        driver_result(name, "filesystem driver", (p.module.new_fs_receiver())(name.into(), &args))
     }
 }
 
 fn kind_word(k: PluginKind) -> &'static str {
     match k {
-        PluginKind::HostType => "host type",
-        PluginKind::FsDriver => "filesystem driver",
+        PluginKind::HOST_TYPE => "host type",
+        PluginKind::FS_DRIVER => "filesystem driver",
+        _ => "driver",
     }
 }
 
@@ -381,7 +398,7 @@ fn driver_result<T>(name: &str, kind: &'static str, r: RResult<T, PluginError>) 
 
 /// Loads one library on its own (abi_stable's `RootModule::load_from*` would cache one module per interface type,
 /// and every phaul plugin shares one interface type).
-fn load_one(path: &Path, config: &Path) -> Result<LoadedPlugin, PluginLoadError> {
+fn load_one(path: &Path, config: &Path) -> Result<Vec<LoadedPlugin>, PluginLoadError> {
     if !path.exists() {
         return Err(PluginLoadError::Missing { file: path.to_path_buf(), config: config.to_path_buf() });
     }
@@ -401,19 +418,38 @@ fn load_one(path: &Path, config: &Path) -> Result<LoadedPlugin, PluginLoadError>
     })?;
     let module = header.init_root_module::<PluginModuleRef>().map_err(|e| incompatible(path, e))?;
     let found = module.abi_version();
-    if found != PHAUL_ABI_VERSION {
-        return Err(PluginLoadError::AbiVersion { file: path.to_path_buf(), found, expected: PHAUL_ABI_VERSION });
+    let (file, newest, oldest) = (path.to_path_buf(), PHAUL_ABI_VERSION, PHAUL_ABI_OLDEST);
+    if found > PHAUL_ABI_VERSION {
+        return Err(PluginLoadError::AbiTooNew { file, found, newest, oldest });
     }
-    let info = (module.info())();
-    log::debug!("loaded {} plugin {} {} from {}", info.kind.as_str(), info.name, info.version, path.display());
-    Ok(LoadedPlugin {
-        kind: info.kind,
-        name: info.name.into_string(),
-        version: info.version.into_string(),
-        description: info.description.into_string(),
-        path: path.to_path_buf(),
-        module,
-    })
+    if found < PHAUL_ABI_OLDEST {
+        return Err(PluginLoadError::AbiTooOld { file, found, newest, oldest });
+    }
+    let infos = (module.drivers())();
+    if infos.is_empty() {
+        return Err(PluginLoadError::NotAPlugin { file: path.to_path_buf(), config: config.to_path_buf() });
+    }
+    Ok(infos
+        .into_iter()
+        .map(|info| {
+            log::debug!(
+                "loaded {} driver {} {} (interface revision {found}) from {}",
+                info.kind.as_str(),
+                info.name,
+                info.version,
+                path.display()
+            );
+            LoadedPlugin {
+                kind: info.kind,
+                name: info.name.into_string(),
+                version: info.version.into_string(),
+                description: info.description.into_string(),
+                path: path.to_path_buf(),
+                abi_version: found,
+                module,
+            }
+        })
+        .collect())
 }
 
 fn incompatible(path: &Path, e: LibraryError) -> PluginLoadError {
@@ -428,6 +464,7 @@ pub trait Drivers: Send + Sync {
         &self,
         name: &str,
         role: Role,
+        mode: Mode,
         id: &str,
         options: &[(String, String)],
         work_dir: &Path,
@@ -435,6 +472,7 @@ pub trait Drivers: Send + Sync {
     fn fs_sender(
         &self,
         name: &str,
+        mode: Mode,
         options: &[(String, String)],
         data_fd: Option<i32>,
         roots: &[String],
@@ -443,6 +481,7 @@ pub trait Drivers: Send + Sync {
     fn fs_receiver(
         &self,
         name: &str,
+        mode: Mode,
         options: &[(String, String)],
         data_fd: Option<i32>,
         roots: &[String],
@@ -461,40 +500,123 @@ impl Drivers for Registry {
         &self,
         name: &str,
         role: Role,
+        mode: Mode,
         id: &str,
         options: &[(String, String)],
         work_dir: &Path,
     ) -> Result<HostTypeBox, PluginLoadError> {
-        self.new_host_type(name, role, id, options, work_dir)
+        self.new_host_type(name, role, mode, id, options, work_dir)
     }
     fn fs_sender(
         &self,
         name: &str,
+        mode: Mode,
         options: &[(String, String)],
         data_fd: Option<i32>,
         roots: &[String],
         work_dir: &Path,
     ) -> Result<FsSenderBox, PluginLoadError> {
-        self.new_fs_sender(name, options, data_fd, roots, work_dir)
+        self.new_fs_sender(name, mode, options, data_fd, roots, work_dir)
     }
     fn fs_receiver(
         &self,
         name: &str,
+        mode: Mode,
         options: &[(String, String)],
         data_fd: Option<i32>,
         roots: &[String],
         work_dir: &Path,
     ) -> Result<FsReceiverBox, PluginLoadError> {
-        self.new_fs_receiver(name, options, data_fd, roots, work_dir)
+        self.new_fs_receiver(name, mode, options, data_fd, roots, work_dir)
     }
     fn default_fs(&self, htype: &str) -> Option<String> {
         Registry::default_fs(self, htype).map(str::to_string)
     }
     fn ensure_fs(&self, name: &str) -> Result<(), PluginLoadError> {
-        self.ensure(PluginKind::FsDriver, name)
+        self.ensure(PluginKind::FS_DRIVER, name)
     }
     fn config_path(&self) -> PathBuf {
         Registry::config_path(self).to_path_buf()
+    }
+}
+
+/// The host type's CRIU options for a stage, read from the list that crossed the boundary.
+pub fn criu_options(ht: &mut HostTypeBox, stage: phaul_abi::CriuStage) -> RResult<phaul_abi::CriuOptions, PluginError> {
+    match ht.criu_options(stage).into_result() {
+        Ok(list) => match phaul_abi::CriuOptions::from_list(&list) {
+            Ok(o) => RResult::ROk(o),
+            Err(e) => RResult::RErr(PluginError::invalid(e)),
+        },
+        Err(e) => RResult::RErr(e),
+    }
+}
+
+/// Forwards one of CRIU's notifications to the host type.
+pub fn notify(ht: &mut HostTypeBox, script: &str, pid: Option<i32>, fd: Option<i32>) -> RResult<(), PluginError> {
+    let n = phaul_abi::Notification {
+        script: script.into(),
+        pid: pid.unwrap_or(0),
+        fd: fd.unwrap_or(-1),
+        more: RVec::new(),
+    };
+    ht.notify(&n)
+}
+
+/// The description of filesystem round `number`.
+pub fn fs_round_info(number: u32, is_final: bool) -> phaul_abi::FsRoundInfo {
+    phaul_abi::FsRoundInfo { number, is_final, more: RVec::new() }
+}
+
+/// The services phaul offers its plugins (see [`phaul_abi::HostServices`]): their log lines go to phaul's log
+/// under `plugin:NAME`, their progress to whoever listens ([`services::set_progress_sink`]).
+pub mod services {
+    use std::sync::{Mutex, OnceLock};
+
+    use abi_stable::prefix_type::PrefixTypeTrait;
+    use abi_stable::std_types::RStr;
+    use phaul_abi::{HostServices, HostServicesRef, PHAUL_ABI_VERSION};
+
+    /// Receives `(plugin, what, done, total)`.
+    pub type ProgressSink = Box<dyn Fn(&str, &str, u64, u64) + Send + Sync>;
+
+    fn sink() -> &'static Mutex<Option<ProgressSink>> {
+        static SINK: OnceLock<Mutex<Option<ProgressSink>>> = OnceLock::new();
+        SINK.get_or_init(|| Mutex::new(None))
+    }
+
+    /// Where plugins' progress reports go from now on (`None`: nowhere).
+    pub fn set_progress_sink(s: Option<ProgressSink>) {
+        *sink().lock().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+
+    extern "C" fn has(name: RStr<'_>) -> bool {
+        matches!(name.as_str(), "log" | "progress")
+    }
+
+    extern "C" fn log_line(level: u8, plugin: RStr<'_>, message: RStr<'_>) {
+        let level = match level {
+            1 => log::Level::Error,
+            2 => log::Level::Warn,
+            3 => log::Level::Info,
+            4 => log::Level::Debug,
+            _ => log::Level::Trace,
+        };
+        let target = format!("plugin:{plugin}");
+        log::log!(target: &target, level, "{message}");
+    }
+
+    extern "C" fn progress(plugin: RStr<'_>, what: RStr<'_>, done: u64, total: u64) {
+        if let Some(s) = sink().lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            s(plugin.as_str(), what.as_str(), done, total);
+        }
+    }
+
+    /// The services, made once for the life of the process.
+    pub fn host_services() -> HostServicesRef {
+        static S: OnceLock<HostServicesRef> = OnceLock::new();
+        *S.get_or_init(|| {
+            HostServices { abi_version: PHAUL_ABI_VERSION, has, log: log_line, progress }.leak_into_prefix()
+        })
     }
 }
 
@@ -569,7 +691,7 @@ mod tests {
         assert!(r.plugins().is_empty());
         assert_eq!(r.disabled().len(), 1);
         assert_eq!(r.default_fs("pid"), Some("shared"));
-        match r.new_host_type("pid", Role::Source, "1", &[], dir.path()) {
+        match r.new_host_type("pid", Role::SOURCE, Mode::LIVE, "1", &[], dir.path()) {
             Err(e) => assert!(e.to_string().contains("no host type named 'pid' is enabled"), "{e}"),
             Ok(_) => panic!("a disabled plugin was used"),
         }

@@ -15,7 +15,7 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use phaul_abi::{option, FsArgs, FsReceiver, FsRound, FsSender, PluginError, PluginResult};
+use phaul_abi::{option, FsArgs, FsReceiver, FsRound, FsRoundInfo, FsSender, PluginError, PluginResult};
 use phaul_proto::external::{ExternalMessage, ExternalType};
 use prost::Message;
 
@@ -106,7 +106,7 @@ impl External {
             PluginError::failed(format!("the caller's answer to the filesystem sync could not be read: {e}"))
         })?;
         match ExternalType::try_from(reply.r#type) {
-            Ok(ExternalType::Success) => Ok(FsRound::default()),
+            Ok(ExternalType::Success) => Ok(FsRound::moved(0, 0)),
             Ok(ExternalType::Error) => Err(PluginError::failed(format!(
                 "the caller could not sync the filesystem: {}",
                 if reply.message.is_empty() { "it gave no reason" } else { reply.message.as_str() }
@@ -124,12 +124,8 @@ impl External {
 }
 
 impl FsSender for External {
-    fn next_round(&mut self) -> PluginResult<FsRound> {
-        self.sync(false)
-    }
-
-    fn final_round(&mut self) -> PluginResult<FsRound> {
-        self.sync(true)
+    fn round(&mut self, info: &FsRoundInfo) -> PluginResult<FsRound> {
+        self.sync(info.is_final)
     }
 }
 

@@ -118,7 +118,7 @@ impl PidTree {
 
 impl HostType for PidTree {
     fn root_pid(&mut self) -> PluginResult<i32> {
-        if self.role != Role::Source {
+        if self.role != Role::SOURCE {
             return Err(PluginError::invalid("root_pid is asked of the source only"));
         }
         self.check_root()?;

@@ -78,7 +78,7 @@ fn a_library_that_is_not_a_phaul_plugin() {
 }
 
 #[test]
-fn a_plugin_of_another_abi_version_is_refused() {
+fn a_plugin_of_a_newer_abi_is_refused_naming_the_file_and_both_revisions() {
     let lab = lab("abi");
     let p = lab.path("abi.toml");
     let so = plugin_dir().join("libphaul_fixture_plugin_future_abi.so");
@@ -87,7 +87,7 @@ fn a_plugin_of_another_abi_version_is_refused() {
         &lab,
         &["--plugins", &p.display().to_string(), "plugins"],
         2,
-        &["speaks phaul plugin ABI version 2", "rebuild"],
+        &["libphaul_fixture_plugin_future_abi.so", "revision 4, newer than this phaul's 3", "rebuild"],
     );
 }
 
@@ -363,4 +363,23 @@ fn plugin_files_others_could_change_are_refused() {
     // The safe list still works.
     let out = lab.phaul(&["--plugins", &lab.plugins.display().to_string(), "plugins"], &[]).expect("plugins");
     assert!(out.status.success(), "{}", out.stderr);
+}
+
+#[test]
+fn restart_mode_with_a_host_type_that_cannot_restart_is_refused_before_anything_stops() {
+    let lab = lab("norestart");
+    let w = lab.start_workload("counter", &[]).expect("start");
+    let run = lab
+        .migrate(
+            w.pid(),
+            phaul_testbed::MigrateOptions { src_args: vec!["--mode".into(), "restart".into()], ..Default::default() },
+        )
+        .expect("run");
+    assert_still_on_source(&lab, &w, &run);
+    assert!(
+        run.src_stderr
+            .contains("the 'pid' host type cannot stop and start its workload, so --mode restart cannot move it"),
+        "{}",
+        run.describe()
+    );
 }

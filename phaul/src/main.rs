@@ -333,6 +333,9 @@ enum ModeArg {
     /// Post-copy: the workload starts on the destination at once and pulls its memory on demand. RISK: from that
     /// moment until the last page has arrived, losing either host or the connection loses the workload.
     Lazy,
+    /// No checkpoint: filesystem rounds while it runs, the host type stops it here, a final filesystem round, the
+    /// host type starts it on the destination. Needs a host type that can restart (not `pid`); no CRIU needed.
+    Restart,
 }
 
 /// Connections a caller hands in, already connected to the peer (stream sockets: TCP or AF_UNIX).
@@ -473,6 +476,13 @@ struct ServeArgs {
     /// At most this many migrations at once (--listen).
     #[arg(long, value_name = "N", default_value_t = 16)]
     max_sessions: usize,
+    /// This side's own option for a host type (repeatable), e.g. `lxc:lxcpath=/srv/lxc`: it comes after the
+    /// source's options for that host type, so it wins (paths differ between hosts).
+    #[arg(long = "htype-opt", value_name = "HTYPE:KEY=VALUE", value_parser = parse_driver_kv)]
+    htype_options: Vec<(String, String, String)>,
+    /// This side's own option for a filesystem driver (repeatable), e.g. `zfs:dataset=tank/ct`.
+    #[arg(long = "fs-opt", value_name = "DRIVER:KEY=VALUE", value_parser = parse_driver_kv)]
+    fs_options: Vec<(String, String, String)>,
     /// How long a restored copy waits for its source to come back after the control connection broke (seconds;
     /// phaul's own connections only).
     #[arg(long, value_name = "SECONDS", default_value_t = 15)]
@@ -484,6 +494,16 @@ fn parse_rpid_name(s: &str) -> Result<String, String> {
     engine::check_name("restored-pid file name", s)
         .map(|()| s.to_string())
         .map_err(|e| format!("{e}; the destination writes the file under its own --rpid-dir"))
+}
+
+/// `DRIVER:KEY=VALUE` (serve's own driver options).
+fn parse_driver_kv(s: &str) -> Result<(String, String, String), String> {
+    let (driver, kv) = s
+        .split_once(':')
+        .filter(|(d, _)| !d.is_empty())
+        .ok_or_else(|| format!("'{s}' is not DRIVER:KEY=VALUE (on serve, name the driver the option is for)"))?;
+    let (k, v) = parse_kv(kv)?;
+    Ok((driver.to_string(), k, v))
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -568,7 +588,12 @@ fn run(cli: Cli) -> Result<(), Fail> {
 
 fn migrate(c: &Common, a: MigrateArgs) -> Result<(), Fail> {
     let reg = registry(c)?;
-    let criu = criu(c)?;
+    let criu = match (criu(c), a.mode) {
+        (Ok(criu), _) => criu,
+        // Restart mode checkpoints nothing: a host without CRIU can still move a workload that way.
+        (Err(_), ModeArg::Restart) => Criu::new(PathBuf::from("criu"), Duration::from_secs(c.timeout)),
+        (Err(e), _) => return Err(e),
+    };
     let channels = match (a.to, a.fds.channels()?) {
         (Some(addr), _) => {
             let dialer = dialer(c, &a.tls, &addr)?;
@@ -608,6 +633,7 @@ fn migrate(c: &Common, a: MigrateArgs) -> Result<(), Fail> {
         },
         post_copy_after: a.post_copy_after,
         lazy: matches!(a.mode, ModeArg::Lazy),
+        restart: matches!(a.mode, ModeArg::Restart),
         lazy_restore: a.lazy_restore,
         handover: match a.handover {
             HandoverArg::Auto => HandoverOrder::Auto,
@@ -694,6 +720,8 @@ fn serve(c: &Common, a: ServeArgs) -> Result<(), Fail> {
         link_timeout: c.link_timeout,
         max_sessions: a.max_sessions.max(1),
         rpid_dir: a.rpid_dir,
+        htype_options: a.htype_options,
+        fs_options: a.fs_options,
     };
     settle_destination_journals(&cfg.state_dir);
     let ctx = DestinationContext { drivers: &reg, criu: Arc::new(criu), cfg: &cfg };
@@ -900,9 +928,32 @@ fn settle_source(
     let restore_options = |j: &SourceJournal| -> Result<phaul_core::abi::CriuOptions, String> {
         let reg = reg.as_ref().ok_or("the plugin list cannot be loaded to restore the image set")?;
         let mut h = reg
-            .host_type(&j.htype, phaul_core::abi::Role::Source, &j.id, &j.htype_options, &j.image_dir)
+            .host_type(
+                &j.htype,
+                phaul_core::abi::Role::SOURCE,
+                phaul_core::abi::Mode::LIVE,
+                &j.id,
+                &j.htype_options,
+                &j.image_dir,
+            )
             .map_err(|e| e.to_string())?;
-        h.criu_options(phaul_core::abi::CriuStage::Restore).into_result().map_err(|e| e.to_string())
+        phaul_core::plugins::criu_options(&mut h, phaul_core::abi::CriuStage::RESTORE)
+            .into_result()
+            .map_err(|e| e.to_string())
+    };
+    let start_again = |j: &SourceJournal| -> Result<i32, String> {
+        let reg = reg.as_ref().ok_or("the plugin list cannot be loaded to start the workload again")?;
+        let mut h = reg
+            .host_type(
+                &j.htype,
+                phaul_core::abi::Role::SOURCE,
+                phaul_core::abi::Mode::RESTART,
+                &j.id,
+                &j.htype_options,
+                &j.image_dir,
+            )
+            .map_err(|e| e.to_string())?;
+        h.start().into_result().map_err(|e| e.to_string())
     };
     let mut keeper = SystemKeeper;
     // The journal's --to address is reached the way the migration reached it.
@@ -911,8 +962,14 @@ fn settle_source(
         Some(to) => Some(dialer(c, tls, &to)?),
         None => None,
     };
-    let mut settler =
-        SourceSettler { criu: &criu, keeper: &mut keeper, restore_options: &restore_options, journals, dialer };
+    let mut settler = SourceSettler {
+        criu: &criu,
+        keeper: &mut keeper,
+        restore_options: &restore_options,
+        start_again: &start_again,
+        journals,
+        dialer,
+    };
     match settler.settle(session, reach, force, patience) {
         Ok(s) => {
             if json {

@@ -1,7 +1,7 @@
 //! Turning a host type's [`CriuOptions`] into CRIU's RPC options.
 
 use phaul_abi::{CgroupMode, CriuOptions, NetworkLock};
-use phaul_proto::criu::{CgroupRoot, CriuCgMode, CriuNetworkLockMethod, CriuOpts, InheritFd};
+use phaul_proto::criu::{CgroupRoot, CriuCgMode, CriuNetworkLockMethod, CriuOpts, ExtMountMap, InheritFd};
 
 /// The lock method phaul asks CRIU for. `Auto` means nftables: CRIU does it through libnftables, so no iptables
 /// binary is needed on either host.
@@ -13,15 +13,14 @@ pub fn network_lock_method(lock: NetworkLock) -> CriuNetworkLockMethod {
     }
 }
 
-fn cg_mode(m: CgroupMode) -> Option<CriuCgMode> {
+fn cg_mode(m: CgroupMode) -> CriuCgMode {
     match m {
-        CgroupMode::CriuDefault => None,
-        CgroupMode::Ignore => Some(CriuCgMode::Ignore),
-        CgroupMode::None => Some(CriuCgMode::CgNone),
-        CgroupMode::Props => Some(CriuCgMode::Props),
-        CgroupMode::Soft => Some(CriuCgMode::Soft),
-        CgroupMode::Full => Some(CriuCgMode::Full),
-        CgroupMode::Strict => Some(CriuCgMode::Strict),
+        CgroupMode::Ignore => CriuCgMode::Ignore,
+        CgroupMode::None => CriuCgMode::CgNone,
+        CgroupMode::Props => CriuCgMode::Props,
+        CgroupMode::Soft => CriuCgMode::Soft,
+        CgroupMode::Full => CriuCgMode::Full,
+        CgroupMode::Strict => CriuCgMode::Strict,
     }
 }
 
@@ -29,10 +28,20 @@ fn flag(v: bool) -> Option<bool> {
     v.then_some(true)
 }
 
-/// Adds a host type's options to `base` (which already names the directories and the log).
-pub fn build_opts(mut base: CriuOpts, h: &CriuOptions) -> CriuOpts {
+/// Where descriptors handed to CRIU (`inherit_fd`) start in CRIU's own table.
+pub const INHERIT_FD_BASE: i32 = 100;
+
+/// Descriptors to pass into CRIU's process with the options: (a duplicate of the host type's descriptor, its number
+/// in CRIU). Give them to [`crate::criu::CriuBackend::session`].
+pub type PassedFds = Vec<(std::os::fd::OwnedFd, i32)>;
+
+/// Adds a host type's options to `base` (which already names the directories and the log); returns the
+/// descriptors CRIU must inherit (the host type's `inherit_fds`, renumbered from [`INHERIT_FD_BASE`] in CRIU's
+/// table).
+pub fn build_opts(mut base: CriuOpts, h: &CriuOptions) -> Result<(CriuOpts, PassedFds), std::io::Error> {
     base.shell_job = flag(h.shell_job);
     base.tcp_established = flag(h.tcp_established);
+    base.tcp_close = flag(h.tcp_close);
     base.ext_unix_sk = flag(h.ext_unix_sk);
     base.file_locks = flag(h.file_locks);
     base.link_remap = flag(h.link_remap);
@@ -41,51 +50,82 @@ pub fn build_opts(mut base: CriuOpts, h: &CriuOptions) -> CriuOpts {
     base.mntns_compat_mode = flag(h.mntns_compat_mode);
     base.force_irmap = flag(h.force_irmap);
     base.tcp_skip_in_flight = flag(h.tcp_skip_in_flight);
-    if let Some(m) = cg_mode(h.manage_cgroups) {
+    base.auto_ext_mnt = flag(h.auto_ext_mnt);
+    base.ext_sharing = flag(h.ext_sharing);
+    base.ext_masters = flag(h.ext_masters);
+    base.rst_sibling = flag(h.rst_sibling);
+    if let Some(m) = h.manage_cgroups {
         base.manage_cgroups = Some(true);
-        base.set_manage_cgroups_mode(m);
+        base.set_manage_cgroups_mode(cg_mode(m));
     }
     base.set_network_lock(network_lock_method(h.network_lock));
-    base.root = h.root.as_ref().map(|r| r.to_string()).into_option();
-    base.freeze_cgroup = h.freeze_cgroup.as_ref().map(|r| r.to_string()).into_option();
-    base.lsm_profile = h.lsm_profile.as_ref().map(|r| r.to_string()).into_option();
-    base.external = h.external.iter().map(|s| s.to_string()).collect();
-    base.skip_mnt = h.skip_mnt.iter().map(|s| s.to_string()).collect();
-    base.enable_fs = h.enable_fs.iter().map(|s| s.to_string()).collect();
-    base.cg_root = h
-        .cgroup_roots
-        .iter()
-        .map(|c| CgroupRoot {
-            ctrl: c.controller.as_ref().map(|s| s.to_string()).into_option(),
-            path: c.path.to_string(),
-        })
-        .collect();
-    base.inherit_fd = h.inherit_fds.iter().map(|i| InheritFd { key: i.key.to_string(), fd: i.fd }).collect();
-    base
+    base.root = h.root.clone();
+    base.freeze_cgroup = h.freeze_cgroup.clone();
+    base.lsm_profile = h.lsm_profile.clone();
+    base.cgroup_props = h.cgroup_props.clone();
+    base.cgroup_yard = h.cgroup_yard.clone();
+    if let Some(g) = h.ghost_limit {
+        base.ghost_limit = Some(u32::try_from(g).unwrap_or(u32::MAX));
+    }
+    base.external = h.external.clone();
+    base.skip_mnt = h.skip_mnt.clone();
+    base.enable_fs = h.enable_fs.clone();
+    base.ext_mnt = h.ext_mounts.iter().map(|(k, v)| ExtMountMap { key: k.clone(), val: v.clone() }).collect();
+    base.cg_root = h.cgroup_roots.iter().map(|(c, p)| CgroupRoot { ctrl: c.clone(), path: p.clone() }).collect();
+    let mut fds = PassedFds::new();
+    for (i, (key, fd)) in h.inherit_fds.iter().enumerate() {
+        let own = phaul_abi::dup_fd(*fd).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("the host type's inherit-fd {key} (descriptor {fd}): {e}"))
+        })?;
+        let n = INHERIT_FD_BASE + i as i32;
+        fds.push((own, n));
+        base.inherit_fd.push(InheritFd { key: key.clone(), fd: n });
+    }
+    Ok((base, fds))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use abi_stable::std_types::{RSome, RVec};
 
     #[test]
     fn host_options_reach_criu() {
         let h = CriuOptions {
             tcp_established: true,
             shell_job: true,
-            external: RVec::from(vec!["mnt[/x]:y".into()]),
-            root: RSome("/r".into()),
-            manage_cgroups: CgroupMode::Soft,
+            rst_sibling: true,
+            external: vec!["mnt[/x]:y".into()],
+            ext_mounts: vec![("/a".into(), "/b".into())],
+            root: Some("/r".into()),
+            manage_cgroups: Some(CgroupMode::Soft),
+            ghost_limit: Some(4096),
             ..Default::default()
         };
-        let o = build_opts(CriuOpts::default(), &h);
+        let (o, fds) = build_opts(CriuOpts::default(), &h).expect("options");
+        assert!(fds.is_empty());
         assert_eq!(o.tcp_established, Some(true));
         assert_eq!(o.shell_job, Some(true));
+        assert_eq!(o.rst_sibling, Some(true));
         assert_eq!(o.ext_unix_sk, None);
         assert_eq!(o.external, vec!["mnt[/x]:y".to_string()]);
+        assert_eq!(o.ext_mnt[0].val, "/b");
         assert_eq!(o.root.as_deref(), Some("/r"));
+        assert_eq!(o.ghost_limit, Some(4096));
         assert_eq!(o.manage_cgroups_mode(), CriuCgMode::Soft);
         assert_eq!(o.network_lock(), CriuNetworkLockMethod::Nftables);
+    }
+
+    #[test]
+    fn inherited_descriptors_are_passed_to_criu() {
+        let f = std::fs::File::open("/dev/null").expect("/dev/null");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+        let h = CriuOptions { inherit_fds: vec![("tty[88:1]".into(), fd)], ..Default::default() };
+        let (o, fds) = build_opts(CriuOpts::default(), &h).expect("options");
+        assert_eq!(fds.len(), 1);
+        assert_eq!(fds[0].1, INHERIT_FD_BASE);
+        assert_eq!(o.inherit_fd[0].fd, INHERIT_FD_BASE);
+        assert_eq!(o.inherit_fd[0].key, "tty[88:1]");
+        let closed = CriuOptions { inherit_fds: vec![("x".into(), 100_000)], ..Default::default() };
+        assert!(build_opts(CriuOpts::default(), &closed).is_err());
     }
 }

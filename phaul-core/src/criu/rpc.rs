@@ -266,6 +266,9 @@ pub trait CriuSession: Send + fmt::Debug {
     fn pid(&self) -> u32;
     /// The log whose error lines go into errors from now on.
     fn set_log(&mut self, log: PathBuf);
+    /// Bounds the next calls by `timeout` instead of the session's default (a post-copy dump lasts as long as its
+    /// pages take to move, and is bounded by their progress instead).
+    fn set_timeout(&mut self, _timeout: Duration) {}
     /// Sends a request and serves CRIU's notifications until the response arrives.
     fn call(
         &mut self,
@@ -302,6 +305,9 @@ impl CriuSession for SwrkSession {
     }
     fn set_log(&mut self, log: PathBuf) {
         SwrkSession::set_log(self, log)
+    }
+    fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
     }
     fn call(
         &mut self,

@@ -15,7 +15,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -82,7 +82,19 @@ pub fn listening(port: u16) -> bool {
         .unwrap_or(false)
 }
 
-fn pump(mut from: impl Read, mut to: impl Write, done: impl FnOnce()) {
+/// Sets its flag when dropped (a thread's end, however it ends).
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Bytes moved by a relay, both ways: post-copy is bounded by its progress, not by its length.
+pub type Moved = Arc<AtomicU64>;
+
+fn pump(mut from: impl Read, mut to: impl Write, moved: &AtomicU64, done: impl FnOnce()) {
     let mut buf = vec![0u8; 256 << 10];
     loop {
         match from.read(&mut buf) {
@@ -91,21 +103,41 @@ fn pump(mut from: impl Read, mut to: impl Write, done: impl FnOnce()) {
                 if to.write_all(&buf[..n]).is_err() {
                     break;
                 }
+                moved.fetch_add(n as u64, Ordering::Relaxed);
             }
         }
     }
     done();
 }
 
+/// Waits while `moved` keeps growing: returns once `finished` says so, or `false` once nothing moved for
+/// `idle` (checked every 200 ms).
+pub fn wait_progress(moved: &AtomicU64, idle: Duration, mut finished: impl FnMut() -> bool) -> bool {
+    let (mut last, mut since) = (moved.load(Ordering::Relaxed), Instant::now());
+    loop {
+        if finished() {
+            return true;
+        }
+        let now = moved.load(Ordering::Relaxed);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= idle {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Pumps bytes both ways between a local TCP connection and the memory channel until either side closes.
-fn pump_both(local: TcpStream, mem: OwnedFd) -> io::Result<Vec<JoinHandle<()>>> {
+fn pump_both(local: TcpStream, mem: OwnedFd, moved: Moved) -> io::Result<Vec<JoinHandle<()>>> {
     let _ = local.set_nodelay(true);
     let local2 = local.try_clone()?;
     let mem_r = std::fs::File::from(sys::dup(&mem)?);
     let mem_w = std::fs::File::from(mem);
     let mem_shut = mem_w.try_clone()?;
+    let moved2 = moved.clone();
     let a = std::thread::spawn(move || {
-        pump(local, mem_w, move || {
+        pump(local, mem_w, &moved2, move || {
             let _ = nix::sys::socket::shutdown(
                 std::os::fd::AsRawFd::as_raw_fd(&mem_shut),
                 nix::sys::socket::Shutdown::Write,
@@ -114,7 +146,7 @@ fn pump_both(local: TcpStream, mem: OwnedFd) -> io::Result<Vec<JoinHandle<()>>> 
     });
     let b = std::thread::spawn(move || {
         let shut = local2.try_clone();
-        pump(mem_r, local2, move || {
+        pump(mem_r, local2, &moved, move || {
             if let Ok(s) = shut {
                 let _ = s.shutdown(Shutdown::Write);
             }
@@ -157,6 +189,10 @@ pub struct SourceRelay {
     /// Why the relay failed CRIU's transfer by itself, when it did.
     reason: Arc<std::sync::Mutex<Option<String>>>,
     thread: Option<JoinHandle<io::Result<()>>>,
+    /// Bytes moved both ways.
+    pub moved: Moved,
+    /// Set once the relay is done with (its progress watch ends).
+    finished: Arc<AtomicBool>,
 }
 
 fn poison_criu(to_criu: &std::sync::Mutex<Option<TcpStream>>, poisoned: &AtomicBool, header: usize) {
@@ -176,7 +212,10 @@ impl SourceRelay {
         let poisoned = Arc::new(AtomicBool::new(false));
         let to_criu: Arc<std::sync::Mutex<Option<TcpStream>>> = Arc::new(std::sync::Mutex::new(None));
         let reason: Arc<std::sync::Mutex<Option<String>>> = Arc::new(std::sync::Mutex::new(None));
-        let (a, p, tc, why) = (abort.clone(), poisoned.clone(), to_criu.clone(), reason.clone());
+        let moved: Moved = Arc::new(AtomicU64::new(0));
+        let finished = Arc::new(AtomicBool::new(false));
+        let (a, p, tc, why, mv) = (abort.clone(), poisoned.clone(), to_criu.clone(), reason.clone(), moved.clone());
+        let ended = SetOnDrop(finished.clone());
         let say = move |r: &str| {
             let mut g = why.lock().unwrap_or_else(|p| p.into_inner());
             if g.is_none() {
@@ -184,6 +223,7 @@ impl SourceRelay {
             }
         };
         let thread = std::thread::spawn(move || -> io::Result<()> {
+            let _ended = ended;
             let deadline = Instant::now() + timeout;
             while !listening(port) {
                 if Instant::now() >= deadline {
@@ -211,8 +251,9 @@ impl SourceRelay {
             let from_criu = s.try_clone()?;
             let mem_w = std::fs::File::from(sys::dup(&mem)?);
             let mem_shut = mem_w.try_clone()?;
+            let mv_up = mv.clone();
             let up = std::thread::spawn(move || {
-                pump(from_criu, mem_w, move || {
+                pump(from_criu, mem_w, &mv_up, move || {
                     let _ = nix::sys::socket::shutdown(
                         std::os::fd::AsRawFd::as_raw_fd(&mem_shut),
                         nix::sys::socket::Shutdown::Write,
@@ -270,6 +311,7 @@ impl SourceRelay {
                         if c.write_all(&buf).is_err() {
                             break;
                         }
+                        mv.fetch_add(buf.len() as u64, Ordering::Relaxed);
                     }
                     None => break,
                 }
@@ -277,7 +319,29 @@ impl SourceRelay {
             let _ = up.join();
             Ok(())
         });
-        SourceRelay { abort, to_criu, poisoned, header, reason, thread: Some(thread) }
+        // Post-copy lasts as long as its pages take: it is bounded by their progress. Nothing moved for `timeout`
+        // (the daemon's background transfer never pauses that long) means the transfer is stuck: it is failed.
+        let (mv, p, tc, why) = (moved.clone(), poisoned.clone(), to_criu.clone(), reason.clone());
+        let fin = finished.clone();
+        std::thread::spawn(move || {
+            let moving = wait_progress(&mv, timeout, || fin.load(Ordering::SeqCst) || p.load(Ordering::SeqCst));
+            if !moving {
+                log::warn!(
+                    "no page moved between the hosts for {} s; failing the post-copy transfer",
+                    timeout.as_secs()
+                );
+                let mut g = why.lock().unwrap_or_else(|p| p.into_inner());
+                if g.is_none() {
+                    *g = Some(format!(
+                        "no page moved between the hosts for {} s (the --timeout bound)",
+                        timeout.as_secs()
+                    ));
+                }
+                drop(g);
+                poison_criu(&tc, &p, header);
+            }
+        });
+        SourceRelay { abort, to_criu, poisoned, header, reason, thread: Some(thread), moved, finished }
     }
 
     /// The migration failed before CRIU's page server got a client: make it give up at once.
@@ -307,6 +371,7 @@ impl SourceRelay {
 
     /// Waits for the relay to end (it ends when CRIU's page server closes).
     pub fn join(mut self) -> io::Result<()> {
+        self.finished.store(true, Ordering::SeqCst);
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r,
             Some(Err(_)) => Err(io::Error::other("the relay thread panicked")),
@@ -336,22 +401,26 @@ impl Poisoner {
 pub struct DestinationRelay {
     pub port: u16,
     thread: Option<JoinHandle<()>>,
+    /// Bytes moved both ways.
+    pub moved: Moved,
 }
 
 impl DestinationRelay {
     pub fn start(mem: OwnedFd) -> io::Result<DestinationRelay> {
         let l = TcpListener::bind("127.0.0.1:0")?;
         let port = l.local_addr()?.port();
+        let moved: Moved = Arc::new(AtomicU64::new(0));
+        let mv = moved.clone();
         let thread = std::thread::spawn(move || {
             if let Ok((s, _)) = l.accept() {
-                if let Ok(ts) = pump_both(s, mem) {
+                if let Ok(ts) = pump_both(s, mem, mv) {
                     for t in ts {
                         let _ = t.join();
                     }
                 }
             }
         });
-        Ok(DestinationRelay { port, thread: Some(thread) })
+        Ok(DestinationRelay { port, thread: Some(thread), moved })
     }
 
     /// Whether the relay has finished (the daemon and the source both hung up).

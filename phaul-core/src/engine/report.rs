@@ -55,6 +55,17 @@ pub struct MemoryStrategy {
     pub fallback: Option<String>,
 }
 
+/// One filesystem round.
+#[derive(Debug, Clone, Serialize)]
+pub struct FsRoundReport {
+    pub round: u32,
+    /// Run while the workload was frozen (or stopped, in restart mode).
+    pub frozen: bool,
+    pub bytes: u64,
+    pub files: u64,
+    pub duration_ms: f64,
+}
+
 /// Bytes per channel.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ChannelBytes {
@@ -110,6 +121,8 @@ pub struct Report {
     pub destination_criu: String,
     pub rounds: Vec<RoundReport>,
     pub fs_rounds: u32,
+    /// Each filesystem round: its number, whether it ran frozen, what it moved and how long it took.
+    pub fs_round_list: Vec<FsRoundReport>,
     pub total_ms: f64,
     /// How long the workload was frozen (CRIU's own measure; it includes the restore on the destination, because
     /// the source stays frozen until the destination confirms).
@@ -119,6 +132,8 @@ pub struct Report {
     /// How long the workload did not run anywhere: the frozen time, or in post-copy from the freeze until the
     /// destination's restore.
     pub downtime_ms: Option<f64>,
+    /// Restart mode: from the host type's `stop` on the source to its `start` returning on the destination.
+    pub outage_ms: Option<f64>,
     /// Post-copy: from the restore on the destination until its last page arrived.
     pub post_copy_ms: Option<f64>,
     /// `--lazy-restore`: the destination restored memory on demand from its own images.
@@ -187,6 +202,9 @@ impl fmt::Display for Report {
         if let Some(v) = self.downtime_ms {
             writeln!(f, "  downtime:     {v:.0} ms")?;
         }
+        if let Some(v) = self.outage_ms {
+            writeln!(f, "  outage:       {v:.0} ms (stopped on the source to started on the destination)")?;
+        }
         if let Some(v) = self.post_copy_ms {
             writeln!(f, "  post-copy:    last page arrived {v:.0} ms after the restore")?;
         }
@@ -211,6 +229,17 @@ impl fmt::Display for Report {
                 f,
                 "    {:>5}  {:<8}  {:>10}  {:>10}  {:>10.0}  {:>10.1}",
                 r.round, r.kind, r.pages_written, r.pages_skipped_parent, r.duration_ms, r.rate_mib_s
+            )?;
+        }
+        for r in &self.fs_round_list {
+            writeln!(
+                f,
+                "    fs {:>2}{}  {} in {} files, {:.0} ms",
+                r.round,
+                if r.frozen { " (final)" } else { "" },
+                mib(r.bytes),
+                r.files,
+                r.duration_ms
             )?;
         }
         writeln!(

@@ -170,9 +170,9 @@ pub(crate) fn answer_from_journal(
 /// Restores a tree from a complete image set in `dir` on this host, returning its root pid.
 pub fn restore_from_images(criu: &dyn CriuBackend, dir: &Path, h: &CriuOptions) -> Result<i32, String> {
     let (base, _open) = rpc::dir_opts(dir, "restore-on-source.log").map_err(|e| e.to_string())?;
-    let mut opts = build_opts(base, h);
+    let (mut opts, fds) = build_opts(base, h).map_err(|e| e.to_string())?;
     opts.notify_scripts = Some(true);
-    let mut s = criu.session(Vec::new(), Some(&dir.join("criu-stderr-restore.log"))).map_err(|e| e.to_string())?;
+    let mut s = criu.session(fds, Some(&dir.join("criu-stderr-restore.log"))).map_err(|e| e.to_string())?;
     s.set_log(dir.join("restore-on-source.log"));
     let resp =
         s.call("RESTORE", rpc::req(CriuReqType::Restore, Some(opts)), &mut |_, _| Ok(())).map_err(|e| e.to_string())?;
@@ -238,6 +238,8 @@ pub struct SourceSettler<'a> {
     pub keeper: &'a mut dyn Keeper,
     /// Restore options of the session's host type (for an image-set copy).
     pub restore_options: &'a dyn Fn(&SourceJournal) -> Result<CriuOptions, String>,
+    /// Restart mode: starts the session's workload here again through its host type, returning its root pid.
+    pub start_again: &'a dyn Fn(&SourceJournal) -> Result<i32, String>,
     pub journals: &'a Journals,
     /// How to reach the journal's `--to` address, when the caller gave none.
     pub dialer: Option<transport::Dialer>,
@@ -253,6 +255,23 @@ impl SourceSettler<'_> {
 
     /// The workload stays here: resume the held tree, or restore it from the image set.
     fn resume(&mut self, j: &mut SourceJournal, why: &str) -> Result<Settled, ResolveError> {
+        if j.handover == "restart" {
+            if j.root.is_some_and(|r| r.alive()) {
+                let msg = format!("{why}: the workload runs on this host");
+                self.write(j, SourceState::RolledBack, &msg)?;
+                return Ok(Settled { state: SourceState::RolledBack, message: msg });
+            }
+            let pid = (self.start_again)(j).map_err(|e| {
+                ResolveError::Failed(format!(
+                    "starting the workload again through its '{}' host type failed: {e}; it is stopped here, its files intact",
+                    j.htype
+                ))
+            })?;
+            j.root = ProcId::of(pid);
+            let msg = format!("{why}: the workload was started again on this host (pid {pid})");
+            self.write(j, SourceState::RolledBack, &msg)?;
+            return Ok(Settled { state: SourceState::RolledBack, message: msg });
+        }
         if let Some(h) = j.hold.clone() {
             let dir = j.final_round.clone().unwrap_or_else(|| j.image_dir.clone());
             // CRIU is gone by now; whether it resumed the tree or died, the safe way back is the same.
@@ -321,7 +340,7 @@ impl SourceSettler<'_> {
             return Ok(Settled { state: j.state, message: format!("already settled: {}", j.note) });
         }
         match j.state {
-            SourceState::Running | SourceState::Frozen | SourceState::ImagesOnly => {
+            SourceState::Running | SourceState::Frozen | SourceState::ImagesOnly | SourceState::Stopped => {
                 return self.resume(&mut j, "nothing was committed");
             }
             SourceState::Committed => return self.end(&mut j, "the destination had confirmed the commit", false),
@@ -369,7 +388,9 @@ impl SourceSettler<'_> {
             let note = format!("in doubt: {last}");
             self.write(&mut j, SourceState::InDoubt, &note)?;
         }
-        let copies = if j.hold.is_some() {
+        let copies = if j.handover == "restart" {
+            "The workload is stopped on this host, its files intact; the destination may have started it.".to_string()
+        } else if j.hold.is_some() {
             "The source's copy is kept frozen on this host; the destination may run the workload.".to_string()
         } else {
             format!(

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use phaul_abi::{
     make_fs_receiver, make_fs_sender, make_host_type, FsArgs, FsReceiver, FsReceiverBox, FsSender, FsSenderBox,
-    HostType, HostTypeArgs, HostTypeBox, PluginError, PluginResult, Role,
+    HostType, HostTypeArgs, HostTypeBox, Mode, PluginError, PluginResult, Role,
 };
 use phaul_proto::wire::envelope::Body;
 use phaul_proto::wire::{self as w};
@@ -72,11 +72,20 @@ impl Drivers for FakeDrivers {
         &self,
         _name: &str,
         role: Role,
+        mode: Mode,
         id: &str,
         _o: &[(String, String)],
         _w: &Path,
     ) -> Result<HostTypeBox, PluginLoadError> {
-        let args = HostTypeArgs { role, id: id.into(), options: Default::default(), work_dir: "".into() };
+        let args = HostTypeArgs {
+            role,
+            mode,
+            id: id.into(),
+            options: Default::default(),
+            work_dir: "".into(),
+            host: phaul_abi::plain_services(),
+            more: Default::default(),
+        };
         make_host_type(&args, new_host).into_result().map_err(|error| PluginLoadError::Driver {
             kind: "host type",
             name: "fake".into(),
@@ -86,17 +95,21 @@ impl Drivers for FakeDrivers {
     fn fs_sender(
         &self,
         _n: &str,
+        mode: Mode,
         _o: &[(String, String)],
         _fd: Option<i32>,
         _r: &[String],
         _w: &Path,
     ) -> Result<FsSenderBox, PluginLoadError> {
         let args = FsArgs {
-            role: Role::Source,
+            role: Role::SOURCE,
+            mode,
             options: Default::default(),
-            data_fd: None.into(),
+            data_fd: -1,
             roots: Default::default(),
             work_dir: "".into(),
+            host: phaul_abi::plain_services(),
+            more: Default::default(),
         };
         make_fs_sender(&args, new_fs).into_result().map_err(|error| PluginLoadError::Driver {
             kind: "fs",
@@ -107,17 +120,21 @@ impl Drivers for FakeDrivers {
     fn fs_receiver(
         &self,
         _n: &str,
+        mode: Mode,
         _o: &[(String, String)],
         _fd: Option<i32>,
         _r: &[String],
         _w: &Path,
     ) -> Result<FsReceiverBox, PluginLoadError> {
         let args = FsArgs {
-            role: Role::Destination,
+            role: Role::DESTINATION,
+            mode,
             options: Default::default(),
-            data_fd: None.into(),
+            data_fd: -1,
             roots: Default::default(),
             work_dir: "".into(),
+            host: phaul_abi::plain_services(),
+            more: Default::default(),
         };
         make_fs_receiver(&args, new_fs).into_result().map_err(|error| PluginLoadError::Driver {
             kind: "fs",
@@ -292,6 +309,7 @@ impl SourceTest {
             post_copy_after: None,
             lazy: false,
             lazy_restore: false,
+            restart: false,
             handover: HandoverOrder::Overlap,
             keep_images: true,
             img_path: self.dir.path().join("img"),
@@ -370,7 +388,7 @@ fn stop_and_copy_commits_before_the_source_copy_ends() {
             "dst Commit",
             "notify post-dump -> ok",
             "hold end (CRIU killed it)",
-            "htype finish Migrated",
+            "htype finish migrated",
             "dst Finish(true)",
         ],
     );
@@ -499,6 +517,8 @@ impl DestinationTest {
             link_timeout: 3,
             max_sessions: 4,
             rpid_dir: None,
+            htype_options: Vec::new(),
+            fs_options: Vec::new(),
         }
     }
 

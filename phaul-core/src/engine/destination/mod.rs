@@ -56,6 +56,11 @@ pub struct DestinationConfig {
     pub max_sessions: usize,
     /// Where a peer's `Setup.dst_rpid` (a bare name) is written (`--rpid-dir`); none: peers may not ask for one.
     pub rpid_dir: Option<PathBuf>,
+    /// This side's own host-type options, `(host type, key, value)` (`serve --htype-opt NAME:KEY=VALUE`); they
+    /// come after the source's and so win.
+    pub htype_options: Vec<(String, String, String)>,
+    /// This side's own filesystem-driver options (`serve --fs-opt NAME:KEY=VALUE`).
+    pub fs_options: Vec<(String, String, String)>,
 }
 
 /// What one served session came to.
@@ -201,6 +206,9 @@ impl<E: std::fmt::Display> From<E> for Failed {
     }
 }
 
+/// The outer bound on waiting for a post-copy transfer to end; what really bounds it is its progress.
+const LAZY_OUTER_BOUND: Duration = Duration::from_secs(24 * 3600);
+
 /// A name a peer sent that becomes part of a path or a lookup here (see [`super::check_name`]).
 fn check_token(what: &str, name: &str) -> Result<(), Failed> {
     super::check_name(what, name).map_err(Failed::from)
@@ -331,10 +339,13 @@ pub fn serve_session(
         dst_rpid: cfg.dst_rpid.clone(),
         lazy: None,
         lazy_restore: false,
+        restart: false,
+        fs_final_done: false,
         max_frozen: cfg.timeout,
         decision: None,
         restore_criu: None,
         released: false,
+        prepared: Vec::new(),
         page_server: None,
         outcome: None,
         restore_round: None,
@@ -407,6 +418,10 @@ struct Session<'a> {
     dst_rpid: Option<PathBuf>,
     lazy: Option<Lazy>,
     lazy_restore: bool,
+    /// Restart mode: the host type starts the workload from its files (`Start`); nothing is restored.
+    restart: bool,
+    /// The final filesystem round has arrived (what restart mode's `Start` waits for).
+    fs_final_done: bool,
     /// The bound on the freeze (from the source's Setup), which also bounds a held copy.
     max_frozen: Duration,
     /// The decision channel into the restore thread.
@@ -414,6 +429,8 @@ struct Session<'a> {
     restore_criu: Option<u32>,
     /// CRIU said it lets the restored tree run (after the commit): from then on the tree is never discarded.
     released: bool,
+    /// What the filesystem receiver prepared for the host type (after the final round).
+    prepared: Vec<phaul_abi::KeyValue>,
     /// The page server's CRIU session (kept until the round ends) and its pid.
     page_server: Option<ProcId>,
     outcome: Option<ServeSummary>,
@@ -477,6 +494,9 @@ impl Session<'_> {
                 deadline.saturating_duration_since(Instant::now())
             }
             State::Resuming { started, .. } => (*started + t).saturating_duration_since(Instant::now()),
+            // Post-copy: the source says Finish once the last page moved, which is bounded by the transfer's
+            // progress (the daemon's watcher), not by --timeout.
+            State::Committed { .. } if self.lazy.as_ref().is_some_and(|l| l.done.is_none()) => LAZY_OUTER_BOUND,
             State::Ended => Duration::ZERO,
             _ if !self.rpc_alive => Duration::ZERO,
             _ => t,
@@ -588,7 +608,7 @@ impl Session<'_> {
             }
             (State::Ready, Body::FsRoundDone(r)) => {
                 self.state = State::Ready;
-                match self.fs_round(r.round) {
+                match self.fs_round(r.round, r.r#final) {
                     Ok(b) => self.send(b),
                     Err(f) => self.abort_with_failure(f),
                 }
@@ -609,6 +629,10 @@ impl Session<'_> {
             (State::Restoring { deadline, .. }, Body::Finish(f)) if !f.migrated => {
                 // The answer comes once CRIU reports the hold (or fails).
                 self.state = State::Restoring { deadline, abort: Some(f.reason) };
+            }
+            (State::Ready, Body::Start(_)) if self.restart => {
+                self.state = State::Ready;
+                self.start_workload();
             }
             (State::Held { pid, .. }, Body::Commit(_)) => {
                 self.commit(pid, None);
@@ -763,9 +787,17 @@ impl Session<'_> {
     }
 
     fn setup(&mut self, s: w::Setup) -> Result<Body, Failed> {
-        if s.mode != w::Mode::Live as i32 {
-            return Err("this destination serves live migrations only".into());
-        }
+        let mode = match w::Mode::try_from(s.mode) {
+            Ok(w::Mode::Live) => phaul_abi::Mode::LIVE,
+            Ok(w::Mode::Restart) => phaul_abi::Mode::RESTART,
+            _ => {
+                return Err(Failed::from(format!(
+                    "the source asked for migration mode {}, which this destination does not serve (live and restart only); is it a newer phaul?",
+                    s.mode
+                )))
+            }
+        };
+        self.restart = mode == phaul_abi::Mode::RESTART;
         // Everything the peer names is checked before anything is made on this host.
         check_token("host type", &s.htype)?;
         check_token("filesystem driver", &s.fs_driver)?;
@@ -813,17 +845,65 @@ impl Session<'_> {
             let criu = crate::criu::Criu::new(self.ctx.criu.path().to_path_buf(), self.ctx.criu.timeout());
             lazy::trial(&criu, &dir.join("lazy-trial"), "the destination")?;
         }
-        let opts: Vec<(String, String)> = s.htype_options.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect();
-        let htype = self.ctx.drivers.host_type(&s.htype, Role::Destination, &s.id, &opts, &dir)?;
+        // The source's options, then this destination's own for that driver (`serve --htype-opt NAME:K=V`), which
+        // win: paths and pools differ between hosts.
+        let local = |list: &[(String, String, String)], driver: &str| -> Vec<(String, String)> {
+            list.iter().filter(|(d, _, _)| d == driver).map(|(_, k, v)| (k.clone(), v.clone())).collect()
+        };
+        let mut opts: Vec<(String, String)> =
+            s.htype_options.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect();
+        opts.extend(local(&self.ctx.cfg.htype_options, &s.htype));
+        let htype = self.ctx.drivers.host_type(&s.htype, Role::DESTINATION, mode, &s.id, &opts, &dir)?;
+        if self.restart && !htype.can_restart() {
+            return Err(Failed::from(format!(
+                "the '{}' host type on this destination cannot start a workload, so it cannot take a restart-mode migration",
+                s.htype
+            )));
+        }
         self.htype = Some(Arc::new(Mutex::new(htype)));
         self.htype_name = s.htype.clone();
-        let fs_opts: Vec<(String, String)> = s.fs_options.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect();
+        let mut fs_opts: Vec<(String, String)> =
+            s.fs_options.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect();
+        fs_opts.extend(local(&self.ctx.cfg.fs_options, &s.fs_driver));
         let fs_fd = self.fs_ch.as_ref().map(|c| c.as_fd().as_raw_fd());
-        let mut fs = self.ctx.drivers.fs_receiver(&s.fs_driver, &fs_opts, fs_fd, &s.fs_roots, &dir)?;
+        let mut fs = self.ctx.drivers.fs_receiver(&s.fs_driver, mode, &fs_opts, fs_fd, &s.fs_roots, &dir)?;
         self.fs_name = s.fs_driver;
         plugin(fs.start(), "filesystem driver", &self.fs_name)?;
         self.fs = Some(fs);
         Ok(Body::SetupReply(w::SetupReply { image_dir: dir.display().to_string() }))
+    }
+
+    /// Restart mode's `Start`: the point of no return on the source's side. The host type starts the workload
+    /// from the files the final round delivered; the journal records the start before it happens, so a serve
+    /// that dies meanwhile is settled from it.
+    fn start_workload(&mut self) {
+        let r = (|| -> Result<i32, Failed> {
+            if !self.fs_final_done {
+                return Err(Failed::from("the source sent Start before the final filesystem round"));
+            }
+            self.write_journal(DestinationState::CommitReceived, "Start received: starting the workload here")?;
+            fault::at("dst", "step", "starting");
+            let h = self.htype.clone().ok_or_else(|| Failed::from("the source sent Start before Setup"))?;
+            let mut h = lock(&h);
+            plugin(h.mount_root(self.prepared.clone().into()), "host type", &self.htype_name)?;
+            plugin(h.start(), "host type", &self.htype_name)
+        })();
+        match r {
+            Ok(pid) => {
+                let proc_id = ProcId::of(pid);
+                if let Some(j) = self.journal.as_mut() {
+                    j.restored = proc_id;
+                }
+                if let Err(f) = self.write_journal(DestinationState::Committed, "the workload was started here") {
+                    log::error!("session {}: {}", self.session, f.message);
+                }
+                let pid_id = proc_id.unwrap_or(ProcId { pid, start_time: 0 });
+                self.state = State::Committed { pid: pid_id };
+                log::info!("session {}: restart mode: the workload was started here (pid {pid})", self.session);
+                self.send(Body::StartReply(w::StartReply { pid }));
+            }
+            Err(f) => self.abort_with_failure(f),
+        }
     }
 
     fn round_dir(&self, round: u32) -> Result<PathBuf, Failed> {
@@ -977,10 +1057,15 @@ impl Session<'_> {
         Ok(Body::EndRoundReply(reply))
     }
 
-    fn fs_round(&mut self, round: u32) -> Result<Body, Failed> {
+    fn fs_round(&mut self, round: u32, is_final: bool) -> Result<Body, Failed> {
         let name = self.fs_name.clone();
         let fs = self.fs.as_mut().ok_or_else(|| Failed::from("the source sent a request before Setup"))?;
-        let r = plugin(fs.wait_round(round), "filesystem driver", &name)?;
+        let r = plugin(fs.wait_round(&crate::plugins::fs_round_info(round, is_final)), "filesystem driver", &name)?;
+        if is_final {
+            // What the receiver prepared goes to the host type's mount_root before the restore.
+            self.prepared = plugin(fs.prepared(), "filesystem driver", &name)?.into_vec();
+            self.fs_final_done = true;
+        }
         Ok(Body::FsRoundReply(w::FsRoundReply { bytes: r.bytes, files: r.files }))
     }
 
@@ -1040,12 +1125,13 @@ impl Session<'_> {
             if extra.is_dir() {
                 plugin(ht.install_extra_files(extra.to_string_lossy().as_ref().into()), "host type", &name)?;
             }
-            let root = plugin(ht.mount_root(), "host type", &name)?;
-            let h = plugin(ht.criu_options(CriuStage::Restore), "host type", &name)?;
+            let root =
+                plugin(ht.mount_root(abi_stable::std_types::RVec::from(self.prepared.clone())), "host type", &name)?;
+            let h = plugin(crate::plugins::criu_options(&mut ht, CriuStage::RESTORE), "host type", &name)?;
             (root, h)
         };
         let (base, open_dir) = rpc::dir_opts(&d, "restore.log").map_err(criu_failed)?;
-        let mut opts = build_opts(base, &h);
+        let (mut opts, fds) = build_opts(base, &h).map_err(Failed::from)?;
         if lazy_pages || self.lazy_restore {
             opts.lazy_pages = Some(true);
         }
@@ -1060,6 +1146,7 @@ impl Session<'_> {
             criu: self.ctx.criu.clone(),
             dir: d,
             opts,
+            fds,
             open_dir,
             htype,
             htype_name: name,
@@ -1282,8 +1369,36 @@ impl Session<'_> {
         let Some(mut daemon) = l.daemon.take() else { return };
         let tx = self.events_tx.clone();
         let timeout = self.ctx.cfg.timeout;
+        // Post-copy takes as long as its pages take: the daemon is bounded by their progress through the relay
+        // (nothing moved for --timeout: stuck). Reading its own images (--lazy-restore), by --timeout in all.
+        let moved = l.relay.as_ref().map(|r| r.moved.clone());
         std::thread::spawn(move || {
-            let ok = lazy::wait_child(&mut daemon, timeout);
+            let ok = match moved {
+                Some(m) => {
+                    let exited = std::cell::Cell::new(None);
+                    let moving = lazy::wait_progress(&m, timeout, || match daemon.try_wait() {
+                        Ok(Some(st)) => {
+                            exited.set(Some(st.success()));
+                            true
+                        }
+                        Ok(None) => false,
+                        Err(_) => {
+                            exited.set(Some(false));
+                            true
+                        }
+                    });
+                    if !moving {
+                        log::warn!(
+                            "post-copy: no page moved for {} s; ending the lazy-pages daemon",
+                            timeout.as_secs()
+                        );
+                        let _ = daemon.kill();
+                        let _ = daemon.wait();
+                    }
+                    moving && exited.get().unwrap_or(false)
+                }
+                None => lazy::wait_child(&mut daemon, timeout),
+            };
             let _ = tx.send(Event::LazyDone { ok });
         });
     }
@@ -1300,7 +1415,7 @@ impl Session<'_> {
                 let _ = self.write_journal(DestinationState::Lost, "post-copy could not complete the memory");
                 let msg = "the lazy-pages daemon failed after the workload had started on the destination: the workload is lost (its memory was on both hosts); the destination's copy was killed".to_string();
                 self.send(Body::Failure(w::Failure { message: msg.clone(), criu_errors: Vec::new(), aborted: true }));
-                self.drivers_finish(Outcome::RolledBack);
+                self.drivers_finish(Outcome::ROLLED_BACK);
                 self.end_session(false, None, msg);
             }
         }
@@ -1319,7 +1434,7 @@ impl Session<'_> {
             if l.done.is_none() {
                 // Wait for the daemon (bounded by its own watcher).
                 loop {
-                    match self.events.recv_timeout(self.ctx.cfg.timeout) {
+                    match self.events.recv_timeout(LAZY_OUTER_BOUND) {
                         Ok(Event::LazyDone { ok }) => {
                             self.on_lazy_done(ok);
                             break;
@@ -1350,7 +1465,7 @@ impl Session<'_> {
             }
             last_page_ms = resumed.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
         }
-        self.drivers_finish(Outcome::Migrated);
+        self.drivers_finish(Outcome::MIGRATED);
         if let Some(path) = self.dst_rpid.clone() {
             if let Err(e) = write_pid_file(&path, pid.pid) {
                 log::warn!("could not write the restored pid to {}: {e}", path.display());
@@ -1431,7 +1546,20 @@ impl Session<'_> {
                 std::thread::sleep(Duration::from_millis(5));
             }
             if p.alive() {
-                kill_restored_tree(p.pid);
+                // The host type ends it the way its manager ends such a workload, if it knows how (revision 3;
+                // an older plugin answers no); phaul kills what is left by pid.
+                if let Some(h) = self.htype.as_ref() {
+                    match lock(h).discard(p.pid).into_result() {
+                        Ok(true) => log::info!("the host type '{}' discarded tree {}", self.htype_name, p.pid),
+                        Ok(false) => {}
+                        Err(e) => {
+                            log::warn!("the host type '{}' could not discard tree {}: {e}", self.htype_name, p.pid)
+                        }
+                    }
+                }
+                if p.alive() {
+                    kill_restored_tree(p.pid);
+                }
             }
         }
         if let Some(ps) = self.page_server.take() {
@@ -1451,7 +1579,7 @@ impl Session<'_> {
         if !matches!(self.journal.as_ref().map(|j| j.state), Some(DestinationState::Lost)) {
             let _ = self.write_journal(DestinationState::Aborted, reason);
         }
-        self.drivers_finish(Outcome::RolledBack);
+        self.drivers_finish(Outcome::ROLLED_BACK);
         self.state = State::Ended;
     }
 }

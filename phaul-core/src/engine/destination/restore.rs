@@ -7,7 +7,6 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use abi_stable::std_types::RResult;
 use phaul_abi::HostTypeBox;
 use phaul_proto::criu::{CriuOpts, CriuReqType};
 
@@ -20,6 +19,8 @@ pub(super) struct Job {
     pub criu: Arc<dyn CriuBackend>,
     pub dir: PathBuf,
     pub opts: CriuOpts,
+    /// Descriptors CRIU inherits (the host type's `inherit_fds`).
+    pub fds: crate::criu::PassedFds,
     pub open_dir: rpc::OpenDir,
     pub htype: Arc<Mutex<HostTypeBox>>,
     pub htype_name: String,
@@ -33,8 +34,8 @@ pub(super) fn spawn(job: Job) {
 }
 
 fn run(job: Job) {
-    let Job { criu, dir, opts, open_dir, htype, htype_name, events, decisions } = job;
-    let mut s = match criu.session(Vec::new(), Some(&dir.join("criu-stderr.log"))) {
+    let Job { criu, dir, opts, fds, open_dir, htype, htype_name, events, decisions } = job;
+    let mut s = match criu.session(fds, Some(&dir.join("criu-stderr.log"))) {
         Ok(s) => s,
         Err(e) => {
             let _ = events.send(Event::RestoreDone(Err(e)));
@@ -49,28 +50,24 @@ fn run(job: Job) {
     let result = {
         let mut handler = |script: &str, pid: Option<i32>| -> Result<(), String> {
             fault::at("dst", "notify", script);
-            let hook = |r: RResult<(), phaul_abi::PluginError>| {
-                r.into_result()
-                    .map_err(|e| format!("the destination's host type '{htype_name}' failed in {script}: {e}"))
-            };
+            // The host type hears of every notification first; then phaul acts on it and answers CRIU.
+            crate::plugins::notify(&mut lock(&htype), script, pid, None)
+                .into_result()
+                .map_err(|e| format!("the destination's host type '{htype_name}' failed in {script}: {e}"))?;
             match script {
                 "setup-namespaces" => {
                     let pid = pid.ok_or("CRIU's setup-namespaces notification named no pid")?;
                     // From here on the restored root exists: should CRIU die, the session kills it by this pid
                     // (CRIU's half-restored child would otherwise outlive it, holding CRIU's socket open).
                     let _ = events.send(Event::RestoreRoot(pid));
-                    hook(lock(&htype).setup_namespaces(pid))
+                    Ok(())
                 }
                 "pre-resume" | "post-resume" => {
                     // CRIU is letting the tree go: from here on it runs even if CRIU dies.
                     let _ = events.send(Event::Released);
                     Ok(())
                 }
-                "network-unlock" => hook(lock(&htype).net_unlock()),
                 "post-restore" => {
-                    if let Some(p) = pid {
-                        hook(lock(&htype).post_restore(p))?;
-                    }
                     // The hold: the tree exists and has not run. It runs only if the session says so.
                     let _ = events.send(Event::Held { pid, wall: started.elapsed() });
                     match decisions.recv() {

@@ -117,7 +117,7 @@ impl Ending for Sequential {
 }
 
 /// What the handover decided inside (or after) the post-dump notification.
-enum Decision {
+pub(super) enum Decision {
     /// Nothing was committed: the source's copy is the one that counts.
     NotCommitted(MigrateError),
     /// The destination confirmed its copy runs.
@@ -230,6 +230,8 @@ fn start_final_round(
 /// One journal write, after the hold: should this process die between the two, the guard (or `phaul resolve`)
 /// finds the freezer by its name (see [`crate::hold::hold_name`]) and thaws it.
 fn engage(run: &mut SourceRun<'_>, live: &mut Live, fz: &mut Frozen) -> Result<(), MigrateError> {
+    // Every ending starts the guard before the freeze; should one not have, it starts now, late but not never.
+    run.ensure_guard()?;
     let dir = fz.dir.clone();
     let name = crate::hold::hold_name(&live.session);
     let rec = run.keeper.engage(&name, live.root_pid)?;
@@ -408,7 +410,7 @@ fn committed(run: &mut SourceRun<'_>, live: &Live, c: w::Committed, sent: Instan
 
 /// After the point of no return, without an answer: asks the destination again on new connections, for
 /// `--resolve-timeout`. With handed-in descriptors phaul cannot reconnect by itself: it says so as an event.
-fn resolve_again(run: &mut SourceRun<'_>, live: &mut Live, why: String) -> Decision {
+pub(super) fn resolve_again(run: &mut SourceRun<'_>, live: &mut Live, why: String) -> Decision {
     log::warn!("{why}; trying to learn the outcome for up to {} s", run.cfg.resolve_timeout.as_secs());
     let Some((addr, dialer)) = live.to.clone() else {
         eprintln!(
@@ -461,7 +463,7 @@ fn overlap(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<(), M
     let round = plan.round;
     let dir = run.round_dir(live, round)?;
     start_final_round(run, live, round, false, false)?;
-    let (mut opts, _open_dir, fds) = run.base_opts(live, &dir, "dump.log", CriuStage::Dump, false)?;
+    let (mut opts, _open_dir, fds) = run.base_opts(live, &dir, "dump.log", CriuStage::DUMP, false)?;
     opts.notify_scripts = Some(true);
     opts.leave_running = Some(false);
     if plan.pre_copied {
@@ -481,8 +483,11 @@ fn overlap(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<(), M
     let mut pusher = run.cork_pusher(live);
     let resp = {
         let (run, live, fz, pusher, watchdog) = (&mut *run, &mut *live, &mut fz, &mut pusher, &watchdog);
-        let mut handler = |script: &str, _pid: Option<i32>| -> Result<(), String> {
+        let mut handler = |script: &str, pid: Option<i32>| -> Result<(), String> {
             fault::at("src", "notify", script);
+            // The host type hears of every notification first; then phaul acts on it and answers CRIU.
+            plugin(crate::plugins::notify(&mut live.htype, script, pid, None), "host type", &run.cfg.htype)
+                .map_err(|e| e.to_string())?;
             match script {
                 "post-dump" => {
                     watchdog.disarm();
@@ -497,10 +502,6 @@ fn overlap(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<(), M
                     };
                     fz.decision = Some(d);
                     answer
-                }
-                "network-lock" => plugin(live.htype.net_lock(), "host type", &run.cfg.htype).map_err(|e| e.to_string()),
-                "network-unlock" => {
-                    plugin(live.htype.net_unlock(), "host type", &run.cfg.htype).map_err(|e| e.to_string())
                 }
                 _ => Ok(()),
             }
@@ -638,13 +639,13 @@ fn dump_stats(run: &mut SourceRun<'_>, dir: &Path, lazy: bool) {
 }
 
 /// The end of a migration that moved: journal, drivers, `Finish`.
-fn migrated(run: &mut SourceRun<'_>, live: &mut Live) -> Result<(), MigrateError> {
+pub(super) fn migrated(run: &mut SourceRun<'_>, live: &mut Live) -> Result<(), MigrateError> {
     run.ended = Some(Ended::Migrated);
     if let Err(e) = run.record(SourceState::Migrated, "migrated", |_| {}) {
         log::error!("{e}");
     }
-    let _ = live.fs.finish(Outcome::Migrated);
-    let _ = live.htype.finish(Outcome::Migrated);
+    let _ = live.fs.finish(Outcome::MIGRATED);
+    let _ = live.htype.finish(Outcome::MIGRATED);
     run.progress.phase("confirming");
     match live.control.request(Body::Finish(w::Finish { migrated: true, reason: String::new() }), run.wait_after()) {
         Ok(Body::FinishReply(r)) => {
@@ -686,7 +687,7 @@ impl SourceRun<'_> {
 }
 
 /// The end of a migration that rolled back: the destination is told unless it said so itself.
-fn rolled_back(run: &mut SourceRun<'_>, live: &mut Live, e: MigrateError) -> Result<(), MigrateError> {
+pub(super) fn rolled_back(run: &mut SourceRun<'_>, live: &mut Live, e: MigrateError) -> Result<(), MigrateError> {
     run.ended = Some(Ended::RolledBack);
     let _ = run.record(SourceState::RolledBack, &e.to_string(), |_| {});
     if live.control.peer_aborted().is_none() {
@@ -695,12 +696,12 @@ fn rolled_back(run: &mut SourceRun<'_>, live: &mut Live, e: MigrateError) -> Res
             Deadline::after(Duration::from_secs(10).min(run.cfg.timeout), "--timeout"),
         );
     }
-    let _ = live.fs.finish(Outcome::RolledBack);
-    let _ = live.htype.finish(Outcome::RolledBack);
+    let _ = live.fs.finish(Outcome::ROLLED_BACK);
+    let _ = live.htype.finish(Outcome::ROLLED_BACK);
     Err(e)
 }
 
-fn in_doubt(run: &mut SourceRun<'_>, live: &mut Live, why: String) -> Result<(), MigrateError> {
+pub(super) fn in_doubt(run: &mut SourceRun<'_>, live: &mut Live, why: String) -> Result<(), MigrateError> {
     run.ended = Some(Ended::InDoubt);
     let _ = run.record(SourceState::InDoubt, &why, |_| {});
     if let Some(g) = run.guard.as_mut() {
@@ -733,8 +734,8 @@ fn lost(run: &mut SourceRun<'_>, live: &mut Live, fz: &Frozen, why: String) -> R
     end_source_copy(run, fz, false);
     run.ended = Some(Ended::Lost);
     let _ = run.record(SourceState::Lost, &why, |_| {});
-    let _ = live.fs.finish(Outcome::RolledBack);
-    let _ = live.htype.finish(Outcome::RolledBack);
+    let _ = live.fs.finish(Outcome::ROLLED_BACK);
+    let _ = live.htype.finish(Outcome::ROLLED_BACK);
     Err(MigrateError::Lost(why))
 }
 
@@ -752,7 +753,7 @@ fn post_copy(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<(),
     let round = plan.round;
     let dir = run.round_dir(live, round)?;
     start_final_round(run, live, round, true, false)?;
-    let (mut opts, _open_dir, _fds) = run.base_opts(live, &dir, "dump.log", CriuStage::Dump, true)?;
+    let (mut opts, _open_dir, _fds) = run.base_opts(live, &dir, "dump.log", CriuStage::DUMP, true)?;
     opts.notify_scripts = Some(true);
     opts.leave_running = Some(false);
     if plan.pre_copied {
@@ -768,9 +769,14 @@ fn post_copy(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<(),
         port: Some(i32::from(port)),
         ..Default::default()
     });
+    run.ensure_guard()?;
     start_freeze(run);
     let mut s = run.criu.session(Vec::new(), Some(&dir.join("criu-stderr.log")))?;
     s.set_log(dir.join("dump.log"));
+    // The lazy dump returns when the last page has moved, however long that takes: the freeze before the commit
+    // is bounded by --max-frozen (the watchdog) and the transfer after it by its progress (the relay); this is
+    // only the outer bound.
+    s.set_timeout(POST_COPY_OUTER_BOUND.max(run.cfg.timeout));
     let mut fz = Frozen { dir: dir.clone(), criu_pid: s.pid(), hold: None, decision: None };
     fault::criu_started(fz.criu_pid);
     let mut relay: Option<lazy::SourceRelay> = None;
@@ -779,8 +785,11 @@ fn post_copy(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<(),
     let resp = {
         let (run, live, fz, relay) = (&mut *run, &mut *live, &mut fz, &mut relay);
         let (wd, wf) = (watchdog_done.clone(), watchdog_fired.clone());
-        let mut handler = |script: &str, _pid: Option<i32>| -> Result<(), String> {
+        let mut handler = |script: &str, pid: Option<i32>| -> Result<(), String> {
             fault::at("src", "notify", script);
+            // The host type hears of every notification first; then phaul acts on it and answers CRIU.
+            plugin(crate::plugins::notify(&mut live.htype, script, pid, None), "host type", &run.cfg.htype)
+                .map_err(|e| e.to_string())?;
             match script {
                 "post-dump" => {
                     let d = post_copy_frozen(run, live, fz, round, port, relay, wd.clone(), wf.clone());
@@ -806,10 +815,6 @@ fn post_copy(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<(),
                     };
                     fz.decision = Some(d);
                     answer
-                }
-                "network-lock" => plugin(live.htype.net_lock(), "host type", &run.cfg.htype).map_err(|e| e.to_string()),
-                "network-unlock" => {
-                    plugin(live.htype.net_unlock(), "host type", &run.cfg.htype).map_err(|e| e.to_string())
                 }
                 _ => Ok(()),
             }
@@ -1003,13 +1008,16 @@ fn post_copy_frozen(
     Decision::CommitSent
 }
 
+/// The outer bound on a post-copy dump (see [`post_copy`]).
+const POST_COPY_OUTER_BOUND: Duration = Duration::from_secs(24 * 3600);
+
 /// The sequential order.
 fn sequential(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<(), MigrateError> {
     run.progress.phase("final dump into the source's own images (the workload is frozen)");
     let round = plan.round;
     let dir = run.round_dir(live, round)?;
     start_final_round(run, live, round, false, true)?;
-    let (mut opts, _open_dir, fds) = run.base_opts(live, &dir, "dump.log", CriuStage::Dump, true)?;
+    let (mut opts, _open_dir, fds) = run.base_opts(live, &dir, "dump.log", CriuStage::DUMP, true)?;
     opts.notify_scripts = Some(true);
     opts.leave_running = Some(false);
     if plan.pre_copied {
@@ -1024,8 +1032,11 @@ fn sequential(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<()
     fault::criu_started(fz.criu_pid);
     let resp = {
         let (run, live, fz) = (&mut *run, &mut *live, &mut fz);
-        let mut handler = |script: &str, _pid: Option<i32>| -> Result<(), String> {
+        let mut handler = |script: &str, pid: Option<i32>| -> Result<(), String> {
             fault::at("src", "notify", script);
+            // The host type hears of every notification first; then phaul acts on it and answers CRIU.
+            plugin(crate::plugins::notify(&mut live.htype, script, pid, None), "host type", &run.cfg.htype)
+                .map_err(|e| e.to_string())?;
             match script {
                 "post-dump" => {
                     let r = sequential_frozen(run, live, fz, round);
@@ -1036,10 +1047,6 @@ fn sequential(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<()
                         Err(e) => Decision::NotCommitted(e),
                     });
                     answer
-                }
-                "network-lock" => plugin(live.htype.net_lock(), "host type", &run.cfg.htype).map_err(|e| e.to_string()),
-                "network-unlock" => {
-                    plugin(live.htype.net_unlock(), "host type", &run.cfg.htype).map_err(|e| e.to_string())
                 }
                 _ => Ok(()),
             }
@@ -1106,8 +1113,8 @@ fn sequential(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<()
             tell_abort(run, live, &e);
             restore_on_source(run, live, &fz.dir)?;
             run.ended = Some(Ended::RolledBack);
-            let _ = live.fs.finish(Outcome::RolledBack);
-            let _ = live.htype.finish(Outcome::RolledBack);
+            let _ = live.fs.finish(Outcome::ROLLED_BACK);
+            let _ = live.htype.finish(Outcome::ROLLED_BACK);
             Err(e)
         }
         Decision::InDoubt(why) | Decision::Lost(why) => in_doubt(run, live, why),
@@ -1168,7 +1175,7 @@ fn tell_abort(run: &mut SourceRun<'_>, live: &mut Live, e: &MigrateError) {
 /// Sequential roll-back: restores the workload on the source from its own image set.
 pub(crate) fn restore_on_source(run: &mut SourceRun<'_>, live: &mut Live, dir: &Path) -> Result<(), MigrateError> {
     run.progress.phase("restoring the workload on the source from its own images");
-    let h = plugin(live.htype.criu_options(CriuStage::Restore), "host type", &run.cfg.htype)?;
+    let h = plugin(crate::plugins::criu_options(&mut live.htype, CriuStage::RESTORE), "host type", &run.cfg.htype)?;
     let pid = super::super::resolve::restore_from_images(run.criu, dir, &h).map_err(|e| {
         MigrateError::Refused(format!(
             "restoring the workload on the source from {} failed: {e}; the images are kept there",

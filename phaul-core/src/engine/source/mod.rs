@@ -9,6 +9,7 @@
 //! which copy exists where and how to resolve it (`phaul resolve`).
 
 mod handover;
+mod restart;
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
@@ -76,6 +77,9 @@ pub struct SourceConfig {
     pub lazy: bool,
     /// `--lazy-restore`: the destination restores memory on demand from its own images.
     pub lazy_restore: bool,
+    /// `--mode restart`: no checkpoint; filesystem rounds, the host type's `stop` here, the final round, its
+    /// `start` on the destination.
+    pub restart: bool,
     pub handover: HandoverOrder,
     pub keep_images: bool,
     pub img_path: PathBuf,
@@ -185,6 +189,15 @@ impl Ended {
 }
 
 impl SourceConfig {
+    /// The mode drivers are told about.
+    pub fn abi_mode(&self) -> phaul_abi::Mode {
+        if self.restart {
+            phaul_abi::Mode::RESTART
+        } else {
+            phaul_abi::Mode::LIVE
+        }
+    }
+
     /// Whether this migration may end in post-copy (then lazy pages are tried out before anything is frozen).
     pub fn may_post_copy(&self) -> bool {
         self.lazy || self.post_copy_after.is_some() || self.on_no_converge == OnNoConverge::PostCopy
@@ -332,6 +345,8 @@ impl Report {
             destination_criu: String::new(),
             rounds: Vec::new(),
             fs_rounds: 0,
+            fs_round_list: Vec::new(),
+            outage_ms: None,
             total_ms: 0.0,
             frozen_ms: None,
             restore_ms: None,
@@ -389,6 +404,9 @@ impl<'c> SourceRun<'c> {
             Ended::Migrated => format!("the workload runs on the destination{restored}; the source's copy is gone"),
             Ended::RolledBack => "the workload runs on this host (the source); nothing of it runs on the destination".into(),
             Ended::Lost => "the workload is lost: it ran on the destination, which could not complete its memory; both copies are gone and the images are kept".into(),
+            Ended::InDoubt if self.cfg.restart => {
+                "the workload is stopped on this host, its files intact; the destination may have started it".into()
+            }
             Ended::InDoubt => match self.journal.as_ref().map(|j| j.state) {
                 Some(SourceState::InDoubt) if self.journal.as_ref().is_some_and(|j| j.hold.is_none()) => format!(
                     "the source's copy is its image set in {}; the destination may run the workload",
@@ -450,8 +468,8 @@ impl<'c> SourceRun<'c> {
                     Deadline::after(Duration::from_secs(30).min(self.cfg.timeout), "--timeout"),
                 );
             }
-            let _ = live.fs.finish(Outcome::RolledBack);
-            let _ = live.htype.finish(Outcome::RolledBack);
+            let _ = live.fs.finish(Outcome::ROLLED_BACK);
+            let _ = live.htype.finish(Outcome::ROLLED_BACK);
             let note = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
             let _ = self.record(SourceState::RolledBack, &note, |_| {});
         }
@@ -488,22 +506,48 @@ impl<'c> SourceRun<'c> {
         let dir = cfg.img_path.join(format!("{}-{}-{session}-source", sanitize(&cfg.htype), sanitize(&cfg.id)));
         private_dir(&dir, false).map_err(|source| MigrateError::ImageDir { path: dir.clone(), source })?;
         self.report.source_images = Some(dir.display().to_string());
-        let cpu_dir = dir.join("cpuinfo");
-        if !cfg.skip_cpu_check {
-            private_dir(&cpu_dir, false).map_err(|source| MigrateError::ImageDir { path: cpu_dir.clone(), source })?;
+        if cfg.restart && (cfg.lazy || cfg.lazy_restore || cfg.post_copy_after.is_some()) {
+            return Err(MigrateError::Refused(
+                "--mode restart moves no memory: it cannot be combined with --lazy-restore or --post-copy-after".into(),
+            ));
         }
-        let (version, features, cpuinfo) = self.criu.preflight((!cfg.skip_cpu_check).then_some(cpu_dir.as_path()))?;
-        self.cpuinfo = cpuinfo;
-        self.report.source_criu = version.to_string();
-        self.criu_version = version.triple();
-        if version.triple() < MIN_CRIU {
-            return Err(MigrateError::CriuTooOld {
-                found: version.to_string(),
-                min: format!("{}.{}.{}", MIN_CRIU.0, MIN_CRIU.1, MIN_CRIU.2),
-            });
+        let (version, features) = if cfg.restart {
+            // Restart mode checkpoints nothing: CRIU is neither needed nor asked.
+            self.report.source_criu = "not used (restart mode)".into();
+            (Version { major: 0, minor: 0, sublevel: 0, gitid: None }, Features { mem_track: false, lazy_pages: false })
+        } else {
+            let cpu_dir = dir.join("cpuinfo");
+            if !cfg.skip_cpu_check {
+                private_dir(&cpu_dir, false)
+                    .map_err(|source| MigrateError::ImageDir { path: cpu_dir.clone(), source })?;
+            }
+            let (version, features, cpuinfo) =
+                self.criu.preflight((!cfg.skip_cpu_check).then_some(cpu_dir.as_path()))?;
+            self.cpuinfo = cpuinfo;
+            self.report.source_criu = version.to_string();
+            self.criu_version = version.triple();
+            if version.triple() < MIN_CRIU {
+                return Err(MigrateError::CriuTooOld {
+                    found: version.to_string(),
+                    min: format!("{}.{}.{}", MIN_CRIU.0, MIN_CRIU.1, MIN_CRIU.2),
+                });
+            }
+            (version, features)
+        };
+        let mut htype = self.drivers.host_type(
+            &cfg.htype,
+            phaul_abi::Role::SOURCE,
+            cfg.abi_mode(),
+            &cfg.id,
+            &cfg.htype_options,
+            &dir,
+        )?;
+        if cfg.restart && !htype.can_restart() {
+            return Err(MigrateError::Refused(format!(
+                "the '{}' host type cannot stop and start its workload, so --mode restart cannot move it; use --mode live",
+                cfg.htype
+            )));
         }
-        let mut htype =
-            self.drivers.host_type(&cfg.htype, phaul_abi::Role::Source, &cfg.id, &cfg.htype_options, &dir)?;
         let root_pid = plugin(htype.root_pid(), "host type", &cfg.htype)?;
         self.report.source_pid = Some(root_pid);
         let fs_name = match cfg.fs.clone().or_else(|| self.drivers.default_fs(&cfg.htype)) {
@@ -514,7 +558,7 @@ impl<'c> SourceRun<'c> {
         };
         self.report.fs_driver = fs_name.clone();
         self.drivers.ensure_fs(&fs_name)?;
-        let pre_copy = self.decide_pre_copy(features, htype.can_pre_dump())?;
+        let pre_copy = if cfg.restart { false } else { self.decide_pre_copy(features, htype.can_pre_dump())? };
         if cfg.may_post_copy() {
             // Post-copy is decided now, before anything is frozen: do lazy pages work on this host at all?
             self.progress.phase("checking that lazy pages work here");
@@ -528,7 +572,7 @@ impl<'c> SourceRun<'c> {
             state: SourceState::Running,
             htype: cfg.htype.clone(),
             id: cfg.id.clone(),
-            handover: String::new(),
+            handover: if cfg.restart { "restart".into() } else { String::new() },
             to: None,
             image_dir: dir.clone(),
             final_round: None,
@@ -581,7 +625,14 @@ impl<'c> SourceRun<'c> {
         }
         let _ = mem.set_read_timeout(self.cfg.timeout);
         let fs_fd = fs_ch.as_ref().map(|c| c.as_fd().as_raw_fd());
-        let fs = self.drivers.fs_sender(&p.fs_name, &self.cfg.fs_options, fs_fd, &p.fs_roots, &p.dir)?;
+        let fs = self.drivers.fs_sender(
+            &p.fs_name,
+            self.cfg.abi_mode(),
+            &self.cfg.fs_options,
+            fs_fd,
+            &p.fs_roots,
+            &p.dir,
+        )?;
         let control = Control::new(rpc).map_err(|source| TransportError::Setup { channel: "control", source })?;
         let to2 = to.as_ref().map(|(a, _)| a.clone());
         let _ = self.record(SourceState::Running, "connected", |j| j.to = to2);
@@ -620,6 +671,9 @@ impl<'c> SourceRun<'c> {
 
     fn set_up_and_migrate(&mut self, p: &Prepared, live: &mut Live) -> Result<(), MigrateError> {
         self.set_up(p, live)?;
+        if self.cfg.restart {
+            return restart::restart(self, live);
+        }
         let plan = self.pre_copy(p, live)?;
         self.hand_over(live, plan)
     }
@@ -634,11 +688,11 @@ impl<'c> SourceRun<'c> {
                 CpuCheckReply
             )?;
         }
-        let order = self.decide_order(live)?;
+        let order = if cfg.restart { HandoverOrder::Sequential } else { self.decide_order(live)? };
         let setup = Setup {
             htype: cfg.htype.clone(),
             id: cfg.id.clone(),
-            mode: w::Mode::Live as i32,
+            mode: if cfg.restart { w::Mode::Restart as i32 } else { w::Mode::Live as i32 },
             htype_options: kvs(&cfg.htype_options),
             fs_driver: live.fs_name.clone(),
             fs_options: kvs(&cfg.fs_options),
@@ -847,8 +901,10 @@ impl<'c> SourceRun<'c> {
     ) -> Result<(CriuOpts, rpc::OpenDir, Vec<(std::os::fd::OwnedFd, i32)>), MigrateError> {
         let (base, open_dir) = rpc::dir_opts(dir, log)?;
         let mut fds = Vec::new();
-        let h = plugin(live.htype.criu_options(stage), "host type", &self.cfg.htype)?;
-        let mut opts = build_opts(base, &h);
+        let h = plugin(crate::plugins::criu_options(&mut live.htype, stage), "host type", &self.cfg.htype)?;
+        let (mut opts, inherited) = build_opts(base, &h)
+            .map_err(|source| CriuError::Io { op: "handing CRIU the host type's descriptors", source })?;
+        fds.extend(inherited);
         opts.pid = Some(live.root_pid);
         if !live.fs.persistent_inodes() {
             opts.force_irmap = Some(true);
@@ -869,7 +925,7 @@ impl<'c> SourceRun<'c> {
         let dir = self.round_dir(live, round)?;
         let start = StartRound { round, r#final: false, lazy: false, pages_as_files: local };
         expect_reply!(live.control.request(Body::StartRound(start), self.wait())?, StartRoundReply)?;
-        let (mut opts, _open_dir, fds) = self.base_opts(live, &dir, "pre-dump.log", CriuStage::PreDump, local)?;
+        let (mut opts, _open_dir, fds) = self.base_opts(live, &dir, "pre-dump.log", CriuStage::PRE_DUMP, local)?;
         opts.track_mem = Some(true);
         if round > 1 {
             opts.parent_img = Some(format!("../{}", round - 1));
@@ -915,14 +971,23 @@ impl<'c> SourceRun<'c> {
     }
 
     pub fn fs_round(&mut self, live: &mut Live, round: u32, frozen: bool) -> Result<(), MigrateError> {
-        let moved = if frozen { live.fs.final_round() } else { live.fs.next_round() };
+        let t = Instant::now();
+        let moved = live.fs.round(&crate::plugins::fs_round_info(round, frozen));
         let moved = plugin(moved, "filesystem", &live.fs_name)?;
         let reply = expect_reply!(
             live.control.request(Body::FsRoundDone(FsRoundDone { round, r#final: frozen }), self.wait())?,
             FsRoundReply
         )?;
+        let bytes = moved.bytes.max(reply.bytes);
         self.report.fs_rounds += 1;
-        self.report.channels.filesystem += moved.bytes.max(reply.bytes);
+        self.report.channels.filesystem += bytes;
+        self.report.fs_round_list.push(super::report::FsRoundReport {
+            round,
+            frozen,
+            bytes,
+            files: moved.files.max(reply.files),
+            duration_ms: t.elapsed().as_secs_f64() * 1000.0,
+        });
         Ok(())
     }
 
