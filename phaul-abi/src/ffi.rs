@@ -327,8 +327,10 @@ impl RootModule for PluginModuleRef {
     const BASE_NAME: &'static str = "phaul_plugin";
     const NAME: &'static str = "phaul plugin";
     // Pinned: abi_stable would refuse a plugin built against an older minor version of this crate, the opposite
-    // of what phaul wants. phaul checks its own range instead (PHAUL_ABI_OLDEST..=PHAUL_ABI_VERSION), and
-    // abi_stable still checks every layout.
+    // of what phaul wants. phaul checks its own range instead (PHAUL_ABI_OLDEST..=PHAUL_ABI_VERSION). Its layout
+    // check is asymmetric the same way (a prefix type of the library may have more fields than the host's, never
+    // fewer), so phaul's loader (phaul-core/src/plugins.rs) runs it in both directions: every layout is still
+    // checked, and an older plugin's missing fields and methods read as absent.
     const VERSION_STRINGS: VersionStrings = VersionStrings::new("1.0.0");
 }
 

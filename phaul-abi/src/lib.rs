@@ -15,9 +15,10 @@
 //! }
 //! ```
 //!
-//! When it loads a library the host checks the layout of every type here (abi_stable) and that the library's
-//! interface revision is within the range it supports ([`PHAUL_ABI_OLDEST`] to [`PHAUL_ABI_VERSION`]); it refuses
-//! the file with a message naming it and both revisions otherwise. Every call into the driver is wrapped so that
+//! When it loads a library the host checks the layout of every type here (with abi_stable's checker, accepting
+//! prefix types that lack fields added after the library was built) and that the library's interface revision is
+//! within the range it supports ([`PHAUL_ABI_OLDEST`] to [`PHAUL_ABI_VERSION`]); it refuses the file with a
+//! message naming it and both revisions otherwise. Every call into the driver is wrapped so that
 //! a panic becomes an error instead of aborting the host. How the interface may grow without breaking plugins
 //! built before: `docs/plugins.md`.
 

@@ -42,10 +42,10 @@ pub enum PluginLoadError {
     NotALibrary { file: PathBuf, config: PathBuf, detail: String },
     #[error("{file} (listed in {config}) is not a phaul plugin: it exports no phaul root module; list only libraries built with phaul_abi::export_host_type! or export_fs_driver!")]
     NotAPlugin { file: PathBuf, config: PathBuf },
-    #[error(
-        "{file} was built against an incompatible plugin ABI ({detail}); rebuild it against phaul-abi {host_version}"
-    )]
-    Incompatible { file: PathBuf, detail: String, host_version: &'static str },
+    #[error("{file} was built against an incompatible plugin ABI ({detail}); rebuild it against a phaul-abi of interface revision {oldest} to {newest} (the one that ships with this phaul is {newest})")]
+    Incompatible { file: PathBuf, detail: String, newest: u32, oldest: u32 },
+    #[error("{file} (listed in {config}) exports its root module without a type layout (abi_stable's `unsafe_no_layout_constant`), so phaul cannot check it; rebuild it with phaul_abi::export_plugin!")]
+    NoLayout { file: PathBuf, config: PathBuf },
     #[error("{file} was built against phaul plugin interface revision {found}, newer than this phaul's {newest}; upgrade phaul, or rebuild the plugin against a phaul-abi of revision {newest} or older (down to {oldest})")]
     AbiTooNew { file: PathBuf, found: u32, newest: u32, oldest: u32 },
     #[error("{file} was built against phaul plugin interface revision {found}, older than the oldest this phaul loads ({oldest}; it speaks up to {newest}); rebuild the plugin against the phaul-abi that ships with this phaul")]
@@ -416,7 +416,11 @@ fn load_one(path: &Path, config: &Path) -> Result<Vec<LoadedPlugin>, PluginLoadE
         }
         other => incompatible(path, other),
     })?;
-    let module = header.init_root_module::<PluginModuleRef>().map_err(|e| incompatible(path, e))?;
+    let module = checked_root_module(header).map_err(|e| match e {
+        Unchecked::NoLayout => PluginLoadError::NoLayout { file: path.to_path_buf(), config: config.to_path_buf() },
+        Unchecked::Library(e) => incompatible(path, e),
+        Unchecked::Layout(detail) => incompatible_detail(path, &layout_summary(&detail)),
+    })?;
     let found = module.abi_version();
     let (file, newest, oldest) = (path.to_path_buf(), PHAUL_ABI_VERSION, PHAUL_ABI_OLDEST);
     if found > PHAUL_ABI_VERSION {
@@ -453,8 +457,94 @@ fn load_one(path: &Path, config: &Path) -> Result<Vec<LoadedPlugin>, PluginLoadE
 }
 
 fn incompatible(path: &Path, e: LibraryError) -> PluginLoadError {
-    let detail = e.to_string().lines().take(6).collect::<Vec<_>>().join(" ");
-    PluginLoadError::Incompatible { file: path.to_path_buf(), detail, host_version: env!("CARGO_PKG_VERSION") }
+    incompatible_detail(path, &e.to_string())
+}
+
+fn incompatible_detail(path: &Path, detail: &str) -> PluginLoadError {
+    let detail = detail.lines().map(str::trim).filter(|l| !l.is_empty()).take(6).collect::<Vec<_>>().join(" ");
+    PluginLoadError::Incompatible {
+        file: path.to_path_buf(),
+        detail,
+        newest: PHAUL_ABI_VERSION,
+        oldest: PHAUL_ABI_OLDEST,
+    }
+}
+
+/// The gist of abi_stable's (very long) account of a layout mismatch: for each error, the type and what differs,
+/// `VTable: too many fields (expected 17, found 16)`.
+fn layout_summary(detail: &str) -> String {
+    let lines: Vec<&str> = detail.lines().map(str::trim).collect();
+    let mut out: Vec<String> = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let Some(what) = l.strip_prefix("Error:") else { continue };
+        let ty = lines[..i]
+            .iter()
+            .rposition(|l| l.starts_with("Layout of expected type"))
+            .and_then(|at| lines[at..i].iter().find_map(|l| l.strip_prefix("type:")))
+            .unwrap_or("a type");
+        let value = |label: &str| {
+            lines[i..].iter().position(|l| *l == label).and_then(|at| lines.get(i + at + 1)).copied().unwrap_or("?")
+        };
+        let one = format!("{ty}: {} (expected {}, found {})", what.trim(), value("Expected:"), value("Found:"));
+        if !out.contains(&one) {
+            out.push(one);
+        }
+    }
+    // A field count is only news when nothing else differs.
+    if out.iter().any(|o| !o.contains("too many fields")) {
+        out.retain(|o| !o.contains("too many fields"));
+    }
+    out.truncate(3);
+    if out.is_empty() {
+        detail.to_string()
+    } else {
+        format!("the layouts differ: {}", out.join("; "))
+    }
+}
+
+/// Why [`checked_root_module`] refused a library.
+enum Unchecked {
+    /// The library exports no layout of its root module.
+    NoLayout,
+    /// abi_stable's own version check, or the root module's constructor, failed.
+    Library(LibraryError),
+    /// The layouts differ by more than fields appended to prefix types.
+    Layout(String),
+}
+
+/// The root module of a library, once its layout is known to be safe for this host.
+///
+/// abi_stable's own check (`LibHeader::init_root_module`) accepts a library only if every prefix type of it (the
+/// root module, the drivers' vtables, the host services) has at least the fields the host's copy of phaul-abi
+/// has: a library built against a newer minor version of the interface, never an older one. phaul wants the
+/// opposite as well, a newer host loading older plugins (the fields and methods a plugin lacks read as absent and
+/// fall back to their defaults, since prefix types carry their field count at run time). So the layout is checked
+/// in both directions and accepted when either holds: the plugin's prefix types are all a prefix of the host's
+/// (an older plugin), or the host's of the plugin's (a newer one, which the revision check then refuses with
+/// both revisions named). Everything that is not a prefix type must match exactly either way.
+fn checked_root_module(header: &'static abi_stable::library::LibHeader) -> Result<PluginModuleRef, Unchecked> {
+    use abi_stable::abi_stability::check_layout_compatibility;
+    use abi_stable::StableAbi;
+    let found = header.layout().ok_or(Unchecked::NoLayout)?;
+    let host = <PluginModuleRef as StableAbi>::LAYOUT;
+    // abi_stable merges every prefix type it checks into one table for the process. When the first library it
+    // meets is older than the host, the table keeps the older, shorter form and every later library with the
+    // host's own layout is refused ("too many fields"; seen with abi_stable 0.11.3). Checking the host's layout
+    // against itself first puts the host's full form in the table; older and newer libraries then merge into it.
+    static PRIMED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    PRIMED
+        .get_or_init(|| check_layout_compatibility(host, host).into_result().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(Unchecked::Layout)?;
+    if let Err(older) = check_layout_compatibility(found, host).into_result() {
+        if let Err(newer) = check_layout_compatibility(host, found).into_result() {
+            // Each direction also complains that the other side has more fields; what else differs is the news.
+            return Err(Unchecked::Layout(format!("{older}\n{newer}")));
+        }
+    }
+    // SAFETY: the root module's layout (and with it every type reachable from it) was checked just above against
+    // the host's, in the direction that fits; this call still checks abi_stable's version strings.
+    unsafe { header.init_root_module_with_unchecked_layout::<PluginModuleRef>() }.map_err(Unchecked::Library)
 }
 
 /// Creating drivers: what the engine needs of the plugin host (a seam, so that engine tests can hand it drivers
@@ -568,7 +658,8 @@ pub fn fs_round_info(number: u32, is_final: bool) -> phaul_abi::FsRoundInfo {
 }
 
 /// The services phaul offers its plugins (see [`phaul_abi::HostServices`]): their log lines go to phaul's log
-/// under `plugin:NAME`, their progress to whoever listens ([`services::set_progress_sink`]).
+/// under `plugin:NAME`; their progress is logged there too, kept for the report ([`services::plugin_progress`])
+/// and passed to whoever listens ([`services::set_progress_sink`], the progress display).
 pub mod services {
     use std::sync::{Mutex, OnceLock};
 
@@ -584,9 +675,65 @@ pub mod services {
         SINK.get_or_init(|| Mutex::new(None))
     }
 
-    /// Where plugins' progress reports go from now on (`None`: nowhere).
+    /// Where plugins' progress reports go from now on (`None`: nowhere), besides the log and
+    /// [`plugin_progress`].
     pub fn set_progress_sink(s: Option<ProgressSink>) {
         *sink().lock().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+
+    /// The latest progress a plugin reported for one thing it does, for the report.
+    #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+    pub struct PluginProgress {
+        /// The plugin library's name (as in its log lines).
+        pub plugin: String,
+        /// What the plugin said it is doing (`"rsync"`, `"zfs send"`...).
+        pub what: String,
+        /// Bytes (or items) done.
+        pub done: u64,
+        /// Of this many (0: unknown).
+        pub total: u64,
+        /// How many reports the plugin made for it.
+        pub reports: u64,
+    }
+
+    fn latest() -> &'static Mutex<Vec<PluginProgress>> {
+        static LATEST: OnceLock<Mutex<Vec<PluginProgress>>> = OnceLock::new();
+        LATEST.get_or_init(|| Mutex::new(Vec::new()))
+    }
+
+    /// What plugins of this process last reported, one entry per plugin and thing, in the order they first
+    /// reported. (One process is one migration for `phaul migrate`; `phaul serve` mixes its sessions here.)
+    pub fn plugin_progress() -> Vec<PluginProgress> {
+        latest().lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Forgets what [`plugin_progress`] would return (at the start of a migration).
+    pub fn clear_plugin_progress() {
+        latest().lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Records one report; returns whether it is worth an info line (the first of its kind, or the one that
+    /// completes it): a plugin may report thousands of times.
+    fn record(plugin: &str, what: &str, done: u64, total: u64) -> bool {
+        let mut all = latest().lock().unwrap_or_else(|p| p.into_inner());
+        let complete = total > 0 && done >= total;
+        match all.iter_mut().find(|p| p.plugin == plugin && p.what == what) {
+            Some(p) => {
+                let was_complete = p.total > 0 && p.done >= p.total;
+                (p.done, p.total, p.reports) = (done, total, p.reports + 1);
+                complete && !was_complete
+            }
+            None => {
+                all.push(PluginProgress {
+                    plugin: plugin.to_string(),
+                    what: what.to_string(),
+                    done,
+                    total,
+                    reports: 1,
+                });
+                true
+            }
+        }
     }
 
     extern "C" fn has(name: RStr<'_>) -> bool {
@@ -606,9 +753,16 @@ pub mod services {
     }
 
     extern "C" fn progress(plugin: RStr<'_>, what: RStr<'_>, done: u64, total: u64) {
-        if let Some(s) = sink().lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            s(plugin.as_str(), what.as_str(), done, total);
-        }
+        // The host's side of the boundary: nothing here may unwind into the plugin.
+        let _ = std::panic::catch_unwind(|| {
+            let (plugin, what) = (plugin.as_str(), what.as_str());
+            let level = if record(plugin, what, done, total) { log::Level::Info } else { log::Level::Debug };
+            let of = if total > 0 { format!(" of {total}") } else { String::new() };
+            log::log!(target: &format!("plugin:{plugin}"), level, "progress of {what}: {done}{of}");
+            if let Some(s) = sink().lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                s(plugin, what, done, total);
+            }
+        });
     }
 
     /// The services, made once for the life of the process.
@@ -679,6 +833,59 @@ mod tests {
         assert_eq!(list.default_fs.get("pid").map(String::as_str), Some("shared"));
         let msg = parse_plugin_list("[[plugin]]\nfile = 1\n", config).expect_err("must fail").to_string();
         assert!(msg.starts_with("/etc/phaul/plugins.toml is not a valid plugin list: "), "{msg}");
+    }
+
+    #[test]
+    fn plugin_progress_is_kept_for_the_report_and_reaches_the_sink() {
+        use std::sync::{Arc, Mutex};
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        services::set_progress_sink(Some(Box::new(move |plugin, what, done, total| {
+            if plugin == "progress-test" {
+                s.lock().expect("lock").push((what.to_string(), done, total));
+            }
+        })));
+        let host = phaul_abi::Host::new(services::host_services(), "progress-test");
+        assert!(host.has("progress") && host.has("log") && !host.has("teleport"));
+        assert_eq!(host.abi_version(), PHAUL_ABI_VERSION);
+        for done in [0, 512, 1024] {
+            host.progress("copy", done, 1024);
+        }
+        host.progress("scan", 7, 0);
+        services::set_progress_sink(None);
+        let mine: Vec<_> = services::plugin_progress().into_iter().filter(|p| p.plugin == "progress-test").collect();
+        assert_eq!(
+            mine,
+            vec![
+                services::PluginProgress {
+                    plugin: "progress-test".into(),
+                    what: "copy".into(),
+                    done: 1024,
+                    total: 1024,
+                    reports: 3
+                },
+                services::PluginProgress {
+                    plugin: "progress-test".into(),
+                    what: "scan".into(),
+                    done: 7,
+                    total: 0,
+                    reports: 1
+                },
+            ]
+        );
+        assert_eq!(seen.lock().expect("lock").len(), 4);
+    }
+
+    #[test]
+    fn a_layout_mismatch_is_summed_up() {
+        let detail = "Compared <this>:\n    --- Type Layout ---\n...\nLayout of expected type:\n    --- Type Layout ---\n    type:VTable\n    size:120 align:8\n...\nError:too many fields\nExpected:\n    17\nFound:\n    16\n";
+        assert_eq!(layout_summary(detail), "the layouts differ: VTable: too many fields (expected 17, found 16)");
+        assert_eq!(layout_summary("something else"), "something else");
+        let both = format!("{detail}Layout of expected type:\n    type:FsRound\nError:unexpected field\nExpected:\n    bytes\nFound:\n    octets\n");
+        assert_eq!(
+            layout_summary(&both),
+            "the layouts differ: FsRound: unexpected field (expected bytes, found octets)"
+        );
     }
 
     #[test]

@@ -1011,7 +1011,7 @@ fn plugins(c: &Common, json: bool) -> Result<(), Fail> {
             .iter()
             .map(|p| {
                 serde_json::json!({
-                    "kind": p.kind.as_str(), "name": p.name, "version": p.version,
+                    "kind": p.kind.as_str(), "name": p.name, "version": p.version, "abi_revision": p.abi_version,
                     "file": p.path.display().to_string(), "description": p.description,
                     "default_fs": reg.default_fs(&p.name),
                 })
@@ -1026,13 +1026,14 @@ fn plugins(c: &Common, json: bool) -> Result<(), Fail> {
         return Ok(());
     }
     println!("plugins from {}", reg.config_path().display());
-    println!("{:<6} {:<10} {:<8} FILE", "KIND", "NAME", "VERSION");
+    println!("{:<6} {:<10} {:<8} {:<4} FILE", "KIND", "NAME", "VERSION", "ABI");
     for p in reg.plugins() {
         let fs = reg.default_fs(&p.name).map(|f| format!("  (default fs: {f})")).unwrap_or_default();
-        println!("{:<6} {:<10} {:<8} {}{fs}", p.kind.as_str(), p.name, p.version, p.path.display());
+        let (kind, name, version, abi) = (p.kind.as_str(), &p.name, &p.version, p.abi_version);
+        println!("{kind:<6} {name:<10} {version:<8} {abi:<4} {}{fs}", p.path.display());
     }
     for d in reg.disabled() {
-        println!("{:<6} {:<10} {:<8} {}", "-", "(disabled)", "-", d.path.display());
+        println!("{:<6} {:<10} {:<8} {:<4} {}", "-", "(disabled)", "-", "-", d.path.display());
     }
     Ok(())
 }
