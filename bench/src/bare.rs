@@ -65,7 +65,7 @@ pub fn measure(ctx: &Ctx<'_>, size_mib: u64, s: &mut Sample, keep_source: bool) 
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.pid()), nix::sys::signal::Signal::SIGKILL);
     }
     let verified = match (&result, restored) {
-        (Ok(()), Some(pid)) => ctx.verify_restored(&mut w, pid, &before),
+        (Ok(()), Some(pid)) => ctx.verify_restored(&mut w, pid, &before, s),
         (Ok(()), None) => Err(format!("criu restore wrote no pid to {}", pidfile.display()).into()),
         (Err(_), Some(pid)) => {
             // A restored tree of a failed run must not outlive it.

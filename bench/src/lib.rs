@@ -14,12 +14,16 @@ use serde_json::Value;
 
 pub mod bare;
 pub mod calibrate;
+pub mod compare;
 pub mod copy;
+pub mod launch;
 pub mod phaul_run;
 pub mod plot;
 pub mod raw;
 pub mod report;
 pub mod sample;
+pub mod throttle;
+pub mod usage;
 
 use sample::{order_for_rep, Method, Sample};
 
@@ -95,11 +99,22 @@ pub struct Ctx<'a> {
     /// The CRIU binary phaul uses (and the bare-CRIU path too).
     pub criu: PathBuf,
     counter: AtomicU32,
+    /// Give every workload a heartbeat (`phaul-workload --heartbeat`: a line every 20 ms naming the host it runs
+    /// on) and record the gap the migration left in it ([`sample::metric::HEARTBEAT_GAP_MS`]).
+    pub heartbeat: bool,
 }
+
+/// Bound for the restored workload's first heartbeat line on B to show up after it answered its probe.
+const HEARTBEAT_WAIT: Duration = Duration::from_secs(3);
 
 impl<'a> Ctx<'a> {
     pub fn new(lab: &'a Lab, criu: PathBuf) -> Self {
-        Ctx { lab, criu, counter: AtomicU32::new(0) }
+        Ctx { lab, criu, counter: AtomicU32::new(0), heartbeat: false }
+    }
+
+    /// The heartbeat log of a workload started with [`Ctx::heartbeat`].
+    fn heartbeat_log(w: &Workload) -> PathBuf {
+        w.state_dir().join("heartbeat.log")
     }
 
     /// A number unique within this run (for directories and ports).
@@ -111,11 +126,16 @@ impl<'a> Ctx<'a> {
     pub fn start_workload(&self, size_mib: u64) -> Result<(Workload, Value)> {
         let dir = self.lab.path("state").join(format!("memory-{}", self.next_id()));
         let size = size_mib.to_string();
+        let heartbeat = dir.join("heartbeat.log").display().to_string();
+        let mut args = vec!["--size-mib", &size];
+        if self.heartbeat {
+            args.extend(["--heartbeat", &heartbeat]);
+        }
         let w = Workload::start_with_timeout(
             self.lab.a(),
             &self.lab.workload_bin,
             "memory",
-            &["--size-mib", &size],
+            &args,
             &dir,
             WORKLOAD_START_TIMEOUT,
         )?;
@@ -125,8 +145,9 @@ impl<'a> Ctx<'a> {
     }
 
     /// After a migration: the source is gone, `restored` runs in host B, and its memory checksum is the one the
-    /// source had. The restored tree is adopted by `w`, so dropping `w` kills it.
-    pub fn verify_restored(&self, w: &mut Workload, restored: i32, before: &Value) -> Result<()> {
+    /// source had. The restored tree is adopted by `w`, so dropping `w` kills it. With [`Ctx::heartbeat`], the gap
+    /// in the heartbeat goes into `s`.
+    pub fn verify_restored(&self, w: &mut Workload, restored: i32, before: &Value, s: &mut Sample) -> Result<()> {
         w.adopt_pid(restored).ctx(|| format!("the restored pid {restored} does not exist"))?;
         if !wait_pid_gone(w.pid(), SOURCE_GONE_TIMEOUT) {
             return Err(format!("the source tree {} is still alive on A", w.pid()).into());
@@ -144,7 +165,30 @@ impl<'a> Ctx<'a> {
             )
             .into());
         }
+        if self.heartbeat {
+            match heartbeat_gap(&Self::heartbeat_log(w)) {
+                Ok(gap) => s.set(sample::metric::HEARTBEAT_GAP_MS, gap),
+                Err(e) => s.notes.push(format!("heartbeat: {e}")),
+            }
+        }
         Ok(())
+    }
+}
+
+/// The gap between the last beat written on A and the first written on B, once B has written one (bounded).
+fn heartbeat_gap(log: &Path) -> std::result::Result<f64, String> {
+    let deadline = Instant::now() + HEARTBEAT_WAIT;
+    let (a, b) = (phaul_testbed::ADDR_A.to_string(), phaul_testbed::ADDR_B.to_string());
+    loop {
+        let summary = phaul_workloads::heartbeat::check_file(log)?;
+        match (summary.addrs.as_slice(), summary.switch_gap_ms) {
+            ([from, to], Some(gap)) if *from == a && *to == b => return Ok(gap as f64),
+            ([_, _], _) => return Err(format!("the heartbeat moved {:?}, not from {a} to {b}", summary.addrs)),
+            _ if Instant::now() >= deadline => {
+                return Err(format!("no beat from {b} within {HEARTBEAT_WAIT:?} (hosts seen: {:?})", summary.addrs))
+            }
+            _ => std::thread::sleep(Duration::from_millis(5)),
+        }
     }
 }
 
@@ -200,16 +244,7 @@ pub fn run(cfg: &Config) -> Result<Outcome> {
             for (pos, method) in order_for_rep(&cfg.methods, rep).into_iter().enumerate() {
                 settle();
                 let mut s = Sample::new(method, size, rep, pos as u32);
-                let r = match method {
-                    Method::Phaul => phaul_run::measure(&ctx, size, &mut s),
-                    Method::Criu => bare::measure(&ctx, size, &mut s, false),
-                    Method::CriuKeepSource => bare::measure(&ctx, size, &mut s, true),
-                    Method::Raw => {
-                        let bytes = raw_bytes(&samples, size);
-                        raw::measure(&ctx, bytes, &mut s)
-                    }
-                };
-                if let Err(e) = r {
+                if let Err(e) = measure_one(&ctx, &Variants::default(), &samples, &mut s) {
                     s.error = Some(e.to_string());
                 }
                 eprintln!("phaul-bench: [{}/{total_runs}] {}", samples.len() + 1, progress_line(&s));
@@ -223,13 +258,51 @@ pub fn run(cfg: &Config) -> Result<Outcome> {
     Ok(Outcome { samples, report, files })
 }
 
-/// The bytes the raw copy moves at `size`: what the latest phaul run at that size moved (its memory pages), or
-/// the workload's size when phaul has not run yet at that size.
-fn raw_bytes(samples: &[Sample], size: u64) -> u64 {
+/// What the variants beyond the main three need.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Variants<'a> {
+    /// [`Method::PhaulTls`]: the certificates.
+    pub pki: Option<&'a launch::Pki>,
+    /// [`Method::PhaulBaseline`]: the baseline build.
+    pub baseline: Option<&'a launch::PhaulBuild>,
+    /// [`Method::PhaulTls`]: the build that runs with TLS (the workspace's).
+    pub current: Option<&'a launch::PhaulBuild>,
+}
+
+/// Measures `s.method` at `s.size_mib` into `s`; `earlier` are the samples so far (the raw copy moves as many
+/// bytes as the latest phaul run at that size moved).
+pub fn measure_one(ctx: &Ctx<'_>, v: &Variants<'_>, earlier: &[Sample], s: &mut Sample) -> Result<()> {
+    let size = s.size_mib;
+    match s.method {
+        Method::Phaul => phaul_run::measure(ctx, size, s),
+        Method::Criu => bare::measure(ctx, size, s, false),
+        Method::CriuKeepSource => bare::measure(ctx, size, s, true),
+        Method::Raw => {
+            let bytes = raw_bytes(earlier, size, s.network.as_deref());
+            raw::measure(ctx, bytes, s)
+        }
+        Method::PhaulTls => {
+            let (Some(pki), Some(build)) = (v.pki, v.current) else {
+                return Err("phaul with TLS needs certificates and the build".into());
+            };
+            phaul_run::measure_with(ctx, size, s, phaul_run::How::Own { build, transport: launch::Transport::Tls(pki) })
+        }
+        Method::PhaulBaseline => {
+            let Some(build) = v.baseline else { return Err("no baseline build given (--baseline-phaul)".into()) };
+            phaul_run::measure_with(ctx, size, s, phaul_run::How::Own { build, transport: launch::Transport::Fds })
+        }
+    }
+}
+
+/// The bytes the raw copy moves at `size`: what the latest phaul run at that size (and network condition) moved
+/// (its memory pages), or the workload's size when phaul has not run yet there.
+fn raw_bytes(samples: &[Sample], size: u64, network: Option<&str>) -> u64 {
     samples
         .iter()
         .rev()
-        .filter(|s| s.method == Method::Phaul && s.size_mib == size && s.error.is_none())
+        .filter(|s| {
+            s.method == Method::Phaul && s.size_mib == size && s.error.is_none() && s.network.as_deref() == network
+        })
         .find_map(|s| s.get(sample::metric::PAGES_MIB))
         .map(|m| (m * (1u64 << 20) as f64).round() as u64)
         .unwrap_or(size << 20)

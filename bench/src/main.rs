@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use phaul_bench::compare::{self, CompareConfig, Suite};
 use phaul_bench::sample::Method;
+use phaul_bench::throttle::Tbf;
 use phaul_bench::{default_out_dir, run, Config};
 
 #[derive(Debug, Parser)]
@@ -15,9 +17,9 @@ use phaul_bench::{default_out_dir, run, Config};
              copy as many bytes raw over TCP; write a markdown table, JSON and PNG plots"
 )]
 struct Cli {
-    /// Workload sizes in MiB, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
-    sizes: Vec<u64>,
+    /// Workload sizes in MiB, comma-separated [default: 64,256,1024; with --compare: 256,1024].
+    #[arg(long, value_delimiter = ',')]
+    sizes: Option<Vec<u64>>,
     /// Repetitions of each method at each size.
     #[arg(long, default_value_t = 3)]
     reps: u32,
@@ -26,9 +28,28 @@ struct Cli {
     quick: bool,
     /// Also run bare CRIU with the source kept stopped until the restore succeeded (the order phaul follows), for
     /// context.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "compare")]
     with_kept_source: bool,
-    /// Where to write results.md, results.json and the plots [default: bench/results of the workspace].
+    /// Instead of the main benchmark, a side-by-side comparison: `tls` (phaul's own TLS connections against
+    /// handed-in plaintext descriptors, throttled and unthrottled) or `handover` (phaul now against phaul before the
+    /// handover commit, bare CRIU with the source kept, and bare CRIU).
+    #[arg(long, value_enum)]
+    compare: Option<Suite>,
+    /// --compare handover: the `target/release` of a build of phaul before the handover commit (859f623); its
+    /// own plugin libraries are used with it.
+    #[arg(long, value_name = "DIR", requires = "compare")]
+    baseline_phaul: Option<PathBuf>,
+    /// --compare tls: the throttled condition's rate (tc tbf, on both veth ends).
+    #[arg(long, value_name = "RATE", default_value = "2gbit", requires = "compare")]
+    throttle_rate: String,
+    /// --compare tls: the token bucket's size (tc's units: kb = KiB).
+    #[arg(long, value_name = "SIZE", default_value = "256kb", requires = "compare")]
+    throttle_burst: String,
+    /// --compare tls: the longest a packet may queue in the bucket (sets the queue length).
+    #[arg(long, value_name = "TIME", default_value = "10ms", requires = "compare")]
+    throttle_latency: String,
+    /// Where to write the results [default: bench/results of the workspace; with --compare:
+    /// bench/results/tls or bench/results/handover].
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
 }
@@ -38,7 +59,10 @@ fn main() -> ExitCode {
     // In quick mode without --out, the results go to a temporary directory that is kept (and printed).
     let out = match (&cli.out, cli.quick) {
         (Some(o), _) => o.clone(),
-        (None, false) => default_out_dir(),
+        (None, false) => match cli.compare {
+            Some(suite) => default_out_dir().join(suite.name()),
+            None => default_out_dir(),
+        },
         (None, true) => match tempfile::Builder::new().prefix("phaul-bench-quick-").tempdir() {
             Ok(d) => d.keep(),
             Err(e) => {
@@ -47,6 +71,32 @@ fn main() -> ExitCode {
             }
         },
     };
+    if let Some(suite) = cli.compare {
+        let (sizes, reps) = match cli.quick {
+            true => (vec![16], 1),
+            false => (cli.sizes.unwrap_or_else(|| vec![256, 1024]), cli.reps),
+        };
+        let tbf = Tbf { rate: cli.throttle_rate, burst: cli.throttle_burst, latency: cli.throttle_latency };
+        let cfg = CompareConfig { suite, sizes, reps, out, quick: cli.quick, baseline: cli.baseline_phaul, tbf };
+        return match compare::run(&cfg) {
+            Ok(outcome) => {
+                print!("{}", outcome.report.markdown());
+                for f in &outcome.files {
+                    eprintln!("phaul-bench: wrote {}", f.display());
+                }
+                if outcome.report.failures.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    eprintln!("phaul-bench: {} run(s) failed; see the results", outcome.report.failures.len());
+                    ExitCode::from(1)
+                }
+            }
+            Err(e) => {
+                eprintln!("phaul-bench: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let mut methods = Method::MAIN.to_vec();
     if cli.with_kept_source {
         methods.push(Method::CriuKeepSource);
@@ -54,7 +104,7 @@ fn main() -> ExitCode {
     let cfg = if cli.quick {
         Config { sizes: vec![16], reps: 1, out, quick: true, methods }
     } else {
-        Config { sizes: cli.sizes, reps: cli.reps, out, quick: false, methods }
+        Config { sizes: cli.sizes.unwrap_or_else(|| vec![64, 256, 1024]), reps: cli.reps, out, quick: false, methods }
     };
     match run(&cfg) {
         Ok(outcome) => {

@@ -1,7 +1,7 @@
-//! phaul, stop-and-copy (`--pre-dump off`), through the testbed: `phaul serve` in host B and `phaul migrate pid`
-//! in host A over three TCP connections across the veth, handed in as descriptors. (`phaul serve --listen` only
-//! accepts loopback until phaul authenticates its peers; after the connect, `--to`/`--listen` and handed-in
-//! descriptors are the same code path.)
+//! phaul, stop-and-copy (`--pre-dump off`), `phaul serve` in host B and `phaul migrate pid` in host A. The main
+//! benchmark runs it through the testbed (`Lab::migrate`: three TCP connections across the veth, connected by the
+//! harness and handed in as descriptors); the comparisons also run phaul over its own TLS connections and an
+//! older build of phaul ([`crate::launch`]). The figures are read the same way whichever way it ran.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -15,8 +15,18 @@ use phaul_testbed::{MigrateOptions, MIGRATION_TIMEOUT};
 use serde_json::Value;
 
 use crate::bare::POLL;
+use crate::launch::{self, LaunchRun, PhaulBuild, Transport};
 use crate::sample::{metric, mib, ms, Sample};
 use crate::{finish_workload, Context, Ctx, Result};
+
+/// How phaul is started.
+#[derive(Debug, Clone, Copy)]
+pub enum How<'a> {
+    /// The testbed's `Lab::migrate`: the workspace's phaul over handed-in plaintext TCP connections.
+    Lab,
+    /// The benchmark's own launcher: a given build of phaul over the given transport.
+    Own { build: &'a PhaulBuild, transport: Transport<'a> },
+}
 
 /// phaul removes its image directories once the migration is confirmed, and its report does not carry CRIU's
 /// `memwrite_time`. This watcher opens the source's `stats-dump` as soon as CRIU creates it and keeps it open, so
@@ -97,8 +107,13 @@ fn wrapper(var: &str, s: &mut Sample) -> Option<(PathBuf, Vec<String>)> {
     Some((prog, words.collect()))
 }
 
-/// Measures one phaul migration of a fresh `size_mib` workload into `s`.
+/// Measures one phaul migration of a fresh `size_mib` workload into `s`, through `Lab::migrate`.
 pub fn measure(ctx: &Ctx<'_>, size_mib: u64, s: &mut Sample) -> Result<()> {
+    measure_with(ctx, size_mib, s, How::Lab)
+}
+
+/// Measures one phaul migration of a fresh `size_mib` workload into `s`, started as `how` says.
+pub fn measure_with(ctx: &Ctx<'_>, size_mib: u64, s: &mut Sample, how: How<'_>) -> Result<()> {
     let (mut w, before) = ctx.start_workload(size_mib)?;
     let pid = w.pid();
     let watcher = StatsWatcher::start(ctx.lab.path("src-images"), pid);
@@ -109,23 +124,32 @@ pub fn measure(ctx: &Ctx<'_>, size_mib: u64, s: &mut Sample) -> Result<()> {
         src_args.push("--keep-images".into());
         s.notes.push("PHAUL_BENCH_KEEP_IMAGES: phaul kept its images (not a clean measurement)".into());
     }
-    let opts = MigrateOptions {
-        src_wrapper: wrapper("PHAUL_BENCH_SRC_WRAP", s),
-        dst_wrapper: wrapper("PHAUL_BENCH_DST_WRAP", s),
-        src_args,
-        sample_usage: true,
-        poll: Some(POLL),
-        ..Default::default()
-    };
+    let (src_wrapper, dst_wrapper) = (wrapper("PHAUL_BENCH_SRC_WRAP", s), wrapper("PHAUL_BENCH_DST_WRAP", s));
     let t0 = Instant::now();
-    let run = ctx.lab.migrate(pid, opts);
+    let run: Result<LaunchRun> = match how {
+        How::Lab => {
+            let opts = MigrateOptions {
+                src_wrapper,
+                dst_wrapper,
+                src_args,
+                sample_usage: true,
+                poll: Some(POLL),
+                ..Default::default()
+            };
+            ctx.lab.migrate(pid, opts).map(LaunchRun::from).map_err(Into::into)
+        }
+        How::Own { build, transport } => {
+            let l = launch::Launch { build, transport, src_args, src_wrapper, dst_wrapper, poll: POLL };
+            launch::migrate(ctx, pid, &l)
+        }
+    };
     let wall = t0.elapsed();
     let stats = watcher.finish();
     let run = match run {
         Ok(r) => r,
         Err(e) => {
             finish_workload(w, &[]);
-            return Err(e.into());
+            return Err(e);
         }
     };
     if !run.succeeded() {
@@ -140,7 +164,7 @@ pub fn measure(ctx: &Ctx<'_>, size_mib: u64, s: &mut Sample) -> Result<()> {
         finish_workload(w, &[]);
         return Err(format!("phaul wrote no restored pid: {}", run.describe()).into());
     };
-    let verified = ctx.verify_restored(&mut w, restored, &before);
+    let verified = ctx.verify_restored(&mut w, restored, &before, s);
     finish_workload(w, &[restored]);
     verified?;
 
@@ -152,6 +176,7 @@ pub fn measure(ctx: &Ctx<'_>, size_mib: u64, s: &mut Sample) -> Result<()> {
     }
     let frozen = num(&report, &["frozen_ms"]);
     s.set(metric::TOTAL_MS, ms(wall));
+    s.set(metric::SRC_EXIT_MS, ms(run.src_elapsed));
     if let Some(f) = frozen {
         // phaul's frozen time already spans freeze → restored on B (the source stays frozen until B confirms).
         s.set(metric::CRIU_FROZEN_MS, f);
@@ -161,6 +186,9 @@ pub fn measure(ctx: &Ctx<'_>, size_mib: u64, s: &mut Sample) -> Result<()> {
         (metric::RESTORE_MS, &["restore_ms"][..]),
         (metric::CRIU_RESTORE_MS, &["criu_restore_ms"][..]),
         (metric::PHAUL_REPORTED_TOTAL_MS, &["total_ms"][..]),
+        (metric::PHAUL_DOWNTIME_MS, &["downtime_ms"][..]),
+        (metric::COMMIT_SENT_MS, &["handover", "commit_sent_ms"][..]),
+        (metric::COMMIT_RTT_MS, &["handover", "commit_rtt_ms"][..]),
     ] {
         if let Some(v) = num(&report, path) {
             s.set(key, v);
@@ -196,15 +224,35 @@ pub fn measure(ctx: &Ctx<'_>, size_mib: u64, s: &mut Sample) -> Result<()> {
         Some(Err(e)) => s.notes.push(format!("cannot decode the source's stats-dump: {e}")),
         None => s.notes.push("the source's stats-dump was not caught before phaul removed it".into()),
     }
-    for (u, rss, cpu, children) in [
-        (run.src_usage, metric::SRC_RSS_MIB, metric::SRC_CPU_S, metric::SRC_CHILDREN_CPU_S),
-        (run.dst_usage, metric::DST_RSS_MIB, metric::DST_CPU_S, metric::DST_CHILDREN_CPU_S),
+    // What crossed the memory channel: the pages and the other image files.
+    let moved_gib = (pages + num(&report, &["channels", "memory_images"]).unwrap_or(0.0)) / (1u64 << 30) as f64;
+    for (u, rss, cpu, children, [per_gib, children_per_gib, all_per_gib]) in [
+        (
+            run.src_usage,
+            metric::SRC_RSS_MIB,
+            metric::SRC_CPU_S,
+            metric::SRC_CHILDREN_CPU_S,
+            [metric::SRC_CPU_MS_PER_GIB, metric::SRC_CHILDREN_CPU_MS_PER_GIB, metric::SRC_ALL_CPU_MS_PER_GIB],
+        ),
+        (
+            run.dst_usage,
+            metric::DST_RSS_MIB,
+            metric::DST_CPU_S,
+            metric::DST_CHILDREN_CPU_S,
+            [metric::DST_CPU_MS_PER_GIB, metric::DST_CHILDREN_CPU_MS_PER_GIB, metric::DST_ALL_CPU_MS_PER_GIB],
+        ),
     ] {
         match u {
             Some(u) if u.samples > 0 => {
+                let reaped = u.children_user_s + u.children_sys_s;
                 s.set(rss, u.peak_rss_kib as f64 / 1024.0);
                 s.set(cpu, u.cpu_s());
-                s.set(children, u.children_user_s + u.children_sys_s);
+                s.set(children, reaped);
+                if moved_gib > 0.0 {
+                    s.set(per_gib, u.cpu_s() * 1000.0 / moved_gib);
+                    s.set(children_per_gib, reaped * 1000.0 / moved_gib);
+                    s.set(all_per_gib, (u.cpu_s() + reaped) * 1000.0 / moved_gib);
+                }
                 if !u.final_read {
                     s.notes.push(format!("{cpu}: the final CPU times were not read after the exit"));
                 }

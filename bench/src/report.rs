@@ -617,22 +617,22 @@ fn ok_samples(samples: &[Sample], size: u64, method: Method) -> impl Iterator<It
     samples.iter().filter(move |s| s.size_mib == size && s.method == method && s.error.is_none())
 }
 
-fn fmt(v: f64, dec: usize) -> String {
+pub(crate) fn fmt(v: f64, dec: usize) -> String {
     format!("{v:.dec$}")
 }
 
-fn opt(v: Option<f64>, dec: usize) -> String {
+pub(crate) fn opt(v: Option<f64>, dec: usize) -> String {
     v.map(|v| fmt(v, dec)).unwrap_or_else(|| "—".into())
 }
 
-fn bold(r: &str) -> String {
+pub(crate) fn bold(r: &str) -> String {
     match r {
         "PASS" | "MISS" => format!("**{r}**"),
         other => other.to_string(),
     }
 }
 
-fn loadavg3(s: &str) -> String {
+pub(crate) fn loadavg3(s: &str) -> String {
     s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
 

@@ -17,6 +17,10 @@ pub enum Method {
     /// Optional, for context: bare CRIU with the source kept (`criu dump --leave-stopped`) until the restore on B
     /// succeeded, then killed: the order phaul follows, so the two hosts' memory is held twice meanwhile.
     CriuKeepSource,
+    /// `--compare tls`: phaul over its own connections with mutual TLS (`serve --listen`, `migrate --to`).
+    PhaulTls,
+    /// `--compare handover`: the baseline build of phaul (before the handover commit) over handed-in descriptors.
+    PhaulBaseline,
 }
 
 impl Method {
@@ -30,6 +34,8 @@ impl Method {
             Method::Criu => "bare CRIU",
             Method::Raw => "raw TCP copy",
             Method::CriuKeepSource => "bare CRIU, source kept",
+            Method::PhaulTls => "phaul, own TLS",
+            Method::PhaulBaseline => "phaul before commit",
         }
     }
 }
@@ -77,6 +83,17 @@ pub mod metric {
     pub const COPY_MS: &str = "image_copy_ms";
     /// phaul only: `total_ms` of phaul's own report.
     pub const PHAUL_REPORTED_TOTAL_MS: &str = "phaul_reported_total_ms";
+    /// phaul only: `downtime_ms` of phaul's own report (current phaul: from just before the final dump's freeze until
+    /// the destination's `Committed` arrived; before the commit it was CRIU's frozen time).
+    pub const PHAUL_DOWNTIME_MS: &str = "phaul_downtime_ms";
+    /// phaul only: the report's `handover.commit_sent_ms` (from the freeze until `Commit` was sent).
+    pub const COMMIT_SENT_MS: &str = "commit_sent_ms";
+    /// phaul only: the report's `handover.commit_rtt_ms` (from `Commit` sent until `Committed` arrived).
+    pub const COMMIT_RTT_MS: &str = "commit_rtt_ms";
+    /// phaul only: from the start until `phaul migrate` exited.
+    pub const SRC_EXIT_MS: &str = "src_exit_ms";
+    /// With a heartbeat in the workload: the wall-clock gap between its last beat on A and its first on B.
+    pub const HEARTBEAT_GAP_MS: &str = "heartbeat_gap_ms";
     /// phaul only: the dump round's rate in phaul's report (pages ÷ the whole final dump, restore included).
     pub const PHAUL_ROUND_RATE_MIB_S: &str = "phaul_round_rate_mib_s";
     /// phaul only: peak RSS of `phaul migrate`, MiB.
@@ -91,11 +108,27 @@ pub mod metric {
     pub const SRC_CHILDREN_CPU_S: &str = "phaul_src_criu_children_cpu_s";
     /// phaul only: CPU time of the CRIU processes `phaul serve` reaped, seconds.
     pub const DST_CHILDREN_CPU_S: &str = "phaul_dst_criu_children_cpu_s";
+    /// phaul only: CPU of `phaul migrate` itself per GiB crossing the memory channel (pages + images), ms/GiB.
+    pub const SRC_CPU_MS_PER_GIB: &str = "phaul_src_cpu_ms_per_gib";
+    /// phaul only: CPU of `phaul serve` itself per GiB crossing the memory channel, ms/GiB.
+    pub const DST_CPU_MS_PER_GIB: &str = "phaul_dst_cpu_ms_per_gib";
+    /// phaul only: CPU of the CRIU processes `phaul migrate` reaped per GiB, ms/GiB.
+    pub const SRC_CHILDREN_CPU_MS_PER_GIB: &str = "phaul_src_criu_children_cpu_ms_per_gib";
+    /// phaul only: CPU of the CRIU processes `phaul serve` reaped per GiB, ms/GiB.
+    pub const DST_CHILDREN_CPU_MS_PER_GIB: &str = "phaul_dst_criu_children_cpu_ms_per_gib";
+    /// phaul only: `phaul migrate` and the CRIU processes it reaped together, per GiB, ms/GiB.
+    pub const SRC_ALL_CPU_MS_PER_GIB: &str = "phaul_src_with_criu_cpu_ms_per_gib";
+    /// phaul only: `phaul serve` and the CRIU processes it reaped together, per GiB, ms/GiB.
+    pub const DST_ALL_CPU_MS_PER_GIB: &str = "phaul_dst_with_criu_cpu_ms_per_gib";
 }
 
 /// How a metric is shown: key, label, decimals.
 pub const SHOWN: &[(&str, &str, usize)] = &[
     (metric::DOWNTIME_MS, "downtime, comparable (ms)", 1),
+    (metric::PHAUL_DOWNTIME_MS, "phaul's reported downtime_ms (ms)", 1),
+    (metric::HEARTBEAT_GAP_MS, "heartbeat gap A→B (ms)", 1),
+    (metric::COMMIT_SENT_MS, "freeze → Commit sent (ms)", 1),
+    (metric::COMMIT_RTT_MS, "commit round trip (ms)", 2),
     (metric::CRIU_FROZEN_MS, "CRIU frozen_time, raw (ms)", 1),
     (metric::TOTAL_MS, "total time, wall (ms)", 1),
     (metric::RESTORE_MS, "restore, wall (ms)", 1),
@@ -110,6 +143,7 @@ pub const SHOWN: &[(&str, &str, usize)] = &[
     (metric::DUMP_WALL_MS, "dump command, wall (ms)", 1),
     (metric::COPY_MS, "image copy, wall (ms)", 1),
     (metric::PHAUL_REPORTED_TOTAL_MS, "phaul's own total_ms (ms)", 1),
+    (metric::SRC_EXIT_MS, "start → phaul migrate exited (ms)", 1),
     (metric::PHAUL_ROUND_RATE_MIB_S, "phaul's dump-round rate (MiB/s)", 0),
     (metric::SRC_RSS_MIB, "phaul migrate peak RSS (MiB)", 1),
     (metric::DST_RSS_MIB, "phaul serve peak RSS (MiB)", 1),
@@ -117,6 +151,12 @@ pub const SHOWN: &[(&str, &str, usize)] = &[
     (metric::DST_CPU_S, "phaul serve CPU, user+sys (s)", 2),
     (metric::SRC_CHILDREN_CPU_S, "CRIU reaped by phaul migrate, CPU (s)", 2),
     (metric::DST_CHILDREN_CPU_S, "CRIU reaped by phaul serve, CPU (s)", 2),
+    (metric::SRC_CPU_MS_PER_GIB, "phaul migrate CPU per GiB moved (ms/GiB)", 1),
+    (metric::DST_CPU_MS_PER_GIB, "phaul serve CPU per GiB moved (ms/GiB)", 1),
+    (metric::SRC_CHILDREN_CPU_MS_PER_GIB, "CRIU reaped by phaul migrate, CPU per GiB (ms/GiB)", 1),
+    (metric::DST_CHILDREN_CPU_MS_PER_GIB, "CRIU reaped by phaul serve, CPU per GiB (ms/GiB)", 1),
+    (metric::SRC_ALL_CPU_MS_PER_GIB, "phaul migrate + its CRIU, CPU per GiB (ms/GiB)", 1),
+    (metric::DST_ALL_CPU_MS_PER_GIB, "phaul serve + its CRIU, CPU per GiB (ms/GiB)", 1),
 ];
 
 /// One measurement.
@@ -128,6 +168,9 @@ pub struct Sample {
     pub rep: u32,
     /// Position within the repetition's rotated order, from 0.
     pub position: u32,
+    /// `--compare tls`: the network condition it ran under (e.g. `2gbit`, `unthrottled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
     pub metrics: BTreeMap<String, f64>,
     /// Why the run failed; failed runs are left out of the statistics.
     pub error: Option<String>,
@@ -137,7 +180,16 @@ pub struct Sample {
 
 impl Sample {
     pub fn new(method: Method, size_mib: u64, rep: u32, position: u32) -> Sample {
-        Sample { method, size_mib, rep, position, metrics: BTreeMap::new(), error: None, notes: Vec::new() }
+        Sample {
+            method,
+            size_mib,
+            rep,
+            position,
+            network: None,
+            metrics: BTreeMap::new(),
+            error: None,
+            notes: Vec::new(),
+        }
     }
 
     /// Records a metric if the value is a finite number.
