@@ -144,6 +144,10 @@ pub struct DestinationJournal {
     /// about the session later.
     #[serde(default)]
     pub peer: Option<String>,
+    /// Restart mode: the host type starts the workload itself, so a `commit-received` session whose start left
+    /// no pid behind may still have started it (it stays in doubt instead of being settled as aborted).
+    #[serde(default)]
+    pub restart: bool,
     pub note: String,
     pub updated_unix_ms: u64,
 }
@@ -340,6 +344,7 @@ mod tests {
             restored: Some(ProcId { pid: 5, start_time: 6 }),
             criu_pid: Some(7),
             peer: None,
+            restart: false,
             note: String::new(),
             updated_unix_ms: 0,
         }

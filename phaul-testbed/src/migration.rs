@@ -23,8 +23,13 @@ use crate::workload::Workload;
 pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// The driver libraries the workspace builds, by plugin name.
-pub const PLUGIN_FILES: &[(&str, &str)] =
-    &[("pid", "libphaul_htype_pid.so"), ("shared", "libphaul_fs_shared.so"), ("external", "libphaul_fs_external.so")];
+pub const PLUGIN_FILES: &[(&str, &str)] = &[
+    ("pid", "libphaul_htype_pid.so"),
+    ("shared", "libphaul_fs_shared.so"),
+    ("external", "libphaul_fs_external.so"),
+    // A test fixture (phaul-testbed/fixtures/plugin-restartable), listed only where a test asks for it.
+    ("cmd", "libphaul_fixture_plugin_restartable.so"),
+];
 
 /// A private directory that is removed when dropped.
 #[derive(Debug)]
@@ -55,8 +60,8 @@ impl Drop for ScratchDir {
     }
 }
 
-/// Writes a plugins.toml listing the workspace's driver libraries (next to the `phaul` binary), with `pid`
-/// using `shared` by default.
+/// Writes a plugins.toml listing the workspace's driver libraries (next to the `phaul` binary), with the `pid`
+/// and `cmd` host types (where listed) using `shared` by default.
 pub fn write_plugins_toml(path: &Path, names: &[&str]) -> Result<(), TestbedError> {
     let phaul = locate_binary("phaul")?;
     let dir = phaul.parent().unwrap_or(Path::new("."));
@@ -64,7 +69,9 @@ pub fn write_plugins_toml(path: &Path, names: &[&str]) -> Result<(), TestbedErro
     for (name, file) in PLUGIN_FILES.iter().filter(|(n, _)| names.contains(n)) {
         text.push_str(&format!("\n[[plugin]]\n# {name}\npath = \"{}\"\n", dir.join(file).display()));
     }
-    text.push_str("\n[host-type.pid]\nfs = \"shared\"\n");
+    for htype in ["pid", "cmd"].into_iter().filter(|n| names.contains(n)) {
+        text.push_str(&format!("\n[host-type.{htype}]\nfs = \"shared\"\n"));
+    }
     std::fs::write(path, text).map_err(|e| TestbedError::io(format!("writing {}", path.display()), e))
 }
 
@@ -113,6 +120,9 @@ pub struct MigrateOptions {
     /// which gets only the destination's).
     #[allow(clippy::type_complexity)]
     pub while_running_both: Option<Box<dyn FnOnce(RunningPids) + Send>>,
+    /// What to migrate, as `(HOST-TYPE, ID)`, instead of `pid PID` (the pid given to [`Lab::migrate`] then only
+    /// names the restored-pid file).
+    pub target: Option<(String, String)>,
     /// How long to wait for `phaul serve` once `phaul migrate` has exited (60 s when not given).
     pub dst_timeout: Option<Duration>,
     /// A side that does not exit in time is killed and reported in [`MigrationRun::src_timed_out`] /
@@ -359,7 +369,8 @@ impl Lab {
         let serve = spawn_with_fds(serve_cmd, &[(ch.rpc.1.as_fd(), 3), (ch.mem.1.as_fd(), 4), (ch.fs.1.as_fd(), 5)])
             .map_err(|e| TestbedError::io("starting phaul serve", e))?;
 
-        let mut mig_args = phaul_args(&src_plugins, &["migrate", "pid", &pid.to_string()], &src_images, &opts.src_args);
+        let (htype, id) = opts.target.clone().unwrap_or_else(|| ("pid".into(), pid.to_string()));
+        let mut mig_args = phaul_args(&src_plugins, &["migrate", &htype, &id], &src_images, &opts.src_args);
         mig_args.extend(["--state-dir".into(), self.path("src-state").display().to_string()]);
         // The destination writes the restored pid under its --rpid-dir, by the plain name the source gives.
         mig_args.extend(["--dst-rpid".into(), format!("rpid-{pid}")]);

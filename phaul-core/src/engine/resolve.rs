@@ -93,6 +93,17 @@ pub fn settle_destination(journals: &Journals, j: &mut DestinationJournal) -> Re
     let alive = j.restored.is_some_and(|p| p.alive());
     let (state, note) = match (j.state, alive) {
         (DestinationState::CommitReceived, true) => (DestinationState::Committed, "the copy runs here (settled)"),
+        (DestinationState::CommitReceived, false) if j.restart => {
+            // The host type's start was under way and named no pid: the workload may run here or not. Only the
+            // operator can tell (`phaul resolve --force`); calling it aborted could leave two copies running.
+            if j.note.starts_with("in doubt") {
+                return Ok(());
+            }
+            (
+                DestinationState::CommitReceived,
+                "in doubt: this serve ended while its host type was starting the workload (restart mode); see whether it runs here",
+            )
+        }
         (DestinationState::Held, true) => {
             // CRIU is gone without letting the tree run (`commit-received` is recorded before CRIU is told to
             // let it run): it sits in CRIU's restorer and must go.
@@ -450,4 +461,49 @@ pub fn journal_location(path: &Path) -> Option<(PathBuf, String)> {
     let name = path.file_name()?.to_str()?;
     let session = name.strip_suffix(".source.json")?;
     Some((path.parent()?.to_path_buf(), session.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal(state: DestinationState, restart: bool) -> DestinationJournal {
+        DestinationJournal {
+            session: "0123456789abcdef0123456789abcdef".into(),
+            state,
+            htype: "cmd".into(),
+            id: "w".into(),
+            image_dir: PathBuf::from("/nonexistent"),
+            restored: None,
+            criu_pid: None,
+            peer: None,
+            restart,
+            note: String::new(),
+            updated_unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_restart_mode_start_without_a_pid_stays_in_doubt() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let journals = Journals::open(d.path()).expect("journals");
+        let mut j = journal(DestinationState::CommitReceived, true);
+        settle_destination(&journals, &mut j).expect("settle");
+        assert_eq!(j.state, DestinationState::CommitReceived);
+        assert!(j.note.starts_with("in doubt"), "{}", j.note);
+        assert_eq!(state_of(&j), SessionState::StateActive);
+        // Settling again changes nothing.
+        let note = j.note.clone();
+        settle_destination(&journals, &mut j).expect("settle again");
+        assert_eq!((j.state, j.note.as_str()), (DestinationState::CommitReceived, note.as_str()));
+    }
+
+    #[test]
+    fn a_criu_commit_whose_copy_is_gone_is_aborted() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let journals = Journals::open(d.path()).expect("journals");
+        let mut j = journal(DestinationState::CommitReceived, false);
+        settle_destination(&journals, &mut j).expect("settle");
+        assert_eq!(j.state, DestinationState::Aborted);
+    }
 }

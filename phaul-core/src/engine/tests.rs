@@ -561,6 +561,7 @@ impl DestinationTest {
                     restored: None,
                     criu_pid: None,
                     peer: None,
+                    restart: false,
                     note: "no journal".into(),
                     updated_unix_ms: 0,
                 }

@@ -835,6 +835,7 @@ impl Session<'_> {
             restored: None,
             criu_pid: None,
             peer: self.peer.clone(),
+            restart: self.restart,
             note: "set up".into(),
             updated_unix_ms: 0,
         };

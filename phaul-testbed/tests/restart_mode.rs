@@ -1,0 +1,315 @@
+//! Restart mode (`--mode restart`): the filesystem moves, the workload is stopped on A and started on B, and
+//! every failure before the start leaves it running on A again.
+//!
+//! The host type is the `cmd` test fixture (phaul-testbed/fixtures/plugin-restartable): a real shell process
+//! stopped with signals and started with `sh -c`, standing in for a container manager's stop and start while no
+//! LXC or Virtuozzo host type is built here. The workload is a counter that keeps its count in a file, so that
+//! "it went on from where it was" is seen through the filesystem, the only state restart mode moves.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use phaul_testbed::{
+    netns_of_pid, pid_alive, pids_in_netns, reap_pid, wait_pid_gone, write_plugins_toml, Lab, MigrateOptions,
+    MigrationRun, RunningPids,
+};
+use serde_json::Value;
+
+const COUNTER: &str = r#"n=$(cat count 2>/dev/null || echo 0)
+trap 'exit 0' TERM
+while :; do
+  n=$((n+1))
+  echo "$n" > count.new && mv count.new count
+  sleep 0.05
+done
+"#;
+
+/// The counter workload of the `cmd` host type, in its state directory.
+struct CmdWorkload {
+    dir: PathBuf,
+    /// Every pid it ran as (killed at the end, whichever still runs).
+    pids: Vec<i32>,
+}
+
+impl CmdWorkload {
+    /// Writes the workload's files and starts it in host A.
+    fn start(lab: &Lab, name: &str) -> CmdWorkload {
+        let dir = lab.path(name);
+        std::fs::create_dir_all(&dir).expect("state dir");
+        std::fs::write(dir.join("counter.sh"), COUNTER).expect("counter.sh");
+        std::fs::write(dir.join("command"), "exec /bin/sh ./counter.sh\n").expect("command");
+        let script = format!(
+            "cd '{}' && exec /bin/sh ./counter.sh </dev/null >/dev/null 2>&1 &\necho $! > '{}/pid'",
+            dir.display(),
+            dir.display()
+        );
+        let out = lab.a().run("/bin/sh", ["-c", &script]).expect("start the counter in A");
+        assert!(out.status.success(), "the counter did not start: {out:?}");
+        let mut w = CmdWorkload { dir, pids: Vec::new() };
+        let pid = w.pid().expect("the counter's pid");
+        w.pids.push(pid);
+        assert!(wait_until(Duration::from_secs(10), || w.count() > 0), "the counter never counted");
+        w
+    }
+
+    fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.dir.join("pid")).ok()?.trim().parse().ok()
+    }
+
+    fn count(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("count")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+    }
+
+    fn opt(&self) -> String {
+        format!("dir={}", self.dir.display())
+    }
+
+    /// The one live pid the workload runs as now, after waiting up to `timeout` for one that is not `old`.
+    fn wait_new_pid(&mut self, old: i32, timeout: Duration) -> Option<i32> {
+        let mut found = None;
+        wait_until(timeout, || {
+            found = self.pid().filter(|p| *p != old && pid_alive(*p));
+            found.is_some()
+        });
+        if let Some(p) = found {
+            self.pids.push(p);
+        }
+        found
+    }
+
+    /// Asserts that the counter goes on from at least `from` in a process of host `netns`.
+    fn assert_counts_in(&self, pid: i32, netns: u64, from: u64, what: &str) {
+        assert_eq!(netns_of_pid(pid).expect("netns of the workload"), netns, "the workload does not run {what}");
+        let now = self.count();
+        assert!(now >= from, "the counter went back: {from} before, {now} now");
+        assert!(
+            wait_until(Duration::from_secs(10), || self.count() > now),
+            "the counter stopped at {now}: the workload does not run {what}"
+        );
+    }
+}
+
+impl Drop for CmdWorkload {
+    fn drop(&mut self) {
+        for &p in &self.pids {
+            if pid_alive(p) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+            }
+            // Orphaned to this test process (a subreaper): reap it.
+            let _ = reap_pid(p, Duration::from_millis(500));
+        }
+    }
+}
+
+fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A lab whose plugin list has the `cmd` fixture (using the `shared` filesystem driver: both hosts see the
+/// same state directory, as with shared storage).
+fn restart_lab(tag: &str) -> (Lab, PathBuf) {
+    let lab = lab(tag);
+    let plugins = lab.path("plugins-cmd.toml");
+    write_plugins_toml(&plugins, &["cmd", "shared"]).expect("plugins.toml");
+    (lab, plugins)
+}
+
+fn options(w: &CmdWorkload, plugins: &Path) -> MigrateOptions {
+    MigrateOptions {
+        target: Some(("cmd".into(), "counter".into())),
+        src_args: vec!["--mode".into(), "restart".into(), "--htype-opt".into(), w.opt()],
+        src_plugins: Some(plugins.to_path_buf()),
+        dst_plugins: Some(plugins.to_path_buf()),
+        ..Default::default()
+    }
+}
+
+fn report(run: &MigrationRun) -> Value {
+    run.report.clone().unwrap_or_else(|| panic!("no JSON report:\n{}", run.describe()))
+}
+
+fn assert_nothing_in_b(lab: &Lab, run: &MigrationRun) {
+    let b = lab.b().netns_inode().expect("netns of B");
+    assert!(
+        wait_until(Duration::from_secs(15), || pids_in_netns(b).is_ok_and(|l| l.is_empty())),
+        "processes left in host B: {:?}\n{}",
+        pids_in_netns(b),
+        run.describe()
+    );
+}
+
+/// The source journal of the one session in `lab`.
+fn source_journal(lab: &Lab) -> Value {
+    let dir = lab.path("src-state");
+    let file = std::fs::read_dir(&dir)
+        .expect("src-state")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".source.json"))
+        .unwrap_or_else(|| panic!("no source journal in {}", dir.display()));
+    serde_json::from_str(&std::fs::read_to_string(&file).expect("journal")).expect("journal JSON")
+}
+
+#[test]
+fn restart_mode_moves_the_workload_and_its_files() {
+    let (lab, plugins) = restart_lab("restart-ok");
+    let mut w = CmdWorkload::start(&lab, "counter");
+    let old = w.pids[0];
+    let before = w.count();
+    let run = lab.migrate(old, options(&w, &plugins)).expect("run");
+    assert!(run.succeeded(), "restart-mode migration failed:\n{}", run.describe());
+    assert!(wait_pid_gone(old, Duration::from_secs(10)), "the workload still runs on A as {old}");
+    let new = w.wait_new_pid(old, Duration::from_secs(5)).unwrap_or_else(|| panic!("no new pid:\n{}", run.describe()));
+    w.assert_counts_in(new, lab.b().netns_inode().expect("netns of B"), before, "in host B");
+    assert!(pids_in_netns(lab.a().netns_inode().expect("netns of A")).expect("pids in A").is_empty());
+
+    let r = report(&run);
+    assert_eq!(r["outcome"], "migrated", "{r}");
+    assert_eq!(r["mode"], "restart", "{r}");
+    assert_eq!(r["restored_pid"], new, "{r}");
+    let outage = r["outage_ms"].as_f64().unwrap_or_else(|| panic!("no outage_ms: {r}"));
+    assert!(outage > 0.0, "{r}");
+    let rounds = r["fs_round_list"].as_array().unwrap_or_else(|| panic!("no fs_round_list: {r}"));
+    assert!(rounds.len() >= 2, "a live round and the final one: {r}");
+    assert_eq!(rounds.last().map(|x| x["frozen"].clone()), Some(Value::Bool(true)), "{r}");
+    assert!(rounds[..rounds.len() - 1].iter().all(|x| x["frozen"] == false), "{r}");
+    assert_eq!(source_journal(&lab)["state"], "migrated");
+}
+
+#[test]
+fn a_destination_that_cannot_start_it_leaves_it_running_on_the_source() {
+    let (lab, plugins) = restart_lab("restart-nostart");
+    let mut w = CmdWorkload::start(&lab, "counter");
+    let old = w.pids[0];
+    let before = w.count();
+    let mut opts = options(&w, &plugins);
+    opts.dst_args = vec!["--htype-opt".into(), "cmd:fail-start=1".into()];
+    let run = lab.migrate(old, opts).expect("run");
+    assert!(!run.src_status.success(), "the source reported success:\n{}", run.describe());
+    assert!(run.src_stderr.contains("start failed on purpose"), "{}", run.describe());
+    let r = report(&run);
+    assert_eq!(r["outcome"], "failed", "{r}");
+    // Stopped for the final round, then started again here.
+    let new = w
+        .wait_new_pid(old, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("not started again:\n{}", run.describe()));
+    assert!(!pid_alive(old));
+    w.assert_counts_in(new, lab.a().netns_inode().expect("netns of A"), before, "in host A");
+    assert_nothing_in_b(&lab, &run);
+    assert_eq!(source_journal(&lab)["state"], "rolled-back");
+}
+
+#[test]
+fn a_source_that_cannot_stop_it_leaves_it_running_untouched() {
+    let (lab, plugins) = restart_lab("restart-nostop");
+    let w = CmdWorkload::start(&lab, "counter");
+    let old = w.pids[0];
+    let before = w.count();
+    let mut opts = options(&w, &plugins);
+    opts.src_args.extend(["--htype-opt".into(), "fail-stop=1".into()]);
+    let run = lab.migrate(old, opts).expect("run");
+    assert!(!run.src_status.success(), "the source reported success:\n{}", run.describe());
+    assert!(run.src_stderr.contains("stop failed on purpose"), "{}", run.describe());
+    assert_eq!(w.pid(), Some(old), "the workload was restarted although it never stopped");
+    w.assert_counts_in(old, lab.a().netns_inode().expect("netns of A"), before, "in host A");
+    assert_nothing_in_b(&lab, &run);
+}
+
+/// Arms the fault hook at `point` on `side` and kills the process that stops there.
+fn kill_at(opts: &mut MigrateOptions, lab: &Lab, point: &str, src_side: bool) {
+    let file = lab.path("fault.json");
+    let _ = std::fs::remove_file(&file);
+    let env = vec![
+        ("PHAUL_TEST_FAULT_AT".to_string(), point.to_string()),
+        ("PHAUL_TEST_FAULT_FILE".to_string(), file.display().to_string()),
+    ];
+    if src_side {
+        opts.src_env = env;
+    } else {
+        opts.dst_env = env;
+    }
+    opts.tolerate_timeouts = true;
+    opts.while_running_both = Some(Box::new(move |pids: RunningPids| {
+        let mut stopped = None;
+        wait_until(Duration::from_secs(120), || {
+            stopped = std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .and_then(|v| v["pid"].as_i64());
+            stopped.is_some() || (!pid_alive(pids.src as i32) && !pid_alive(pids.dst as i32))
+        });
+        if let Some(p) = stopped {
+            // Stopped by the hook (SIGSTOP); SIGKILL ends it all the same.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }));
+}
+
+#[test]
+fn a_source_killed_while_the_workload_is_stopped_has_its_guard_start_it_again() {
+    let (lab, plugins) = restart_lab("restart-killsrc");
+    let mut w = CmdWorkload::start(&lab, "counter");
+    let old = w.pids[0];
+    let before = w.count();
+    let mut opts = options(&w, &plugins);
+    kill_at(&mut opts, &lab, "src:step:stopped", true);
+    let run = lab.migrate(old, opts).expect("run");
+    assert!(lab.path("fault.json").exists(), "src:step:stopped was never reached:\n{}", run.describe());
+    assert!(!run.src_status.success(), "{}", run.describe());
+    // The guard notices phaul migrate's death and starts the stopped workload again on A.
+    let new = w
+        .wait_new_pid(old, Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("the guard did not start it:\n{}", run.describe()));
+    w.assert_counts_in(new, lab.a().netns_inode().expect("netns of A"), before, "in host A");
+    assert_nothing_in_b(&lab, &run);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while source_journal(&lab)["state"] != "rolled-back" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(source_journal(&lab)["state"], "rolled-back", "{}", source_journal(&lab));
+    if let Some(g) = source_journal(&lab)["guard_pid"].as_i64() {
+        assert!(wait_pid_gone(g as i32, Duration::from_secs(30)), "the guard {g} never exited");
+        let _ = reap_pid(g as i32, Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_destination_killed_at_the_start_leaves_the_session_in_doubt_until_the_operator_decides() {
+    let (lab, plugins) = restart_lab("restart-killdst");
+    let mut w = CmdWorkload::start(&lab, "counter");
+    let old = w.pids[0];
+    let before = w.count();
+    let mut opts = options(&w, &plugins);
+    kill_at(&mut opts, &lab, "dst:step:starting", false);
+    let run = lab.migrate(old, opts).expect("run");
+    assert!(lab.path("fault.json").exists(), "dst:step:starting was never reached:\n{}", run.describe());
+    // The source sent Start and heard nothing: the destination may have started it, so phaul neither starts it
+    // here nor calls it migrated.
+    assert_eq!(run.src_status.code(), Some(3), "expected in doubt (exit 3):\n{}", run.describe());
+    assert!(!pid_alive(old), "the workload runs on A although its start on B is in doubt");
+    assert_eq!(w.pid(), Some(old), "something started the workload while the session was in doubt");
+    let session = source_journal(&lab)["session"].as_str().expect("session").to_string();
+    assert_eq!(source_journal(&lab)["state"], "in-doubt");
+
+    // The operator saw that nothing runs on B and decides for the source.
+    let plugins_s = plugins.display().to_string();
+    let out = lab.phaul(&["--plugins", &plugins_s, "resolve", &session, "--force", "resume"], &[]).expect("resolve");
+    assert!(out.status.success(), "phaul resolve --force resume failed:\n{}\n{}", out.stdout, out.stderr);
+    let new =
+        w.wait_new_pid(old, Duration::from_secs(10)).unwrap_or_else(|| panic!("not started again: {}", out.stdout));
+    w.assert_counts_in(new, lab.a().netns_inode().expect("netns of A"), before, "in host A");
+    assert_nothing_in_b(&lab, &run);
+    assert_eq!(source_journal(&lab)["state"], "rolled-back");
+}
