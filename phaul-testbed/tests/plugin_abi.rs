@@ -345,6 +345,15 @@ fn a_revision_2_plugin_migrates_a_real_workload_with_both_of_its_drivers() {
     let rounds = r["fs_round_list"].as_array().cloned().unwrap_or_default();
     assert!(!rounds.is_empty(), "no filesystem rounds in {r}");
     assert!(rounds.iter().all(|x| x["bytes"] == 4096 && x["files"] == 1), "{r}");
+    // Its progress reports reached the source's report: the last one, of the final round, is complete.
+    let progress = r["plugin_progress"].as_array().cloned().unwrap_or_default();
+    let sync = progress
+        .iter()
+        .find(|p| p["what"] == "rev2fs sync")
+        .unwrap_or_else(|| panic!("no progress of rev2fs sync in the report: {r}"));
+    assert_eq!(sync["plugin"], REV2_PLUGIN, "{r}");
+    assert!(sync["total"].as_u64().is_some_and(|t| t > 0) && sync["done"] == sync["total"], "{r}");
+    assert_eq!(sync["reports"].as_u64(), Some(rounds.len() as u64), "{r}");
     let tag = format!("plugin:{REV2_PLUGIN}]");
     let has = |log: &str, text: &str| log.lines().any(|l| l.contains(&tag) && l.contains(text));
     for (side, log, lines) in [

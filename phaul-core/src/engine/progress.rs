@@ -2,7 +2,7 @@
 //! Nothing is printed when standard error is not a terminal.
 
 use std::io::Write;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Debug)]
 pub struct Progress {
@@ -13,8 +13,28 @@ pub struct Progress {
 
 impl Progress {
     /// Shows progress only when `wanted` and standard error is a terminal.
+    /// Plugins' own progress reports (`HostServices::progress`) are shown on the same line, at most ten times
+    /// a second, for as long as this lives.
     pub fn new(wanted: bool) -> Progress {
-        Progress { enabled: wanted && crate::sys::stderr_is_terminal(), started: Instant::now(), dirty: false }
+        let p = Progress { enabled: wanted && crate::sys::stderr_is_terminal(), started: Instant::now(), dirty: false };
+        if p.enabled {
+            let started = p.started;
+            let last = std::sync::Mutex::new(None::<Instant>);
+            crate::plugins::services::set_progress_sink(Some(Box::new(move |plugin, what, done, total| {
+                let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+                let complete = total > 0 && done >= total;
+                if !complete && last.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) {
+                    return;
+                }
+                *last = Some(Instant::now());
+                let of = if total > 0 { format!(" of {total}") } else { String::new() };
+                let t = started.elapsed().as_secs_f64();
+                let mut e = std::io::stderr().lock();
+                let _ = write!(e, "\r\x1b[K[{t:6.1}s] {plugin}: {what} {done}{of}");
+                let _ = e.flush();
+            })));
+        }
+        p
     }
 
     pub fn phase(&mut self, text: &str) {
@@ -47,6 +67,9 @@ impl Progress {
 
 impl Drop for Progress {
     fn drop(&mut self) {
+        if self.enabled {
+            crate::plugins::services::set_progress_sink(None);
+        }
         self.done();
     }
 }

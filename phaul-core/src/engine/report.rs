@@ -123,6 +123,9 @@ pub struct Report {
     pub fs_rounds: u32,
     /// Each filesystem round: its number, whether it ran frozen, what it moved and how long it took.
     pub fs_round_list: Vec<FsRoundReport>,
+    /// What this side's plugins last said of their progress (`HostServices::progress`), one entry per plugin
+    /// and thing it does.
+    pub plugin_progress: Vec<crate::plugins::services::PluginProgress>,
     pub total_ms: f64,
     /// How long the workload was frozen (CRIU's own measure; it includes the restore on the destination, because
     /// the source stays frozen until the destination confirms).
@@ -241,6 +244,10 @@ impl fmt::Display for Report {
                 r.files,
                 r.duration_ms
             )?;
+        }
+        for p in &self.plugin_progress {
+            let of = if p.total > 0 { format!(" of {}", p.total) } else { String::new() };
+            writeln!(f, "  plugin:       {} {}: {}{of}", p.plugin, p.what, p.done)?;
         }
         writeln!(
             f,

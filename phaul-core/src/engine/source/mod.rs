@@ -255,12 +255,14 @@ pub fn migrate(
     channels: SourceChannels,
 ) -> (Report, Ended, Result<(), MigrateError>) {
     let started = Instant::now();
+    crate::plugins::services::clear_plugin_progress();
     let mut run = SourceRun::new(cfg, ctx);
     let result = run.run(channels);
     let ended = run.ended(&result);
     let copies = run.copies(ended);
     let mut report = std::mem::replace(&mut run.report, Report::empty());
     report.total_ms = started.elapsed().as_secs_f64() * 1000.0;
+    report.plugin_progress = crate::plugins::services::plugin_progress();
     report.outcome = ended.as_str();
     report.copies = copies;
     if let Err(e) = &result {
@@ -346,6 +348,7 @@ impl Report {
             rounds: Vec::new(),
             fs_rounds: 0,
             fs_round_list: Vec::new(),
+            plugin_progress: Vec::new(),
             outage_ms: None,
             total_ms: 0.0,
             frozen_ms: None,
