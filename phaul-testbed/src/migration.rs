@@ -29,6 +29,8 @@ pub const PLUGIN_FILES: &[(&str, &str)] = &[
     ("external", "libphaul_fs_external.so"),
     // A test fixture (phaul-testbed/fixtures/plugin-restartable), listed only where a test asks for it.
     ("cmd", "libphaul_fixture_plugin_restartable.so"),
+    // Another (phaul-testbed/fixtures/plugin-selfrestore): a host type that runs `criu restore` itself.
+    ("selfpid", "libphaul_fixture_plugin_selfrestore.so"),
 ];
 
 /// A private directory that is removed when dropped.
@@ -60,8 +62,8 @@ impl Drop for ScratchDir {
     }
 }
 
-/// Writes a plugins.toml listing the workspace's driver libraries (next to the `phaul` binary), with the `pid`
-/// and `cmd` host types (where listed) using `shared` by default.
+/// Writes a plugins.toml listing the workspace's driver libraries (next to the `phaul` binary), with the host
+/// types listed (`pid`, and the fixtures `cmd` and `selfpid`) using `shared` by default.
 pub fn write_plugins_toml(path: &Path, names: &[&str]) -> Result<(), TestbedError> {
     let phaul = locate_binary("phaul")?;
     let dir = phaul.parent().unwrap_or(Path::new("."));
@@ -69,7 +71,7 @@ pub fn write_plugins_toml(path: &Path, names: &[&str]) -> Result<(), TestbedErro
     for (name, file) in PLUGIN_FILES.iter().filter(|(n, _)| names.contains(n)) {
         text.push_str(&format!("\n[[plugin]]\n# {name}\npath = \"{}\"\n", dir.join(file).display()));
     }
-    for htype in ["pid", "cmd"].into_iter().filter(|n| names.contains(n)) {
+    for htype in ["pid", "cmd", "selfpid"].into_iter().filter(|n| names.contains(n)) {
         text.push_str(&format!("\n[host-type.{htype}]\nfs = \"shared\"\n"));
     }
     std::fs::write(path, text).map_err(|e| TestbedError::io(format!("writing {}", path.display()), e))

@@ -216,6 +216,10 @@ enum Command {
         #[command(flatten)]
         tls: TlsArgs,
     },
+    /// CRIU's action script for host types that restore by themselves (written by `phaul serve`; not for
+    /// operators): hands the action to the restoring `phaul serve` on SOCKET and exits as it answers.
+    #[command(name = "__notify", hide = true)]
+    Notify { socket: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -570,6 +574,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), Fail> {
+    if let Command::Notify { socket } = &cli.command {
+        // Run by CRIU, inside its restore: no logging set-up, no configuration; the answer is the exit status.
+        return engine::run_notify_helper(socket).map_err(|m| Fail(EXIT_FAILED, m));
+    }
     init_logging(&cli.common)?;
     match cli.command {
         Command::Migrate(a) => migrate(&cli.common, a),
@@ -583,6 +591,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
         Command::Resolve(a) => resolve_cmd(&cli.common, a),
         Command::Cert(c) => cert(c),
         Command::Guard { journal, watch_fd, patience, tls } => guard(&cli.common, journal, watch_fd, patience, &tls),
+        Command::Notify { .. } => Ok(()),
     }
 }
 
@@ -722,6 +731,7 @@ fn serve(c: &Common, a: ServeArgs) -> Result<(), Fail> {
         rpid_dir: a.rpid_dir,
         htype_options: a.htype_options,
         fs_options: a.fs_options,
+        notify_helper: std::env::current_exe().ok(),
     };
     settle_destination_journals(&cfg.state_dir);
     let ctx = DestinationContext { drivers: &reg, criu: Arc::new(criu), cfg: &cfg };

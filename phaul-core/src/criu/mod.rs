@@ -7,7 +7,7 @@ pub mod rpc;
 
 pub use locate::{locate_criu, CriuLocation, LocateError, MIN_CRIU, SETUP_DEFAULT_CRIU};
 pub use log::error_lines;
-pub use options::{build_opts, network_lock_method, PassedFds, INHERIT_FD_BASE};
+pub use options::{build_opts, command_line_args, network_lock_method, PassedFds, INHERIT_FD_BASE};
 pub use rpc::{Criu, CriuBackend, CriuError, CriuSession, Features, NotifyHandler, SwrkSession, Version};
 
 #[cfg(test)]

@@ -28,6 +28,71 @@ fn flag(v: bool) -> Option<bool> {
     v.then_some(true)
 }
 
+/// The same options as `criu restore` command-line arguments, for a host type that runs CRIU as a command
+/// (`HostType::restore`). `orphan-pts-master` has no command-line form (CRIU offers it over RPC only) and is left
+/// out; `--freeze-cgroup` is a dump option and is left out too. Inherited descriptors keep their numbers in the
+/// host type's process, which must pass them to the command it runs.
+pub fn command_line_args(h: &CriuOptions) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let flags = [
+        (h.shell_job, "--shell-job"),
+        (h.tcp_established, "--tcp-established"),
+        (h.tcp_close, "--tcp-close"),
+        (h.tcp_skip_in_flight, "--skip-in-flight"),
+        (h.ext_unix_sk, "--ext-unix-sk"),
+        (h.file_locks, "--file-locks"),
+        (h.link_remap, "--link-remap"),
+        (h.evasive_devices, "--evasive-devices"),
+        (h.mntns_compat_mode, "--mntns-compat-mode"),
+        (h.force_irmap, "--force-irmap"),
+        (h.ext_sharing, "--enable-external-sharing"),
+        (h.ext_masters, "--enable-external-masters"),
+        (h.rst_sibling, "--restore-sibling"),
+    ];
+    a.extend(flags.iter().filter(|(on, _)| *on).map(|(_, f)| f.to_string()));
+    if h.auto_ext_mnt {
+        a.extend(["--ext-mount-map".into(), "auto".into()]);
+    }
+    if let Some(m) = h.manage_cgroups {
+        a.push(format!("--manage-cgroups={}", m.as_str()));
+    }
+    let lock = match network_lock_method(h.network_lock) {
+        CriuNetworkLockMethod::Iptables => "iptables",
+        CriuNetworkLockMethod::Nftables => "nftables",
+        CriuNetworkLockMethod::Skip => "skip",
+    };
+    a.extend(["--network-lock".into(), lock.into()]);
+    let valued = [
+        ("--root", &h.root),
+        ("--lsm-profile", &h.lsm_profile),
+        ("--cgroup-props", &h.cgroup_props),
+        ("--cgroup-yard", &h.cgroup_yard),
+    ];
+    for (flag, v) in valued {
+        if let Some(v) = v {
+            a.extend([flag.to_string(), v.clone()]);
+        }
+    }
+    if let Some(g) = h.ghost_limit {
+        a.extend(["--ghost-limit".into(), g.to_string()]);
+    }
+    for (flag, list) in [("--external", &h.external), ("--skip-mnt", &h.skip_mnt), ("--enable-fs", &h.enable_fs)] {
+        for v in list {
+            a.extend([flag.to_string(), v.clone()]);
+        }
+    }
+    for (k, v) in &h.ext_mounts {
+        a.extend(["--ext-mount-map".into(), format!("{k}:{v}")]);
+    }
+    for (c, p) in &h.cgroup_roots {
+        a.extend(["--cgroup-root".into(), c.as_ref().map(|c| format!("{c}:{p}")).unwrap_or_else(|| p.clone())]);
+    }
+    for (key, fd) in &h.inherit_fds {
+        a.extend(["--inherit-fd".into(), format!("fd[{fd}]:{key}")]);
+    }
+    a
+}
+
 /// Where descriptors handed to CRIU (`inherit_fd`) start in CRIU's own table.
 pub const INHERIT_FD_BASE: i32 = 100;
 
@@ -87,6 +152,32 @@ pub fn build_opts(mut base: CriuOpts, h: &CriuOptions) -> Result<(CriuOpts, Pass
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_become_criu_command_line_arguments() {
+        let h = CriuOptions {
+            shell_job: true,
+            tcp_skip_in_flight: true,
+            rst_sibling: true,
+            orphan_pts_master: true,
+            manage_cgroups: Some(CgroupMode::Soft),
+            root: Some("/r".into()),
+            ghost_limit: Some(4096),
+            external: vec!["mnt[/x]:y".into()],
+            ext_mounts: vec![("/a".into(), "/b".into())],
+            cgroup_roots: vec![(Some("cpu".into()), "/c".into()), (None, "/all".into())],
+            inherit_fds: vec![("tty[8:0]".into(), 7)],
+            ..Default::default()
+        };
+        let a = command_line_args(&h).join(" ");
+        assert_eq!(
+            a,
+            "--shell-job --skip-in-flight --restore-sibling --manage-cgroups=soft --network-lock nftables --root /r \
+             --ghost-limit 4096 --external mnt[/x]:y --ext-mount-map /a:/b --cgroup-root cpu:/c --cgroup-root /all \
+             --inherit-fd fd[7]:tty[8:0]"
+        );
+        assert_eq!(command_line_args(&CriuOptions::default()).join(" "), "--network-lock nftables");
+    }
 
     #[test]
     fn host_options_reach_criu() {

@@ -23,8 +23,8 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
 pub use destination::{
-    answer_resolution, kill_restored_tree, serve_session, DestinationChannels, DestinationConfig, DestinationContext,
-    ServeError, ServeSummary,
+    answer_resolution, kill_restored_tree, run_notify_helper, serve_session, DestinationChannels, DestinationConfig,
+    DestinationContext, ServeError, ServeSummary,
 };
 pub use files::FileTransferError;
 pub use policy::{rates, should_stop, OnNoConverge, Policy, Rates, RoundSample, StopReason};

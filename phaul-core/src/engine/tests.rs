@@ -519,6 +519,7 @@ impl DestinationTest {
             rpid_dir: None,
             htype_options: Vec::new(),
             fs_options: Vec::new(),
+            notify_helper: None,
         }
     }
 

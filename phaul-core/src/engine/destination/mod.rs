@@ -12,6 +12,9 @@
 //! it ends the session. Every transition that matters is in the session's journal before it takes effect.
 
 mod restore;
+mod self_restore;
+
+pub use self_restore::run_helper as run_notify_helper;
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
@@ -61,6 +64,9 @@ pub struct DestinationConfig {
     pub htype_options: Vec<(String, String, String)>,
     /// This side's own filesystem-driver options (`serve --fs-opt NAME:KEY=VALUE`).
     pub fs_options: Vec<(String, String, String)>,
+    /// The phaul executable whose `__notify` is CRIU's action script when a host type restores by itself (none:
+    /// such host types cannot restore here).
+    pub notify_helper: Option<PathBuf>,
 }
 
 /// What one served session came to.
@@ -1107,6 +1113,13 @@ impl Session<'_> {
 
     fn restore(&mut self, round: u32, lazy_pages: bool) -> Result<(), Failed> {
         let d = self.round_dir(round)?;
+        let self_restores = self.htype.as_ref().is_some_and(|h| lock(h).restores_itself());
+        if self_restores && (lazy_pages || self.lazy_restore) {
+            return Err(Failed::from(format!(
+                "the '{}' host type restores the workload itself, and post-copy and lazy restore need phaul's own restore; migrate it without --post-copy and --lazy-restore",
+                self.htype_name
+            )));
+        }
         let criu = crate::criu::Criu::new(self.ctx.criu.path().to_path_buf(), self.ctx.criu.timeout());
         if lazy_pages {
             // The daemon's page requests reach the source's CRIU through phaul's relay and the memory channel.
@@ -1131,6 +1144,33 @@ impl Session<'_> {
             let h = plugin(crate::plugins::criu_options(&mut ht, CriuStage::RESTORE), "host type", &name)?;
             (root, h)
         };
+        if self_restores {
+            let helper = self.ctx.cfg.notify_helper.clone().ok_or_else(|| {
+                Failed::from(format!(
+                    "the '{}' host type restores the workload itself, and this phaul serve has no action-script helper to hold the restore with",
+                    self.htype_name
+                ))
+            })?;
+            let mut options = h;
+            if let abi_stable::std_types::RSome(r) = root {
+                options.root = Some(r.into_string());
+            }
+            let (dtx, drx) = mpsc::channel();
+            self.decision = Some(dtx);
+            self.restore_round = Some(d.clone());
+            self_restore::spawn(self_restore::Job {
+                dir: d,
+                helper,
+                criu_path: self.ctx.criu.path().to_path_buf(),
+                options,
+                htype,
+                htype_name: name,
+                events: self.events_tx.clone(),
+                decisions: drx,
+            });
+            self.state = State::Restoring { deadline: Instant::now() + self.max_frozen, abort: None };
+            return Ok(());
+        }
         let (base, open_dir) = rpc::dir_opts(&d, "restore.log").map_err(criu_failed)?;
         let (mut opts, fds) = build_opts(base, &h).map_err(Failed::from)?;
         if lazy_pages || self.lazy_restore {
