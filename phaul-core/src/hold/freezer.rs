@@ -155,13 +155,43 @@ mod tests {
     use super::*;
     use std::process::{Command, Stdio};
 
-    /// A shell loop that counts into a file every 10 ms.
-    fn counter(file: &Path) -> std::process::Child {
-        Command::new("sh")
-            .args(["-c", &format!("i=0; while :; do i=$((i+1)); echo $i > {}; sleep 0.01; done", file.display())])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn")
+    /// A shell loop that counts into a file every 10 ms; killed (with its tree) when dropped, so that a failed
+    /// assertion leaves nothing running.
+    struct Counter(std::process::Child);
+
+    impl Counter {
+        fn id(&self) -> u32 {
+            self.0.id()
+        }
+        fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+            self.0.wait()
+        }
+    }
+
+    impl Drop for Counter {
+        fn drop(&mut self) {
+            if let Ok(None) = self.0.try_wait() {
+                let procs = super::super::procs::tree_processes(self.0.id() as i32).unwrap_or_default();
+                for p in &procs {
+                    let _ =
+                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), nix::sys::signal::Signal::SIGKILL);
+                }
+                // (cgroup v2 lets SIGKILL end a frozen task.)
+                let _ = self.0.wait();
+            }
+        }
+    }
+
+    fn counter(file: &Path) -> Counter {
+        Counter(
+            Command::new("sh")
+                .args(["-c", &format!("i=0; while :; do i=$((i+1)); echo $i > {}; sleep 0.01; done", file.display())])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn"),
+        )
     }
 
     fn read(file: &Path) -> u64 {

@@ -673,6 +673,14 @@ pub(super) fn migrated(run: &mut SourceRun<'_>, live: &mut Live) -> Result<(), M
             Ok(())
         }
         Err(e) => {
+            if let Some(f) = live.control.peer_aborted().filter(|f| f.aborted) {
+                // The destination ended the session on its own after the commit: a post-copy whose pages could not
+                // all arrive (its lazy-pages daemon failed, and may have ended CRIU's transfer the way a finished
+                // one ends, so this side's CRIU saw success). The workload is lost.
+                run.ended = Some(Ended::Lost);
+                let _ = run.record(SourceState::Lost, &f.message, |_| {});
+                return Err(MigrateError::Lost(f.message));
+            }
             log::warn!("the workload runs on the destination, but its answer to Finish did not come: {e}");
             Ok(())
         }
