@@ -344,3 +344,29 @@ pub fn adopt_inherited(fd: RawFd) -> io::Result<OwnedFd> {
     // spawned it under this number), and nothing else in this process owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// Receives one message from a SOCK_SEQPACKET socket into `buf`, with the descriptors it carries (SCM_RIGHTS, at
+/// most `MAX_PASSED_FDS`; more are closed by the kernel's truncation). Returns the message's full length (which
+/// may exceed `buf`: MSG_TRUNC) and the descriptors, each owned by the caller.
+pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut space = nix::cmsg_space!([RawFd; MAX_PASSED_FDS]);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg =
+        recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_TRUNC | MsgFlags::MSG_CMSG_CLOEXEC)
+            .map_err(io::Error::from)?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(list) = c {
+            for fd in list {
+                // SAFETY: the kernel installed `fd` in this process for this message (SCM_RIGHTS) and nothing else
+                // refers to it yet; the OwnedFd becomes its only owner and closes it.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    Ok((msg.bytes, fds))
+}
+
+/// How many descriptors [`recv_with_fds`] takes from one message.
+pub const MAX_PASSED_FDS: usize = 4;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use command_fds::{CommandFdExt, FdMapping};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{recv, send, MsgFlags};
+use nix::sys::socket::{send, MsgFlags};
 use phaul_proto::criu::{CriuFeatures, CriuOpts, CriuReq, CriuReqType, CriuResp};
 use prost::Message;
 
@@ -419,7 +419,8 @@ impl SwrkSession {
         CriuError::Died { op, log: self.log.clone(), log_errors: self.log_errors() }
     }
 
-    fn recv(&mut self, op: &'static str, deadline: Instant) -> Result<CriuResp, CriuError> {
+    /// One message from CRIU and the descriptors it passed with it (`orphan-pts-master` passes the pty master).
+    fn recv_with_fds(&mut self, op: &'static str, deadline: Instant) -> Result<(CriuResp, Vec<OwnedFd>), CriuError> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -442,8 +443,8 @@ impl SwrkSession {
             }
         }
         let mut buf = vec![0u8; MAX_MESSAGE];
-        let n = recv(self.sock.as_raw_fd(), &mut buf, MsgFlags::MSG_TRUNC)
-            .map_err(|e| CriuError::Io { op, source: e.into() })?;
+        let (n, fds) =
+            sys::recv_with_fds(self.sock.as_fd(), &mut buf).map_err(|source| CriuError::Io { op, source })?;
         if n == 0 {
             return Err(self.died(op));
         }
@@ -453,7 +454,8 @@ impl SwrkSession {
                 source: io::Error::new(io::ErrorKind::InvalidData, format!("a {n}-byte message from CRIU")),
             });
         }
-        CriuResp::decode(&buf[..n]).map_err(|source| CriuError::Decode { op, source })
+        let resp = CriuResp::decode(&buf[..n]).map_err(|source| CriuError::Decode { op, source })?;
+        Ok((resp, fds))
     }
 
     /// Sends a request and serves CRIU's notifications until the response arrives.
@@ -467,13 +469,18 @@ impl SwrkSession {
         self.send(op, &request)?;
         let mut notify_failure: Option<(String, String)> = None;
         loop {
-            let resp = self.recv(op, deadline)?;
+            let (resp, fds) = self.recv_with_fds(op, deadline)?;
             let kind = CriuReqType::try_from(resp.r#type).unwrap_or(CriuReqType::Empty);
             if kind == CriuReqType::Notify {
                 let n = resp.notify.unwrap_or_default();
                 let script = n.script.unwrap_or_default();
-                log::debug!("CRIU notification {script} (pid {:?})", n.pid);
+                log::debug!("CRIU notification {script} (pid {:?}, {} descriptors)", n.pid, fds.len());
+                // The descriptor CRIU passed (if any) is open for the handler's call ([`notification_fd`]) and
+                // closed after it.
+                NOTIFICATION_FD.with(|c| c.set(fds.first().map(|f| f.as_raw_fd())));
                 let outcome = on_notify(&script, n.pid);
+                NOTIFICATION_FD.with(|c| c.set(None));
+                drop(fds);
                 let ok = outcome.is_ok();
                 if let Err(message) = outcome {
                     notify_failure = Some((script, message));
@@ -503,6 +510,16 @@ impl SwrkSession {
     }
 }
 
+thread_local! {
+    static NOTIFICATION_FD: std::cell::Cell<Option<i32>> = const { std::cell::Cell::new(None) };
+}
+
+/// Inside a notification handler: the descriptor CRIU passed with the notification (`orphan-pts-master`: the
+/// master of the pty it made for the restored tree), open until the handler returns; duplicate it to keep it.
+pub fn notification_fd() -> Option<i32> {
+    NOTIFICATION_FD.with(|c| c.get())
+}
+
 /// The response type CRIU uses for a request (it answers PAGE_SERVER_CHLD as PAGE_SERVER).
 fn request_type(r: &CriuReq) -> CriuReqType {
     match CriuReqType::try_from(r.r#type).unwrap_or(CriuReqType::Empty) {
@@ -526,5 +543,59 @@ impl Drop for SwrkSession {
         log::warn!("CRIU (pid {}) did not exit 30 s after its session ended; killing it", self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{sendmsg, ControlMessage};
+    use phaul_proto::criu::CriuNotify;
+    use std::io::{Read, Write};
+
+    /// A notification that carries a descriptor (CRIU's `orphan-pts-master`) reaches the handler with it open.
+    #[test]
+    fn a_descriptor_passed_with_a_notification_reaches_the_handler() {
+        let (ours, criu_end) = sys::seqpacket_pair().expect("socketpair");
+        // A stand-in for CRIU's process: the session only needs a child to watch.
+        let child = Command::new("true").spawn().expect("spawn true");
+        let mut s = SwrkSession { child, sock: ours, timeout: Duration::from_secs(5), log: None };
+        let (pipe_r, pipe_w) = nix::unistd::pipe().expect("pipe");
+        let mut pipe_r = File::from(pipe_r);
+        // What CRIU would send: the notification with the descriptor, then the response to RESTORE.
+        let notify = CriuResp {
+            r#type: CriuReqType::Notify as i32,
+            success: true,
+            notify: Some(CriuNotify { script: Some("orphan-pts-master".into()), pid: None }),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let fds = [pipe_w.as_raw_fd()];
+        sendmsg::<()>(
+            criu_end.as_raw_fd(),
+            &[std::io::IoSlice::new(&notify)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("sendmsg");
+        drop(pipe_w);
+        let done =
+            CriuResp { r#type: CriuReqType::Restore as i32, success: true, ..Default::default() }.encode_to_vec();
+        send(criu_end.as_raw_fd(), &done, MsgFlags::empty()).expect("send");
+        let mut seen = Vec::new();
+        let r = s.call("RESTORE", req(CriuReqType::Restore, None), &mut |script, _| {
+            let fd = notification_fd().ok_or("no descriptor")?;
+            let mut f = File::from(phaul_abi::dup_fd(fd).map_err(|e| e.to_string())?);
+            f.write_all(b"master").map_err(|e| e.to_string())?;
+            seen.push(script.to_string());
+            Ok(())
+        });
+        r.expect("call");
+        assert_eq!(seen, ["orphan-pts-master"]);
+        assert_eq!(notification_fd(), None, "the descriptor outlived the handler");
+        let mut got = String::new();
+        pipe_r.read_to_string(&mut got).expect("read");
+        assert_eq!(got, "master");
     }
 }

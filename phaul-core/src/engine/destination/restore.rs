@@ -51,7 +51,7 @@ fn run(job: Job) {
         let mut handler = |script: &str, pid: Option<i32>| -> Result<(), String> {
             fault::at("dst", "notify", script);
             // The host type hears of every notification first; then phaul acts on it and answers CRIU.
-            crate::plugins::notify(&mut lock(&htype), script, pid, None)
+            crate::plugins::notify(&mut lock(&htype), script, pid, rpc::notification_fd())
                 .into_result()
                 .map_err(|e| format!("the destination's host type '{htype_name}' failed in {script}: {e}"))?;
             match script {

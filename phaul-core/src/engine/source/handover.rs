@@ -486,8 +486,12 @@ fn overlap(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<(), M
         let mut handler = |script: &str, pid: Option<i32>| -> Result<(), String> {
             fault::at("src", "notify", script);
             // The host type hears of every notification first; then phaul acts on it and answers CRIU.
-            plugin(crate::plugins::notify(&mut live.htype, script, pid, None), "host type", &run.cfg.htype)
-                .map_err(|e| e.to_string())?;
+            plugin(
+                crate::plugins::notify(&mut live.htype, script, pid, crate::criu::rpc::notification_fd()),
+                "host type",
+                &run.cfg.htype,
+            )
+            .map_err(|e| e.to_string())?;
             match script {
                 "post-dump" => {
                     watchdog.disarm();
@@ -796,8 +800,12 @@ fn post_copy(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<(),
         let mut handler = |script: &str, pid: Option<i32>| -> Result<(), String> {
             fault::at("src", "notify", script);
             // The host type hears of every notification first; then phaul acts on it and answers CRIU.
-            plugin(crate::plugins::notify(&mut live.htype, script, pid, None), "host type", &run.cfg.htype)
-                .map_err(|e| e.to_string())?;
+            plugin(
+                crate::plugins::notify(&mut live.htype, script, pid, crate::criu::rpc::notification_fd()),
+                "host type",
+                &run.cfg.htype,
+            )
+            .map_err(|e| e.to_string())?;
             match script {
                 "post-dump" => {
                     let d = post_copy_frozen(run, live, fz, round, port, relay, wd.clone(), wf.clone());
@@ -1043,8 +1051,12 @@ fn sequential(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<()
         let mut handler = |script: &str, pid: Option<i32>| -> Result<(), String> {
             fault::at("src", "notify", script);
             // The host type hears of every notification first; then phaul acts on it and answers CRIU.
-            plugin(crate::plugins::notify(&mut live.htype, script, pid, None), "host type", &run.cfg.htype)
-                .map_err(|e| e.to_string())?;
+            plugin(
+                crate::plugins::notify(&mut live.htype, script, pid, crate::criu::rpc::notification_fd()),
+                "host type",
+                &run.cfg.htype,
+            )
+            .map_err(|e| e.to_string())?;
             match script {
                 "post-dump" => {
                     let r = sequential_frozen(run, live, fz, round);
