@@ -74,6 +74,8 @@ pub fn body_name(b: &Body) -> &'static str {
         Body::Committed(_) => "Committed",
         Body::Resolve(_) => "Resolve",
         Body::ResolveReply(_) => "ResolveReply",
+        Body::FsRoundStart(_) => "FsRoundStart",
+        Body::Working(_) => "Working",
     }
 }
 

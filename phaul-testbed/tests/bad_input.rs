@@ -298,7 +298,12 @@ fn a_destination_speaking_another_protocol_version() {
         if let Ok(Body::Hello(_)) = wire::recv(&mut rpc) {
             let _ = wire::send(
                 &mut rpc,
-                Body::HelloReply(HelloReply { protocol_version: 999, phaul_version: "9.9.9".into(), criu: None }),
+                Body::HelloReply(HelloReply {
+                    protocol_version: 999,
+                    phaul_version: "9.9.9".into(),
+                    criu: None,
+                    features: Vec::new(),
+                }),
             );
         }
         let _ = wire::recv(&mut rpc);

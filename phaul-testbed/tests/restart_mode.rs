@@ -313,3 +313,49 @@ fn a_destination_killed_at_the_start_leaves_the_session_in_doubt_until_the_opera
     assert_nothing_in_b(&lab, &run);
     assert_eq!(source_journal(&lab)["state"], "rolled-back");
 }
+
+/// `slowfs` (the fixture library's filesystem driver) with rounds of `ms` on each side, under `--timeout 2`.
+fn slow_options(w: &CmdWorkload, plugins: &Path, ms: u32, silent: bool) -> MigrateOptions {
+    let mut opts = options(w, plugins);
+    opts.src_args.extend(["--fs".into(), "slowfs".into(), "--fs-opt".into(), format!("delay-ms={ms}")]);
+    opts.src_args.extend(["--timeout".into(), "2".into()]);
+    opts.dst_args = vec!["--timeout".into(), "2".into(), "--fs-opt".into(), format!("slowfs:recv-delay-ms={ms}")];
+    if silent {
+        opts.src_args.extend(["--fs-opt".into(), "silent=1".into()]);
+        opts.dst_args.extend(["--fs-opt".into(), "slowfs:silent=1".into()]);
+    }
+    opts
+}
+
+#[test]
+fn filesystem_rounds_longer_than_the_timeout_go_on_while_their_drivers_report_progress() {
+    let (lab, plugins) = restart_lab("restart-slowfs");
+    let mut w = CmdWorkload::start(&lab, "counter");
+    let old = w.pids[0];
+    let before = w.count();
+    let run = lab.migrate(old, slow_options(&w, &plugins, 4500, false)).expect("run");
+    assert!(run.succeeded(), "rounds of 4.5 s under --timeout 2 failed:\n{}", run.describe());
+    let r = report(&run);
+    let rounds = r["fs_round_list"].as_array().cloned().unwrap_or_default();
+    assert!(rounds.len() >= 2, "{r}");
+    for x in &rounds {
+        assert!(x["duration_ms"].as_f64().is_some_and(|d| d >= 4500.0), "a round shorter than its driver's: {r}");
+    }
+    let new = w.wait_new_pid(old, Duration::from_secs(5)).unwrap_or_else(|| panic!("no new pid:\n{}", run.describe()));
+    w.assert_counts_in(new, lab.b().netns_inode().expect("netns of B"), before, "in host B");
+}
+
+#[test]
+fn a_filesystem_round_that_reports_no_progress_is_bounded_by_the_timeout() {
+    let (lab, plugins) = restart_lab("restart-slowfs-silent");
+    let w = CmdWorkload::start(&lab, "counter");
+    let old = w.pids[0];
+    let before = w.count();
+    let run = lab.migrate(old, slow_options(&w, &plugins, 6000, true)).expect("run");
+    assert!(!run.src_status.success(), "a silent 6 s round under --timeout 2 passed:\n{}", run.describe());
+    assert!(run.src_stderr.contains("--timeout"), "the error does not name the bound:\n{}", run.describe());
+    // The first round runs before anything stops: the workload never left A.
+    assert_eq!(w.pid(), Some(old));
+    w.assert_counts_in(old, lab.a().netns_inode().expect("netns of A"), before, "in host A");
+    assert_nothing_in_b(&lab, &run);
+}

@@ -84,6 +84,9 @@ pub(crate) struct Control {
     pub seen: Arc<CommitSeen>,
     /// The reader saw the connection end or break.
     gone: Arc<std::sync::atomic::AtomicBool>,
+    /// The destination's last `Working`: when it came and the progress it reported (the reader keeps these out of
+    /// the queue; [`Control::recv_working`] reads them).
+    working: Arc<Mutex<Option<(Instant, u64)>>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -105,6 +108,8 @@ impl Control {
         let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (ab, oa, rc, au, se) = (aborted.clone(), on_abort.clone(), received.clone(), auto.clone(), seen.clone());
         let gn = gone.clone();
+        let working: Arc<Mutex<Option<(Instant, u64)>>> = Arc::new(Mutex::new(None));
+        let wk = working.clone();
         wire::spawn_reader(reader, move |m, bytes| {
             rc.store(bytes, std::sync::atomic::Ordering::Relaxed);
             if m.is_err() {
@@ -129,6 +134,10 @@ impl Control {
                     }
                 }
                 Ok(Body::Committed(_)) => se.committed.store(true, std::sync::atomic::Ordering::SeqCst),
+                Ok(Body::Working(w)) => {
+                    *wk.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), w.progress));
+                    return true;
+                }
                 _ => {}
             }
             if let Ok(Body::Failure(f)) = &m {
@@ -142,7 +151,7 @@ impl Control {
             }
             tx.send((Instant::now(), m)).is_ok()
         });
-        Ok(Control { writer: ch, rx, last_arrival: None, aborted, on_abort, received, auto, seen, gone })
+        Ok(Control { writer: ch, rx, last_arrival: None, aborted, on_abort, received, auto, seen, gone, working })
     }
 
     /// Shuts `ch` down as soon as the destination aborts (or now, if it already has).
@@ -236,6 +245,36 @@ impl Control {
             super::fault::at("src", "recv", wire::body_name(b));
         }
         r
+    }
+
+    /// The next message, waiting while the destination reports progress (`Working` with a growing `progress`):
+    /// it fails only once `idle` passed with no progress (or `outer` passed).
+    pub fn recv_working(&mut self, idle: Duration, outer: Deadline, what: &str) -> Result<Body, WireError> {
+        let mut since = Instant::now();
+        let mut last: Option<u64> = None;
+        loop {
+            let step = Deadline::after(Duration::from_millis(200), "--timeout").min(outer);
+            match self.recv(step, what) {
+                Err(WireError::NoAnswer { .. }) if !outer.passed() => {
+                    let seen = *self.working.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some((_, progress)) = seen {
+                        if !matches!(last, Some(l) if progress <= l) {
+                            last = Some(progress);
+                            since = Instant::now();
+                        }
+                    }
+                    if since.elapsed() >= idle {
+                        return Err(WireError::NoAnswer {
+                            who: "the destination",
+                            what: format!("{what}; it reported no progress"),
+                            secs: idle.as_secs(),
+                            bound: "--timeout",
+                        });
+                    }
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Sends `body` and returns the reply; a `Failure` becomes [`WireError::Remote`].

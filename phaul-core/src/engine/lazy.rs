@@ -131,31 +131,67 @@ pub fn wait_progress(moved: &AtomicU64, idle: Duration, mut finished: impl FnMut
     }
 }
 
-/// Pumps bytes both ways between a local TCP connection and the memory channel until either side closes.
-fn pump_both(local: TcpStream, mem: OwnedFd, moved: Moved) -> io::Result<Vec<JoinHandle<()>>> {
+/// The destination's relay between the lazy-pages daemon (`local`) and the memory channel (see
+/// [`DestinationRelay::start`]).
+fn relay_daemon(
+    local: TcpStream,
+    mem: OwnedFd,
+    moved: Moved,
+    header: usize,
+    guard_pid: Arc<std::sync::atomic::AtomicI32>,
+) -> io::Result<()> {
     let _ = local.set_nodelay(true);
-    let local2 = local.try_clone()?;
-    let mem_r = std::fs::File::from(sys::dup(&mem)?);
-    let mem_w = std::fs::File::from(mem);
+    let closed = Arc::new(AtomicBool::new(false));
+    let kill_unless_closed = {
+        let (closed, guard_pid) = (closed.clone(), guard_pid.clone());
+        move || {
+            if !closed.load(Ordering::SeqCst) {
+                let pid = guard_pid.load(Ordering::SeqCst);
+                if pid > 1 {
+                    log::warn!("the memory channel broke during post-copy: killing the restored tree {pid} before its lazy-pages daemon lets go of its memory");
+                    super::destination::kill_restored_tree(pid);
+                }
+            }
+        }
+    };
+    // Daemon -> source: its requests, one header at a time (watched for the close request).
+    let mut from_daemon = local.try_clone()?;
+    let mut mem_w = std::fs::File::from(sys::dup(&mem)?);
     let mem_shut = mem_w.try_clone()?;
-    let moved2 = moved.clone();
-    let a = std::thread::spawn(move || {
-        pump(local, mem_w, &moved2, move || {
-            let _ = nix::sys::socket::shutdown(
-                std::os::fd::AsRawFd::as_raw_fd(&mem_shut),
-                nix::sys::socket::Shutdown::Write,
-            );
-        })
+    let (mv_up, cl, k1) = (moved.clone(), closed.clone(), kill_unless_closed.clone());
+    let up = std::thread::spawn(move || {
+        let mut buf = vec![0u8; header.max(4)];
+        while from_daemon.read_exact(&mut buf).is_ok() {
+            let cmd = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) & PS_CMD_MASK;
+            if cmd == PS_IOV_CLOSE || cmd == PS_IOV_FORCE_CLOSE {
+                cl.store(true, Ordering::SeqCst);
+            }
+            if mem_w.write_all(&buf).is_err() {
+                k1();
+                break;
+            }
+            mv_up.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        }
+        let _ =
+            nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(&mem_shut), nix::sys::socket::Shutdown::Write);
     });
-    let b = std::thread::spawn(move || {
-        let shut = local2.try_clone();
-        pump(mem_r, local2, &moved, move || {
+    // Source -> daemon: pages.
+    let mem_r = std::fs::File::from(mem);
+    let to_daemon = local.try_clone()?;
+    let down = std::thread::spawn(move || {
+        let shut = to_daemon.try_clone();
+        pump(mem_r, to_daemon, &moved, move || {
+            // The source's end: a finished transfer (after the daemon's close) or a broken channel.
+            kill_unless_closed();
             if let Ok(s) = shut {
                 let _ = s.shutdown(Shutdown::Write);
             }
         })
     });
-    Ok(vec![a, b])
+    let _ = up.join();
+    let _ = down.join();
+    drop(local);
+    Ok(())
 }
 
 /// The commands of CRIU's page-server protocol that end a lazy transfer: CRIU treats them (and a plain end of the
@@ -406,24 +442,29 @@ pub struct DestinationRelay {
     thread: Option<JoinHandle<()>>,
     /// Bytes moved both ways.
     pub moved: Moved,
+    /// The restored root to kill should the memory channel break before the daemon's close request went out.
+    pub guard_pid: Arc<std::sync::atomic::AtomicI32>,
 }
 
 impl DestinationRelay {
-    pub fn start(mem: OwnedFd) -> io::Result<DestinationRelay> {
+    /// `header`: the size of one request of the daemon's CRIU ([`page_server_request_size`]).
+    ///
+    /// When the memory channel breaks before the daemon asked to close (a cut link, a dead source), the relay
+    /// kills the restored tree ([`DestinationRelay::guard_pid`]) *before* it hangs up on the daemon: the daemon's
+    /// exit releases its userfaultfd, after which the tree's missing pages would read as zeros and it would run on
+    /// corrupt memory until phaul noticed.
+    pub fn start(mem: OwnedFd, header: usize) -> io::Result<DestinationRelay> {
         let l = TcpListener::bind("127.0.0.1:0")?;
         let port = l.local_addr()?.port();
         let moved: Moved = Arc::new(AtomicU64::new(0));
-        let mv = moved.clone();
+        let guard_pid = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let (mv, gp) = (moved.clone(), guard_pid.clone());
         let thread = std::thread::spawn(move || {
             if let Ok((s, _)) = l.accept() {
-                if let Ok(ts) = pump_both(s, mem, mv) {
-                    for t in ts {
-                        let _ = t.join();
-                    }
-                }
+                let _ = relay_daemon(s, mem, mv, header, gp);
             }
         });
-        Ok(DestinationRelay { port, thread: Some(thread), moved })
+        Ok(DestinationRelay { port, thread: Some(thread), moved, guard_pid })
     }
 
     /// Whether the relay has finished (the daemon and the source both hung up).

@@ -218,6 +218,7 @@ fn default_reply(b: &Body, pid: i32) -> Act {
             protocol_version: PROTOCOL_VERSION,
             phaul_version: "test".into(),
             criu: Some(w::CriuVersion { major: 4, minor: 2, sublevel: 1, text: "4.2.1".into() }),
+            features: Vec::new(),
         }),
         Body::CpuCheck(_) => Body::CpuCheckReply(w::CpuCheckReply {}),
         Body::Setup(_) => Body::SetupReply(w::SetupReply { image_dir: "/dst".into() }),

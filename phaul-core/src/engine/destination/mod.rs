@@ -148,6 +148,12 @@ pub(crate) enum Event {
     Resolve { ch: Channel, decision: Decision },
     /// Post-copy / lazy restore: the lazy-pages daemon exited (successfully or not).
     LazyDone { ok: bool },
+    /// The receiver's half of a filesystem round ended (it gives the receiver back).
+    FsRound {
+        round: u32,
+        result: Result<(w::FsRoundReply, Option<Vec<phaul_abi::KeyValue>>), Failed>,
+        fs: FsReceiverBox,
+    },
 }
 
 /// The session's state.
@@ -201,7 +207,7 @@ impl State {
 
 /// A request failed: the message for the source, and CRIU's error lines if CRIU failed.
 #[derive(Debug)]
-struct Failed {
+pub(crate) struct Failed {
     message: String,
     criu_errors: Vec<String>,
 }
@@ -214,6 +220,30 @@ impl<E: std::fmt::Display> From<E> for Failed {
 
 /// The outer bound on waiting for a post-copy transfer to end; what really bounds it is its progress.
 const LAZY_OUTER_BOUND: Duration = Duration::from_secs(24 * 3600);
+
+/// The feature this destination advertises in `HelloReply.features` for `FsRoundStart` and `Working`.
+pub const FEATURE_FS_ROUND_START: &str = "fs-round-start";
+
+/// How often a side that works on a filesystem round the other waits for says so (`Working`): every 2 s, or
+/// four times per `timeout` when that is shorter, so that a peer bounded by the same `--timeout` hears it in time.
+pub fn working_every(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(2))
+}
+
+/// What the plugins of this process reported done so far, summed: the progress `Working` carries.
+pub fn plugin_progress_total() -> u64 {
+    crate::plugins::services::plugin_progress().iter().fold(0u64, |a, p| a.saturating_add(p.done))
+}
+
+/// A filesystem round the receiver works on in a thread of its own (after `FsRoundStart`).
+struct FsJob {
+    round: u32,
+    is_final: bool,
+    /// The receiver's answer, once it came.
+    result: Option<Result<w::FsRoundReply, Failed>>,
+    /// The source's `FsRoundDone` came before the answer: reply once it comes.
+    reply_pending: bool,
+}
 
 /// A name a peer sent that becomes part of a path or a lookup here (see [`super::check_name`]).
 fn check_token(what: &str, name: &str) -> Result<(), Failed> {
@@ -300,6 +330,7 @@ pub fn serve_session(
                 sublevel: local.sublevel,
                 text: local.to_string(),
             }),
+            features: vec![FEATURE_FS_ROUND_START.into()],
         }),
     )?;
     let (events_tx, events) = mpsc::channel();
@@ -357,6 +388,10 @@ pub fn serve_session(
         restore_round: None,
         pending_write: None,
         peer,
+        fs_job: None,
+        criu_version: local.triple(),
+        last_activity: Instant::now(),
+        last_progress: None,
     };
     let r = s.run();
     if let Some(reg) = registry {
@@ -446,6 +481,14 @@ struct Session<'a> {
     pending_write: Option<std::thread::JoinHandle<Result<DestinationJournal, crate::journal::JournalError>>>,
     /// The certificate fingerprint of the peer that opened the session (with TLS).
     peer: Option<String>,
+    /// The filesystem round the receiver works on, if any.
+    fs_job: Option<FsJob>,
+    /// This host's CRIU.
+    criu_version: (u32, u32, u32),
+    /// When the source last did something that counts (a message, or `Working` with more progress).
+    last_activity: Instant,
+    /// The progress of the source's last `Working`.
+    last_progress: Option<u64>,
 }
 
 fn lock(h: &Mutex<HostTypeBox>) -> std::sync::MutexGuard<'_, HostTypeBox> {
@@ -465,9 +508,20 @@ impl Session<'_> {
             if matches!(self.state, State::Ended) {
                 return Ok(self.summary(false, None, "the session ended"));
             }
-            let timeout = self.wait_bound();
+            let working = self.fs_job.as_ref().is_some_and(|j| j.result.is_none());
+            let bound = self.wait_bound();
+            let timeout = if working { working_every(self.ctx.cfg.timeout).min(bound) } else { bound };
             let ev = match self.events.recv_timeout(timeout) {
                 Ok(ev) => ev,
+                Err(RecvTimeoutError::Timeout) if working && self.wait_bound() > Duration::from_millis(1) => {
+                    // The receiver works on a round the source waits for: say so, with its progress. (The source
+                    // is still bounded meanwhile: its own Working must show progress.)
+                    if let Some(j) = self.fs_job.as_ref() {
+                        let round = j.round;
+                        self.send(Body::Working(w::Working { round, progress: plugin_progress_total() }));
+                    }
+                    continue;
+                }
                 Err(RecvTimeoutError::Timeout) => {
                     self.on_timeout();
                     continue;
@@ -478,7 +532,18 @@ impl Session<'_> {
                 }
             };
             match ev {
-                Event::Control(Ok(body)) => self.on_message(body),
+                Event::Control(Ok(Body::Working(w))) => {
+                    // Only more progress counts: a peer that sends Working and moves nothing still times out.
+                    if !matches!(self.last_progress, Some(l) if w.progress <= l) {
+                        self.last_progress = Some(w.progress);
+                        self.last_activity = Instant::now();
+                    }
+                }
+                Event::Control(Ok(body)) => {
+                    self.last_activity = Instant::now();
+                    self.on_message(body)
+                }
+                Event::FsRound { round, result, fs } => self.on_fs_round(round, result, fs),
                 Event::Control(Err(e)) => self.on_control_lost(e),
                 Event::PageServer { round, result } => self.on_page_server(round, result),
                 Event::RestoreCriu(pid) => self.restore_criu = Some(pid),
@@ -505,7 +570,7 @@ impl Session<'_> {
             State::Committed { .. } if self.lazy.as_ref().is_some_and(|l| l.done.is_none()) => LAZY_OUTER_BOUND,
             State::Ended => Duration::ZERO,
             _ if !self.rpc_alive => Duration::ZERO,
-            _ => t,
+            _ => (self.last_activity + t).saturating_duration_since(Instant::now()),
         }
         .max(Duration::from_millis(1))
     }
@@ -540,8 +605,12 @@ impl Session<'_> {
                 self.end_session(false, None, "the control connection was lost");
             }
             _ => {
-                let why =
-                    format!("the source sent nothing for {} s (the --timeout bound)", self.ctx.cfg.timeout.as_secs());
+                let secs = self.ctx.cfg.timeout.as_secs();
+                let why = if self.fs_job.is_some() {
+                    format!("the source's filesystem driver reported no progress for {secs} s (the --timeout bound; a driver that reports progress may take as long as it needs)")
+                } else {
+                    format!("the source sent nothing for {secs} s (the --timeout bound)")
+                };
                 self.abort_and_tell(&why);
             }
         }
@@ -610,6 +679,36 @@ impl Session<'_> {
                 match self.end_round(e.round, e.want_pagemaps) {
                     Ok(b) => self.send(b),
                     Err(f) => self.abort_with_failure(f),
+                }
+            }
+            (State::Ready, Body::FsRoundStart(r)) => {
+                self.state = State::Ready;
+                if let Err(f) = self.start_fs_job(r.round, r.r#final) {
+                    self.abort_with_failure(f);
+                }
+            }
+            (State::Ready, Body::FsRoundDone(r)) if self.fs_job.is_some() => {
+                self.state = State::Ready;
+                let Some(mut j) = self.fs_job.take() else { return };
+                if j.round != r.round || j.is_final != r.r#final {
+                    let f = Failed::from(format!(
+                        "the source ended filesystem round {}{} while round {}{} runs here",
+                        r.round,
+                        if r.r#final { " (final)" } else { "" },
+                        j.round,
+                        if j.is_final { " (final)" } else { "" }
+                    ));
+                    self.fs_job = Some(j);
+                    self.abort_with_failure(f);
+                    return;
+                }
+                match j.result.take() {
+                    Some(Ok(reply)) => self.send(Body::FsRoundReply(reply)),
+                    Some(Err(f)) => self.abort_with_failure(f),
+                    None => {
+                        j.reply_pending = true;
+                        self.fs_job = Some(j);
+                    }
                 }
             }
             (State::Ready, Body::FsRoundDone(r)) => {
@@ -1064,6 +1163,69 @@ impl Session<'_> {
         Ok(Body::EndRoundReply(reply))
     }
 
+    /// `FsRoundStart`: the receiver's half of the round runs in a thread of its own while this session goes on
+    /// serving the source (memory rounds, images).
+    fn start_fs_job(&mut self, round: u32, is_final: bool) -> Result<(), Failed> {
+        if let Some(j) = &self.fs_job {
+            return Err(Failed::from(format!(
+                "the source started filesystem round {round} while round {} still runs here",
+                j.round
+            )));
+        }
+        let mut fs =
+            self.fs.take().ok_or_else(|| Failed::from("the source started a filesystem round before Setup"))?;
+        let name = self.fs_name.clone();
+        let tx = self.events_tx.clone();
+        std::thread::spawn(move || {
+            let r = plugin(fs.wait_round(&crate::plugins::fs_round_info(round, is_final)), "filesystem driver", &name)
+                .and_then(|r| {
+                    let prepared = if is_final {
+                        Some(plugin(fs.prepared(), "filesystem driver", &name)?.into_vec())
+                    } else {
+                        None
+                    };
+                    Ok((w::FsRoundReply { bytes: r.bytes, files: r.files }, prepared))
+                });
+            let _ = tx.send(Event::FsRound { round, result: r, fs });
+        });
+        self.fs_job = Some(FsJob { round, is_final, result: None, reply_pending: false });
+        Ok(())
+    }
+
+    fn on_fs_round(
+        &mut self,
+        round: u32,
+        result: Result<(w::FsRoundReply, Option<Vec<phaul_abi::KeyValue>>), Failed>,
+        fs: FsReceiverBox,
+    ) {
+        self.fs = Some(fs);
+        // The source waited on this side meanwhile: its silence so far does not count against it.
+        self.last_activity = Instant::now();
+        let Some(mut j) = self.fs_job.take().filter(|j| j.round == round) else {
+            log::debug!("session {}: filesystem round {round} ended after its session moved on", self.session);
+            return;
+        };
+        let result = result.map(|(reply, prepared)| {
+            if let Some(p) = prepared {
+                self.prepared = p;
+                self.fs_final_done = true;
+            }
+            reply
+        });
+        match (result, j.reply_pending) {
+            (Ok(reply), true) => self.send(Body::FsRoundReply(reply)),
+            (Err(f), _) => {
+                if !matches!(self.state, State::Ended) {
+                    self.abort_with_failure(f);
+                }
+            }
+            (r, false) => {
+                j.result = Some(r);
+                self.fs_job = Some(j);
+            }
+        }
+    }
+
     fn fs_round(&mut self, round: u32, is_final: bool) -> Result<Body, Failed> {
         let name = self.fs_name.clone();
         let fs = self.fs.as_mut().ok_or_else(|| Failed::from("the source sent a request before Setup"))?;
@@ -1123,7 +1285,8 @@ impl Session<'_> {
         let criu = crate::criu::Criu::new(self.ctx.criu.path().to_path_buf(), self.ctx.criu.timeout());
         if lazy_pages {
             // The daemon's page requests reach the source's CRIU through phaul's relay and the memory channel.
-            let relay = lazy::DestinationRelay::start(self.mem.dup_fd()?)?;
+            let header = lazy::page_server_request_size(self.criu_version);
+            let relay = lazy::DestinationRelay::start(self.mem.dup_fd()?, header)?;
             let daemon = lazy::start_daemon(&criu, &d, Some(relay.port))?;
             self.lazy = Some(Lazy { daemon: Some(daemon), relay: Some(relay), resumed_at: None, done: None });
         } else if self.lazy_restore {
@@ -1230,6 +1393,9 @@ impl Session<'_> {
         if let Some(j) = self.journal.as_mut() {
             j.restored = Some(proc_id);
             j.criu_pid = self.restore_criu;
+        }
+        if let Some(r) = self.lazy.as_ref().and_then(|l| l.relay.as_ref()) {
+            r.guard_pid.store(pid, std::sync::atomic::Ordering::SeqCst);
         }
         let mut deadline = Instant::now() + self.max_frozen;
         if !self.rpc_alive {

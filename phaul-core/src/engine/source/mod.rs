@@ -312,6 +312,8 @@ pub(super) struct SourceRun<'c> {
     pub ended: Option<Ended>,
     final_fs_round: u32,
     cpuinfo: Option<Vec<u8>>,
+    /// What the destination understands beyond the protocol version (`HelloReply.features`).
+    dst_features: Vec<String>,
     /// When the workload was frozen, and the deadline the freeze must end by before the point of no return.
     pub freeze: Option<(Instant, Deadline)>,
     order: HandoverOrder,
@@ -386,6 +388,7 @@ impl<'c> SourceRun<'c> {
             journal: None,
             ended: None,
             final_fs_round: 0,
+            dst_features: Vec::new(),
             cpuinfo: None,
             freeze: None,
             order: cfg.handover,
@@ -669,6 +672,7 @@ impl<'c> SourceRun<'c> {
             return Err(MigrateError::Protocol { ours: PROTOCOL_VERSION, theirs: reply.protocol_version });
         }
         self.report.destination_criu = reply.criu.map(|v| v.text).unwrap_or_else(|| "unknown".into());
+        self.dst_features = reply.features;
         Ok((p, live))
     }
 
@@ -973,14 +977,54 @@ impl<'c> SourceRun<'c> {
         Ok((stats, secs))
     }
 
+    /// One filesystem round. With a destination that knows `FsRoundStart`, both halves run at once (a streaming
+    /// driver needs that) and each side says `Working` while the other waits, so a round may take as long as it
+    /// needs while its drivers report progress; without progress, `--timeout` bounds it.
     pub fn fs_round(&mut self, live: &mut Live, round: u32, frozen: bool) -> Result<(), MigrateError> {
         let t = Instant::now();
-        let moved = live.fs.round(&crate::plugins::fs_round_info(round, frozen));
+        let info = crate::plugins::fs_round_info(round, frozen);
+        let streaming = self.dst_features.iter().any(|f| f == crate::engine::destination::FEATURE_FS_ROUND_START);
+        let moved = if streaming {
+            live.control.send(Body::FsRoundStart(w::FsRoundStart { round, r#final: frozen }))?;
+            let (fs, control) = (&mut live.fs, &mut live.control);
+            std::thread::scope(|sc| {
+                let h = sc.spawn(|| fs.round(&info));
+                let every = crate::engine::destination::working_every(self.cfg.timeout);
+                let mut next = Instant::now() + every;
+                while !h.is_finished() {
+                    std::thread::sleep(Duration::from_millis(10));
+                    if Instant::now() >= next {
+                        let progress = crate::engine::destination::plugin_progress_total();
+                        let _ = control.send(Body::Working(w::Working { round, progress }));
+                        next = Instant::now() + every;
+                    }
+                }
+                h.join()
+            })
+            .map_err(|_| MigrateError::Refused(format!("the filesystem driver '{}' panicked", live.fs_name)))?
+        } else {
+            live.fs.round(&info)
+        };
         let moved = plugin(moved, "filesystem", &live.fs_name)?;
-        let reply = expect_reply!(
-            live.control.request(Body::FsRoundDone(FsRoundDone { round, r#final: frozen }), self.wait())?,
-            FsRoundReply
-        )?;
+        let reply = if streaming {
+            live.control.send(Body::FsRoundDone(FsRoundDone { round, r#final: frozen }))?;
+            let what = format!("FsRoundReply (the destination finishing filesystem round {round})");
+            let outer = Deadline::after(Duration::from_secs(24 * 3600), "the 24 h bound on a filesystem round");
+            match live.control.recv_working(self.cfg.timeout, outer, &what)? {
+                Body::FsRoundReply(r) => r,
+                Body::Failure(f) => {
+                    return Err(MigrateError::DestinationAborted { message: f.message, criu_errors: f.criu_errors })
+                }
+                other => {
+                    return Err(WireError::Unexpected { expected: "FsRoundReply", got: wire::body_name(&other) }.into())
+                }
+            }
+        } else {
+            expect_reply!(
+                live.control.request(Body::FsRoundDone(FsRoundDone { round, r#final: frozen }), self.wait())?,
+                FsRoundReply
+            )?
+        };
         let bytes = moved.bytes.max(reply.bytes);
         self.report.fs_rounds += 1;
         self.report.channels.filesystem += bytes;
