@@ -59,6 +59,7 @@ pub fn messages() -> Vec<(&'static str, Body)> {
                 criu: criu_version(),
                 session: SESSION.into(),
                 skip_criu_check: false,
+                timeout_ms: 0,
             }),
         ),
         (
@@ -68,6 +69,7 @@ pub fn messages() -> Vec<(&'static str, Body)> {
                 phaul_version: "0.1.0".into(),
                 criu: criu_version(),
                 features: Vec::new(),
+                timeout_ms: 0,
             }),
         ),
         ("cpu-check", Body::CpuCheck(w::CpuCheck { cpuinfo_image: cpuinfo_like() })),

@@ -276,6 +276,7 @@ fn a_source_speaking_another_protocol_version() {
         criu: Some(CriuVersion { major: 4, minor: 2, sublevel: 1, text: "4.2.1".into() }),
         session: "s".into(),
         skip_criu_check: false,
+        timeout_ms: 0,
     };
     let reply = wire::request(&mut rpc, Body::Hello(hello));
     let err = reply.expect_err("the destination must refuse").to_string();
@@ -303,6 +304,7 @@ fn a_destination_speaking_another_protocol_version() {
                     phaul_version: "9.9.9".into(),
                     criu: None,
                     features: Vec::new(),
+                    timeout_ms: 0,
                 }),
             );
         }

@@ -113,6 +113,7 @@ fn hello(session: &str) -> Body {
         criu: Some(w::CriuVersion { major: 3, minor: 17, sublevel: 0, text: "3.17".into() }),
         session: session.into(),
         skip_criu_check: true,
+        timeout_ms: 0,
     })
 }
 

@@ -133,23 +133,18 @@ pub fn wait_progress(moved: &AtomicU64, idle: Duration, mut finished: impl FnMut
 
 /// The destination's relay between the lazy-pages daemon (`local`) and the memory channel (see
 /// [`DestinationRelay::start`]).
-fn relay_daemon(
-    local: TcpStream,
-    mem: OwnedFd,
-    moved: Moved,
-    header: usize,
-    guard_pid: Arc<std::sync::atomic::AtomicI32>,
-) -> io::Result<()> {
+fn relay_daemon(local: TcpStream, mem: OwnedFd, moved: Moved, header: usize, guard_pid: GuardPid) -> io::Result<()> {
     let _ = local.set_nodelay(true);
     let closed = Arc::new(AtomicBool::new(false));
     let kill_unless_closed = {
         let (closed, guard_pid) = (closed.clone(), guard_pid.clone());
         move || {
             if !closed.load(Ordering::SeqCst) {
-                let pid = guard_pid.load(Ordering::SeqCst);
-                if pid > 1 {
-                    log::warn!("the memory channel broke during post-copy: killing the restored tree {pid} before its lazy-pages daemon lets go of its memory");
-                    super::destination::kill_restored_tree(pid);
+                let p = *guard_pid.lock().unwrap_or_else(|e| e.into_inner());
+                // The same process (pid and start time), not whatever has its pid by now.
+                if let Some(p) = p.filter(|p| p.pid > 1 && p.alive()) {
+                    log::warn!("the memory channel broke during post-copy: killing the restored tree {} before its lazy-pages daemon lets go of its memory", p.pid);
+                    super::destination::kill_restored_tree(p.pid);
                 }
             }
         }
@@ -443,8 +438,10 @@ pub struct DestinationRelay {
     /// Bytes moved both ways.
     pub moved: Moved,
     /// The restored root to kill should the memory channel break before the daemon's close request went out.
-    pub guard_pid: Arc<std::sync::atomic::AtomicI32>,
+    guard_pid: GuardPid,
 }
+
+type GuardPid = Arc<std::sync::Mutex<Option<crate::journal::ProcId>>>;
 
 impl DestinationRelay {
     /// `header`: the size of one request of the daemon's CRIU ([`page_server_request_size`]).
@@ -457,7 +454,7 @@ impl DestinationRelay {
         let l = TcpListener::bind("127.0.0.1:0")?;
         let port = l.local_addr()?.port();
         let moved: Moved = Arc::new(AtomicU64::new(0));
-        let guard_pid = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let guard_pid: GuardPid = Arc::new(std::sync::Mutex::new(None));
         let (mv, gp) = (moved.clone(), guard_pid.clone());
         let thread = std::thread::spawn(move || {
             if let Ok((s, _)) = l.accept() {
@@ -465,6 +462,12 @@ impl DestinationRelay {
             }
         });
         Ok(DestinationRelay { port, thread: Some(thread), moved, guard_pid })
+    }
+
+    /// The restored root the relay kills on a broken memory channel (`None`: none, e.g. once the session has
+    /// killed it itself, so that a reused pid is never hit).
+    pub fn guard(&self, p: Option<crate::journal::ProcId>) {
+        *self.guard_pid.lock().unwrap_or_else(|e| e.into_inner()) = p;
     }
 
     /// Whether the relay has finished (the daemon and the source both hung up).

@@ -219,6 +219,7 @@ fn default_reply(b: &Body, pid: i32) -> Act {
             phaul_version: "test".into(),
             criu: Some(w::CriuVersion { major: 4, minor: 2, sublevel: 1, text: "4.2.1".into() }),
             features: Vec::new(),
+            timeout_ms: 0,
         }),
         Body::CpuCheck(_) => Body::CpuCheckReply(w::CpuCheckReply {}),
         Body::Setup(_) => Body::SetupReply(w::SetupReply { image_dir: "/dst".into() }),
@@ -579,6 +580,7 @@ fn hello() -> Body {
         criu: Some(w::CriuVersion { major: 4, minor: 2, sublevel: 1, text: "4.2.1".into() }),
         session: "0123456789abcdef0123456789abcdef".into(),
         skip_criu_check: false,
+        timeout_ms: 0,
     })
 }
 

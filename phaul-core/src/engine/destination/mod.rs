@@ -331,6 +331,7 @@ pub fn serve_session(
                 text: local.to_string(),
             }),
             features: vec![FEATURE_FS_ROUND_START.into()],
+            timeout_ms: cfg.timeout.as_millis() as u64,
         }),
     )?;
     let (events_tx, events) = mpsc::channel();
@@ -390,6 +391,7 @@ pub fn serve_session(
         peer,
         fs_job: None,
         criu_version: local.triple(),
+        peer_timeout: (hello.timeout_ms > 0).then(|| Duration::from_millis(hello.timeout_ms)),
         last_activity: Instant::now(),
         last_progress: None,
     };
@@ -485,6 +487,8 @@ struct Session<'a> {
     fs_job: Option<FsJob>,
     /// This host's CRIU.
     criu_version: (u32, u32, u32),
+    /// The source's --timeout, as its Hello said.
+    peer_timeout: Option<Duration>,
     /// When the source last did something that counts (a message, or `Working` with more progress).
     last_activity: Instant,
     /// The progress of the source's last `Working`.
@@ -493,6 +497,22 @@ struct Session<'a> {
 
 fn lock(h: &Mutex<HostTypeBox>) -> std::sync::MutexGuard<'_, HostTypeBox> {
     h.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The host type, unless another thread holds it longer than `d` (a host type restoring by itself holds it for
+/// its whole restore, which may hang).
+fn lock_within(h: &Mutex<HostTypeBox>, d: Duration) -> Option<std::sync::MutexGuard<'_, HostTypeBox>> {
+    let deadline = Instant::now() + d;
+    loop {
+        match h.try_lock() {
+            Ok(g) => return Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        }
+    }
 }
 
 impl Session<'_> {
@@ -510,7 +530,8 @@ impl Session<'_> {
             }
             let working = self.fs_job.as_ref().is_some_and(|j| j.result.is_none());
             let bound = self.wait_bound();
-            let timeout = if working { working_every(self.ctx.cfg.timeout).min(bound) } else { bound };
+            let every = working_every(self.peer_timeout.map_or(self.ctx.cfg.timeout, |p| p.min(self.ctx.cfg.timeout)));
+            let timeout = if working { every.min(bound) } else { bound };
             let ev = match self.events.recv_timeout(timeout) {
                 Ok(ev) => ev,
                 Err(RecvTimeoutError::Timeout) if working && self.wait_bound() > Duration::from_millis(1) => {
@@ -534,14 +555,16 @@ impl Session<'_> {
             match ev {
                 Event::Control(Ok(Body::Working(w))) => {
                     // Only more progress counts: a peer that sends Working and moves nothing still times out.
-                    if !matches!(self.last_progress, Some(l) if w.progress <= l) {
+                    if self.last_progress != Some(w.progress) {
                         self.last_progress = Some(w.progress);
                         self.last_activity = Instant::now();
                     }
                 }
                 Event::Control(Ok(body)) => {
+                    self.on_message(body);
+                    // The source's silence is counted from when this side finished with its message (a long
+                    // Files or Setup does not use up the source's --timeout).
                     self.last_activity = Instant::now();
-                    self.on_message(body)
                 }
                 Event::FsRound { round, result, fs } => self.on_fs_round(round, result, fs),
                 Event::Control(Err(e)) => self.on_control_lost(e),
@@ -570,6 +593,8 @@ impl Session<'_> {
             State::Committed { .. } if self.lazy.as_ref().is_some_and(|l| l.done.is_none()) => LAZY_OUTER_BOUND,
             State::Ended => Duration::ZERO,
             _ if !self.rpc_alive => Duration::ZERO,
+            // The source sent FsRoundDone and waits on this side's receiver (its recv_working bounds that).
+            _ if self.fs_job.as_ref().is_some_and(|j| j.reply_pending) => LAZY_OUTER_BOUND,
             _ => (self.last_activity + t).saturating_duration_since(Instant::now()),
         }
         .max(Duration::from_millis(1))
@@ -724,6 +749,15 @@ impl Session<'_> {
                     Ok(b) => self.send(b),
                     Err(f) => self.abort_with_failure(f),
                 }
+            }
+            (State::Ready, body @ (Body::Restore(_) | Body::Start(_))) if self.fs_job.is_some() => {
+                self.state = State::Ready;
+                let f = Failed::from(format!(
+                    "the source sent {} while filesystem round {} still runs here",
+                    wire::body_name(&body),
+                    self.fs_job.as_ref().map(|j| j.round).unwrap_or(0)
+                ));
+                self.abort_with_failure(f);
             }
             (State::Ready, Body::Restore(r)) => {
                 self.state = State::Ready;
@@ -1189,6 +1223,7 @@ impl Session<'_> {
             let _ = tx.send(Event::FsRound { round, result: r, fs });
         });
         self.fs_job = Some(FsJob { round, is_final, result: None, reply_pending: false });
+        self.last_progress = None;
         Ok(())
     }
 
@@ -1314,6 +1349,12 @@ impl Session<'_> {
                     self.htype_name
                 ))
             })?;
+            if h.orphan_pts_master {
+                return Err(Failed::from(format!(
+                    "the '{}' host type restores the workload itself but asks for orphan-pts-master, which CRIU offers over its RPC only; the console's pty master could not reach it",
+                    self.htype_name
+                )));
+            }
             let mut options = h;
             if let abi_stable::std_types::RSome(r) = root {
                 options.root = Some(r.into_string());
@@ -1395,7 +1436,7 @@ impl Session<'_> {
             j.criu_pid = self.restore_criu;
         }
         if let Some(r) = self.lazy.as_ref().and_then(|l| l.relay.as_ref()) {
-            r.guard_pid.store(pid, std::sync::atomic::Ordering::SeqCst);
+            r.guard(Some(proc_id));
         }
         let mut deadline = Instant::now() + self.max_frozen;
         if !self.rpc_alive {
@@ -1693,11 +1734,44 @@ impl Session<'_> {
     }
 
     fn drivers_finish(&mut self, outcome: Outcome) {
+        if self.fs.is_none() && self.fs_job.is_some() {
+            // The receiver is busy with a round in its thread: give it back its chance to hear the end (bounded;
+            // shutting its data channel down makes a streaming receiver return).
+            if let Some(f) = &self.fs_ch {
+                f.shutdown();
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.fs.is_none() && Instant::now() < deadline {
+                match self.events.recv_timeout(Duration::from_millis(20)) {
+                    Ok(Event::FsRound { fs, .. }) => self.fs = Some(fs),
+                    Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            if self.fs.is_none() {
+                log::warn!(
+                    "the destination's filesystem driver '{}' did not return from its round within 10 s; it is not told how the session ended",
+                    self.fs_name
+                );
+            }
+            self.fs_job = None;
+        }
         if let Some(h) = self.htype.as_ref() {
-            if let Err(e) = lock(h).finish(outcome).into_result() {
+            let Some(mut h) = lock_within(h, Duration::from_secs(10)) else {
+                log::warn!(
+                    "the destination's host type '{}' is busy (a restore of its own); not told how the session ended",
+                    self.htype_name
+                );
+                return self.fs_finish(outcome);
+            };
+            if let Err(e) = h.finish(outcome).into_result() {
                 log::warn!("the destination's host type '{}' failed to finish: {e}", self.htype_name);
             }
         }
+        self.fs_finish(outcome);
+    }
+
+    fn fs_finish(&mut self, outcome: Outcome) {
         if let Some(f) = self.fs.as_mut() {
             if let Err(e) = f.finish(outcome).into_result() {
                 log::warn!("the destination's filesystem driver '{}' failed to finish: {e}", self.fs_name);
@@ -1755,8 +1829,8 @@ impl Session<'_> {
             if p.alive() {
                 // The host type ends it the way its manager ends such a workload, if it knows how (revision 3;
                 // an older plugin answers no); phaul kills what is left by pid.
-                if let Some(h) = self.htype.as_ref() {
-                    match lock(h).discard(p.pid).into_result() {
+                if let Some(mut h) = self.htype.as_ref().and_then(|h| lock_within(h, Duration::from_secs(5))) {
+                    match h.discard(p.pid).into_result() {
                         Ok(true) => log::info!("the host type '{}' discarded tree {}", self.htype_name, p.pid),
                         Ok(false) => {}
                         Err(e) => {

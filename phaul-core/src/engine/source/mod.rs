@@ -314,6 +314,8 @@ pub(super) struct SourceRun<'c> {
     cpuinfo: Option<Vec<u8>>,
     /// What the destination understands beyond the protocol version (`HelloReply.features`).
     dst_features: Vec<String>,
+    /// The destination's --timeout, as its HelloReply said.
+    dst_timeout: Option<Duration>,
     /// When the workload was frozen, and the deadline the freeze must end by before the point of no return.
     pub freeze: Option<(Instant, Deadline)>,
     order: HandoverOrder,
@@ -389,6 +391,7 @@ impl<'c> SourceRun<'c> {
             ended: None,
             final_fs_round: 0,
             dst_features: Vec::new(),
+            dst_timeout: None,
             cpuinfo: None,
             freeze: None,
             order: cfg.handover,
@@ -666,6 +669,7 @@ impl<'c> SourceRun<'c> {
             criu: Some(wire_version(&p.version)),
             session: p.session.clone(),
             skip_criu_check: self.cfg.skip_criu_check,
+            timeout_ms: self.cfg.timeout.as_millis() as u64,
         };
         let reply = expect_reply!(live.control.request(Body::Hello(hello), self.wait())?, HelloReply)?;
         if reply.protocol_version != PROTOCOL_VERSION {
@@ -673,6 +677,7 @@ impl<'c> SourceRun<'c> {
         }
         self.report.destination_criu = reply.criu.map(|v| v.text).unwrap_or_else(|| "unknown".into());
         self.dst_features = reply.features;
+        self.dst_timeout = (reply.timeout_ms > 0).then(|| Duration::from_millis(reply.timeout_ms));
         Ok((p, live))
     }
 
@@ -989,7 +994,8 @@ impl<'c> SourceRun<'c> {
             let (fs, control) = (&mut live.fs, &mut live.control);
             std::thread::scope(|sc| {
                 let h = sc.spawn(|| fs.round(&info));
-                let every = crate::engine::destination::working_every(self.cfg.timeout);
+                let bound = self.dst_timeout.map_or(self.cfg.timeout, |d| d.min(self.cfg.timeout));
+                let every = crate::engine::destination::working_every(bound);
                 let mut next = Instant::now() + every;
                 while !h.is_finished() {
                     std::thread::sleep(Duration::from_millis(10));
@@ -1009,7 +1015,12 @@ impl<'c> SourceRun<'c> {
         let reply = if streaming {
             live.control.send(Body::FsRoundDone(FsRoundDone { round, r#final: frozen }))?;
             let what = format!("FsRoundReply (the destination finishing filesystem round {round})");
-            let outer = Deadline::after(Duration::from_secs(24 * 3600), "the 24 h bound on a filesystem round");
+            // While frozen, the freeze's own bound (--max-frozen) is the outer one.
+            let day = Deadline::after(Duration::from_secs(24 * 3600), "the 24 h bound on a filesystem round");
+            let outer = match (frozen, self.freeze) {
+                (true, Some((_, d))) => d.min(day),
+                _ => day,
+            };
             match live.control.recv_working(self.cfg.timeout, outer, &what)? {
                 Body::FsRoundReply(r) => r,
                 Body::Failure(f) => {
