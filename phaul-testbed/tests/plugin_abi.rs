@@ -345,6 +345,8 @@ fn a_revision_2_plugin_migrates_a_real_workload_with_both_of_its_drivers() {
     let rounds = r["fs_round_list"].as_array().cloned().unwrap_or_default();
     assert!(!rounds.is_empty(), "no filesystem rounds in {r}");
     assert!(rounds.iter().all(|x| x["bytes"] == 4096 && x["files"] == 1), "{r}");
+    // What the driver said is left (for the stop policy) is in the report: one more round's worth, then none.
+    assert!(rounds.iter().all(|x| x["remaining_bytes"] == if x["frozen"] == true { 0 } else { 4096 }), "{r}");
     // Its progress reports reached the source's report: the last one, of the final round, is complete.
     let progress = r["plugin_progress"].as_array().cloned().unwrap_or_default();
     let sync = progress

@@ -19,6 +19,9 @@ pub struct RoundSample {
     /// Time from the start of the previous round to the start of this one (the window in which this round's
     /// pages were dirtied); for the first round, its own duration.
     pub interval_s: f64,
+    /// What the final filesystem round is expected to add to the frozen time, from the filesystem round that
+    /// followed this one (what its driver says is left, at the rate that round moved); 0 when unknown.
+    pub fs_final_ms: f64,
 }
 
 /// Why pre-copy stopped.
@@ -132,7 +135,8 @@ pub fn rates(rounds: &[RoundSample], page_size: u64) -> Rates {
     let fixed_s = (last.duration_s - bytes / transfer).max(0.0);
     // By the final dump the workload will have dirtied about dirty × (the last round's duration).
     let expected = if rounds.len() >= 2 { dirty * last.duration_s } else { bytes };
-    let predicted = (fixed_s + expected / transfer) * 1000.0;
+    // The final filesystem round runs while frozen too.
+    let predicted = (fixed_s + expected / transfer) * 1000.0 + last.fs_final_ms.max(0.0);
     Rates { transfer_bytes_s: transfer, dirty_bytes_s: dirty, predicted_downtime_ms: predicted }
 }
 
@@ -181,8 +185,23 @@ mod tests {
 
     const PAGE: u64 = 4096;
 
+    #[test]
+    fn what_the_filesystem_has_left_counts_in_the_predicted_downtime() {
+        let policy = Policy::Downtime { max_downtime_ms: 300.0, max_rounds: 8, stall_rounds: 3 };
+        let quiet = |fs_final_ms| {
+            vec![
+                RoundSample { pages_written: 65536, duration_s: 1.0, interval_s: 1.0, fs_final_ms: 0.0 },
+                RoundSample { pages_written: 30, duration_s: 0.05, interval_s: 1.0, fs_final_ms },
+            ]
+        };
+        // Memory alone converges; a final filesystem round of 2 s does not fit under 300 ms.
+        assert_eq!(should_stop(&policy, &quiet(0.0), 4096), Some(StopReason::Converged));
+        assert!(rates(&quiet(2000.0), 4096).predicted_downtime_ms >= 2000.0);
+        assert_ne!(should_stop(&policy, &quiet(2000.0), 4096), Some(StopReason::Converged));
+    }
+
     fn r(pages: u64) -> RoundSample {
-        RoundSample { pages_written: pages, duration_s: 1.0, interval_s: 1.0 }
+        RoundSample { pages_written: pages, duration_s: 1.0, interval_s: 1.0, fs_final_ms: 0.0 }
     }
 
     #[test]
@@ -204,8 +223,8 @@ mod tests {
     fn downtime_converges_when_little_is_dirtied() {
         // 256 MiB in 1 s, then 30 pages dirtied in 1 s: the final dump would take well under a millisecond.
         let rounds = [
-            RoundSample { pages_written: 65536, duration_s: 1.0, interval_s: 1.0 },
-            RoundSample { pages_written: 30, duration_s: 0.05, interval_s: 1.0 },
+            RoundSample { pages_written: 65536, duration_s: 1.0, interval_s: 1.0, fs_final_ms: 0.0 },
+            RoundSample { pages_written: 30, duration_s: 0.05, interval_s: 1.0, fs_final_ms: 0.0 },
         ];
         assert_eq!(should_stop(&Policy::default_downtime(), &rounds, PAGE), Some(StopReason::Converged));
         let rt = rates(&rounds, PAGE);
@@ -216,8 +235,8 @@ mod tests {
     fn downtime_detects_dirtying_faster_than_the_channel() {
         // Every round rewrites all 64 MiB and the channel needs longer than the window to carry it.
         let rounds = [
-            RoundSample { pages_written: 16384, duration_s: 1.0, interval_s: 1.0 },
-            RoundSample { pages_written: 16384, duration_s: 1.2, interval_s: 1.0 },
+            RoundSample { pages_written: 16384, duration_s: 1.0, interval_s: 1.0, fs_final_ms: 0.0 },
+            RoundSample { pages_written: 16384, duration_s: 1.2, interval_s: 1.0, fs_final_ms: 0.0 },
         ];
         assert_eq!(should_stop(&Policy::default_downtime(), &rounds, PAGE), Some(StopReason::DirtyFasterThanChannel));
         assert!(StopReason::DirtyFasterThanChannel.is_non_convergence());
@@ -227,8 +246,8 @@ mod tests {
     fn the_prediction_counts_criu_s_fixed_cost() {
         // Round 2 moved 12 pages in 188 ms: almost all of it is fixed cost, and a final dump will pay it again.
         let rounds = [
-            RoundSample { pages_written: 65587, duration_s: 1.806, interval_s: 1.806 },
-            RoundSample { pages_written: 12, duration_s: 0.188, interval_s: 1.9 },
+            RoundSample { pages_written: 65587, duration_s: 1.806, interval_s: 1.806, fs_final_ms: 0.0 },
+            RoundSample { pages_written: 12, duration_s: 0.188, interval_s: 1.9, fs_final_ms: 0.0 },
         ];
         let p = rates(&rounds, PAGE).predicted_downtime_ms;
         assert!((180.0..200.0).contains(&p), "{p}");
@@ -239,7 +258,7 @@ mod tests {
         let p = Policy::Downtime { max_downtime_ms: 0.001, max_rounds: 16, stall_rounds: 3 };
         let rounds: Vec<_> = [9000u64, 8800, 8700, 8650]
             .iter()
-            .map(|&pg| RoundSample { pages_written: pg, duration_s: 0.1, interval_s: 1.0 })
+            .map(|&pg| RoundSample { pages_written: pg, duration_s: 0.1, interval_s: 1.0, fs_final_ms: 0.0 })
             .collect();
         assert_eq!(should_stop(&p, &rounds[..3], PAGE), None);
         assert_eq!(should_stop(&p, &rounds, PAGE), Some(StopReason::NoProgress));
@@ -250,7 +269,7 @@ mod tests {
         let p = Policy::Downtime { max_downtime_ms: 0.001, max_rounds: 16, stall_rounds: 3 };
         let rounds: Vec<_> = [60000u64, 20000, 8000, 3000]
             .iter()
-            .map(|&pg| RoundSample { pages_written: pg, duration_s: 0.1, interval_s: 1.0 })
+            .map(|&pg| RoundSample { pages_written: pg, duration_s: 0.1, interval_s: 1.0, fs_final_ms: 0.0 })
             .collect();
         assert_eq!(should_stop(&p, &rounds, PAGE), None);
     }

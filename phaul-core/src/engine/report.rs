@@ -64,6 +64,8 @@ pub struct FsRoundReport {
     pub bytes: u64,
     pub files: u64,
     pub duration_ms: f64,
+    /// What the driver expected a next round to move (bytes), when it could tell.
+    pub remaining_bytes: Option<u64>,
 }
 
 /// Bytes per channel.

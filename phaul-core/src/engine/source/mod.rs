@@ -832,6 +832,7 @@ impl<'c> SourceRun<'c> {
                     pages_written: stats.pages_written,
                     duration_s: secs,
                     interval_s: interval.unwrap_or(secs),
+                    fs_final_ms: 0.0,
                 });
                 let rt = policy::rates(&history, page_size());
                 if let Some(r) = self.report.rounds.last_mut() {
@@ -842,6 +843,24 @@ impl<'c> SourceRun<'c> {
                 }
                 fs_round += 1;
                 self.fs_round(live, fs_round, false)?;
+                // What the filesystem still has to move counts in the frozen time the policy predicts.
+                if let (Some(h), Some(f)) = (history.last_mut(), self.report.fs_round_list.last()) {
+                    if let Some(left) = f.remaining_bytes {
+                        let rate = if f.duration_ms > 0.0 { f.bytes as f64 / (f.duration_ms / 1000.0) } else { 0.0 };
+                        h.fs_final_ms = if left == 0 {
+                            0.0
+                        } else if rate > 0.0 {
+                            left as f64 / rate * 1000.0
+                        } else {
+                            f.duration_ms
+                        };
+                        let rt = policy::rates(&history, page_size());
+                        if let Some(r) = self.report.rounds.last_mut() {
+                            r.predicted_downtime_ms =
+                                rt.predicted_downtime_ms.is_finite().then_some(rt.predicted_downtime_ms);
+                        }
+                    }
+                }
                 let why = match cfg.post_copy_after {
                     Some(n) if round >= n => Some(StopReason::PostCopyAfter),
                     _ => policy::should_stop(&cfg.policy, &history, page_size()),
@@ -1045,6 +1064,7 @@ impl<'c> SourceRun<'c> {
             bytes,
             files: moved.files.max(reply.files),
             duration_ms: t.elapsed().as_secs_f64() * 1000.0,
+            remaining_bytes: (moved.remaining_bytes != phaul_abi::FsRound::UNKNOWN).then_some(moved.remaining_bytes),
         });
         Ok(())
     }
