@@ -13,6 +13,7 @@ mod restart;
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use abi_stable::std_types::RResult;
@@ -288,13 +289,49 @@ pub(super) struct Live {
     pub mem: Channel,
     pub fs_ch: Option<Channel>,
     pub htype: phaul_abi::HostTypeBox,
-    pub fs: phaul_abi::FsSenderBox,
+    pub fs: SharedFs,
     pub fs_name: String,
     pub root_pid: i32,
     pub dir: PathBuf,
     pub session: String,
     /// Where to reconnect (phaul's own connections), and how.
     pub to: Option<(String, transport::Dialer)>,
+}
+
+/// The filesystem sender, shared with the thread that runs a round while a memory round goes on.
+#[derive(Clone)]
+pub(super) struct SharedFs(Arc<std::sync::Mutex<phaul_abi::FsSenderBox>>);
+
+impl SharedFs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, phaul_abi::FsSenderBox> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    pub fn start(&self) -> RResult<(), PluginError> {
+        self.lock().start()
+    }
+    pub fn round(&self, info: &phaul_abi::FsRoundInfo) -> RResult<phaul_abi::FsRound, PluginError> {
+        self.lock().round(info)
+    }
+    pub fn persistent_inodes(&self) -> bool {
+        self.lock().persistent_inodes()
+    }
+    pub fn shares_storage(&self) -> bool {
+        self.lock().shares_storage()
+    }
+    /// The end (waits for a round still running in its thread).
+    pub fn finish(&self, outcome: Outcome) -> RResult<(), PluginError> {
+        self.lock().finish(outcome)
+    }
+}
+
+/// A filesystem round under way ([`SourceRun::fs_round_start`]).
+pub(super) struct FsRoundRun {
+    round: u32,
+    frozen: bool,
+    started: Instant,
+    /// The sender's half, in its thread (with a destination that knows `FsRoundStart`); `None`: it runs in
+    /// [`SourceRun::fs_round_finish`].
+    sender: Option<std::thread::JoinHandle<RResult<phaul_abi::FsRound, PluginError>>>,
 }
 
 pub(super) struct SourceRun<'c> {
@@ -650,7 +687,7 @@ impl<'c> SourceRun<'c> {
             mem,
             fs_ch,
             htype,
-            fs,
+            fs: SharedFs(Arc::new(std::sync::Mutex::new(fs))),
             fs_name: p.fs_name.clone(),
             root_pid: p.root_pid,
             dir: p.dir.clone(),
@@ -827,6 +864,10 @@ impl<'c> SourceRun<'c> {
                 let started = Instant::now();
                 let interval = last_start.map(|t| started.duration_since(t).as_secs_f64());
                 last_start = Some(started);
+                // The filesystem round runs alongside the memory round (a big first copy starts at once); a failed
+                // memory round leaves its sender to end by itself (the rollback's finish waits for it).
+                fs_round += 1;
+                let fs_run = self.fs_round_start(live, fs_round, false)?;
                 let (stats, secs) = self.memory_round(live, round)?;
                 history.push(RoundSample {
                     pages_written: stats.pages_written,
@@ -841,8 +882,7 @@ impl<'c> SourceRun<'c> {
                     }
                     r.predicted_downtime_ms = rt.predicted_downtime_ms.is_finite().then_some(rt.predicted_downtime_ms);
                 }
-                fs_round += 1;
-                self.fs_round(live, fs_round, false)?;
+                self.fs_round_finish(live, fs_run)?;
                 // What the filesystem still has to move counts in the frozen time the policy predicts.
                 if let (Some(h), Some(f)) = (history.last_mut(), self.report.fs_round_list.last()) {
                     if let Some(left) = f.remaining_bytes {
@@ -1005,30 +1045,51 @@ impl<'c> SourceRun<'c> {
     /// driver needs that) and each side says `Working` while the other waits, so a round may take as long as it
     /// needs while its drivers report progress; without progress, `--timeout` bounds it.
     pub fn fs_round(&mut self, live: &mut Live, round: u32, frozen: bool) -> Result<(), MigrateError> {
-        let t = Instant::now();
-        let info = crate::plugins::fs_round_info(round, frozen);
-        let streaming = self.dst_features.iter().any(|f| f == crate::engine::destination::FEATURE_FS_ROUND_START);
-        let moved = if streaming {
+        let r = self.fs_round_start(live, round, frozen)?;
+        self.fs_round_finish(live, r)
+    }
+
+    fn streaming_fs(&self) -> bool {
+        self.dst_features.iter().any(|f| f == crate::engine::destination::FEATURE_FS_ROUND_START)
+    }
+
+    /// Starts a filesystem round; with a destination that knows `FsRoundStart` both halves start now and run in
+    /// threads of their own, so that a memory round can go on meanwhile ([`SourceRun::fs_round_finish`] ends it).
+    pub fn fs_round_start(&mut self, live: &mut Live, round: u32, frozen: bool) -> Result<FsRoundRun, MigrateError> {
+        let started = Instant::now();
+        let sender = if self.streaming_fs() {
             live.control.send(Body::FsRoundStart(w::FsRoundStart { round, r#final: frozen }))?;
-            let (fs, control) = (&mut live.fs, &mut live.control);
-            std::thread::scope(|sc| {
-                let h = sc.spawn(|| fs.round(&info));
+            let fs = live.fs.clone();
+            let info = crate::plugins::fs_round_info(round, frozen);
+            Some(std::thread::spawn(move || fs.round(&info)))
+        } else {
+            None
+        };
+        Ok(FsRoundRun { round, frozen, started, sender })
+    }
+
+    /// Ends a round begun by [`SourceRun::fs_round_start`]: waits for the sender (saying `Working` meanwhile), then
+    /// for the destination's receiver.
+    pub fn fs_round_finish(&mut self, live: &mut Live, r: FsRoundRun) -> Result<(), MigrateError> {
+        let FsRoundRun { round, frozen, started: t, sender } = r;
+        let streaming = sender.is_some();
+        let moved = match sender {
+            Some(h) => {
                 let bound = self.dst_timeout.map_or(self.cfg.timeout, |d| d.min(self.cfg.timeout));
                 let every = crate::engine::destination::working_every(bound);
                 let mut next = Instant::now() + every;
                 while !h.is_finished() {
-                    std::thread::sleep(Duration::from_millis(10));
+                    std::thread::sleep(Duration::from_millis(5));
                     if Instant::now() >= next {
                         let progress = crate::engine::destination::plugin_progress_total();
-                        let _ = control.send(Body::Working(w::Working { round, progress }));
+                        let _ = live.control.send(Body::Working(w::Working { round, progress }));
                         next = Instant::now() + every;
                     }
                 }
                 h.join()
-            })
-            .map_err(|_| MigrateError::Refused(format!("the filesystem driver '{}' panicked", live.fs_name)))?
-        } else {
-            live.fs.round(&info)
+                    .map_err(|_| MigrateError::Refused(format!("the filesystem driver '{}' panicked", live.fs_name)))?
+            }
+            None => live.fs.round(&crate::plugins::fs_round_info(round, frozen)),
         };
         let moved = plugin(moved, "filesystem", &live.fs_name)?;
         let reply = if streaming {
