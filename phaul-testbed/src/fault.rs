@@ -987,7 +987,8 @@ fn read_heartbeat(path: &Path) -> Result<String, String> {
     Ok(text[..text.rfind('\n').map_or(0, |i| i + 1)].to_string())
 }
 
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+/// Waits up to `timeout` for `f` to hold (checked every 20 ms); whether it did.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if f() {
@@ -996,8 +997,33 @@ fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// One fault outside the matrix: arms phaul's hook at `point` on `side` of the migration `opts` describes and
+/// SIGKILLs the process that stops there (the hook's record goes to `file`, which tells afterwards whether the
+/// point was reached). Both sides' timeouts are tolerated.
+pub fn kill_at(opts: &mut MigrateOptions, point: &str, side: Side, file: PathBuf) {
+    let _ = std::fs::remove_file(&file);
+    let env =
+        vec![(FAULT_AT_ENV.to_string(), point.to_string()), (FAULT_FILE_ENV.to_string(), file.display().to_string())];
+    match side {
+        Side::Src => opts.src_env = env,
+        Side::Dst => opts.dst_env = env,
+    }
+    opts.tolerate_timeouts = true;
+    opts.while_running_both = Some(Box::new(move |pids: RunningPids| {
+        let mut stopped = None;
+        wait_until(Duration::from_secs(120), || {
+            stopped = std::fs::read_to_string(&file).ok().and_then(|t| FaultRecord::parse(&t).ok()).map(|f| f.pid);
+            stopped.is_some() || (!pid_alive(pids.src as i32) && !pid_alive(pids.dst as i32))
+        });
+        if let Some(p) = stopped {
+            // Stopped by the hook (SIGSTOP); SIGKILL ends it all the same.
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+    }));
 }
 
 /// Runs one cell in `lab` (which must be fresh: one lab per cell) and checks it. Never panics on what phaul did;

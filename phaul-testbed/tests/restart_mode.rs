@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
+use phaul_testbed::fault::{kill_at, wait_until, Side};
 use phaul_testbed::{
     netns_of_pid, pid_alive, pids_in_netns, reap_pid, wait_pid_gone, write_plugins_toml, Lab, MigrateOptions,
-    MigrationRun, RunningPids,
+    MigrationRun,
 };
 use serde_json::Value;
 
@@ -101,19 +102,6 @@ impl Drop for CmdWorkload {
             // Orphaned to this test process (a subreaper): reap it.
             let _ = reap_pid(p, Duration::from_millis(500));
         }
-    }
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -227,36 +215,6 @@ fn a_source_that_cannot_stop_it_leaves_it_running_untouched() {
     assert_nothing_in_b(&lab, &run);
 }
 
-/// Arms the fault hook at `point` on `side` and kills the process that stops there.
-fn kill_at(opts: &mut MigrateOptions, lab: &Lab, point: &str, src_side: bool) {
-    let file = lab.path("fault.json");
-    let _ = std::fs::remove_file(&file);
-    let env = vec![
-        ("PHAUL_TEST_FAULT_AT".to_string(), point.to_string()),
-        ("PHAUL_TEST_FAULT_FILE".to_string(), file.display().to_string()),
-    ];
-    if src_side {
-        opts.src_env = env;
-    } else {
-        opts.dst_env = env;
-    }
-    opts.tolerate_timeouts = true;
-    opts.while_running_both = Some(Box::new(move |pids: RunningPids| {
-        let mut stopped = None;
-        wait_until(Duration::from_secs(120), || {
-            stopped = std::fs::read_to_string(&file)
-                .ok()
-                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-                .and_then(|v| v["pid"].as_i64());
-            stopped.is_some() || (!pid_alive(pids.src as i32) && !pid_alive(pids.dst as i32))
-        });
-        if let Some(p) = stopped {
-            // Stopped by the hook (SIGSTOP); SIGKILL ends it all the same.
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), nix::sys::signal::Signal::SIGKILL);
-        }
-    }));
-}
-
 #[test]
 fn a_source_killed_while_the_workload_is_stopped_has_its_guard_start_it_again() {
     let (lab, plugins) = restart_lab("restart-killsrc");
@@ -264,7 +222,7 @@ fn a_source_killed_while_the_workload_is_stopped_has_its_guard_start_it_again() 
     let old = w.pids[0];
     let before = w.count();
     let mut opts = options(&w, &plugins);
-    kill_at(&mut opts, &lab, "src:step:stopped", true);
+    kill_at(&mut opts, "src:step:stopped", Side::Src, lab.path("fault.json"));
     let run = lab.migrate(old, opts).expect("run");
     assert!(lab.path("fault.json").exists(), "src:step:stopped was never reached:\n{}", run.describe());
     assert!(!run.src_status.success(), "{}", run.describe());
@@ -292,7 +250,7 @@ fn a_destination_killed_at_the_start_leaves_the_session_in_doubt_until_the_opera
     let old = w.pids[0];
     let before = w.count();
     let mut opts = options(&w, &plugins);
-    kill_at(&mut opts, &lab, "dst:step:starting", false);
+    kill_at(&mut opts, "dst:step:starting", Side::Dst, lab.path("fault.json"));
     let run = lab.migrate(old, opts).expect("run");
     assert!(lab.path("fault.json").exists(), "dst:step:starting was never reached:\n{}", run.describe());
     // The source sent Start and heard nothing: the destination may have started it, so phaul neither starts it

@@ -6,11 +6,10 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use common::*;
-use phaul_testbed::{pid_alive, write_plugins_toml, Lab, MigrateOptions, RunningPids};
-use serde_json::Value;
+use phaul_testbed::fault::{kill_at, Side};
+use phaul_testbed::{write_plugins_toml, Lab, MigrateOptions};
 
 fn self_lab(tag: &str) -> (Lab, PathBuf) {
     let lab = lab(tag);
@@ -60,26 +59,7 @@ fn a_destination_killed_inside_the_self_restores_hold_leaves_the_source_running(
     let w = lab.start_workload("counter", &[]).expect("start");
     let mut opts = options(w.pid(), &plugins);
     let file = lab.path("fault.json");
-    opts.dst_env = vec![
-        ("PHAUL_TEST_FAULT_AT".into(), "dst:notify:post-restore".into()),
-        ("PHAUL_TEST_FAULT_FILE".into(), file.display().to_string()),
-    ];
-    opts.tolerate_timeouts = true;
-    let f = file.clone();
-    opts.while_running_both = Some(Box::new(move |pids: RunningPids| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        while std::time::Instant::now() < deadline && (pid_alive(pids.src as i32) || pid_alive(pids.dst as i32)) {
-            let stopped = std::fs::read_to_string(&f)
-                .ok()
-                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-                .and_then(|v| v["pid"].as_i64());
-            if let Some(p) = stopped {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), nix::sys::signal::Signal::SIGKILL);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }));
+    kill_at(&mut opts, "dst:notify:post-restore", Side::Dst, file.clone());
     let run = lab.migrate(w.pid(), opts).expect("run");
     assert!(file.exists(), "dst:notify:post-restore was never reached:\n{}", run.describe());
     // phaul serve died holding the tree: the action script got no answer, CRIU failed the restore and killed

@@ -157,8 +157,7 @@ fn relay_daemon(local: TcpStream, mem: OwnedFd, moved: Moved, header: usize, gua
     let up = std::thread::spawn(move || {
         let mut buf = vec![0u8; header.max(4)];
         while from_daemon.read_exact(&mut buf).is_ok() {
-            let cmd = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) & PS_CMD_MASK;
-            if cmd == PS_IOV_CLOSE || cmd == PS_IOV_FORCE_CLOSE {
+            if is_close_request(&buf) {
                 cl.store(true, Ordering::SeqCst);
             }
             if mem_w.write_all(&buf).is_err() {
@@ -194,6 +193,13 @@ fn relay_daemon(local: TcpStream, mem: OwnedFd, moved: Moved, header: usize, gua
 const PS_IOV_CLOSE: u32 = 0x1023;
 const PS_IOV_FORCE_CLOSE: u32 = 0x1024;
 const PS_CMD_MASK: u32 = 0xffff;
+
+/// Whether one page-server request (its header, as the lazy-pages daemon sends it) ends the transfer.
+fn is_close_request(header: &[u8]) -> bool {
+    let Some(cmd) = header.get(..4) else { return false };
+    let cmd = u32::from_le_bytes([cmd[0], cmd[1], cmd[2], cmd[3]]) & PS_CMD_MASK;
+    cmd == PS_IOV_CLOSE || cmd == PS_IOV_FORCE_CLOSE
+}
 
 /// The size of one request of CRIU's page-server protocol (`struct page_server_iov`): CRIU 4.2 widened its
 /// `nr_pages` from 32 to 64 bits, which pads the struct from 24 to 32 bytes.
@@ -322,8 +328,7 @@ impl SourceRelay {
                     log::warn!("the destination's lazy-pages daemon sent a request after its close request; ignored");
                     continue;
                 }
-                let cmd = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) & PS_CMD_MASK;
-                if cmd == PS_IOV_CLOSE || cmd == PS_IOV_FORCE_CLOSE {
+                if is_close_request(&buf) {
                     let wait = Instant::now() + Duration::from_secs(10);
                     while !committed.load(Ordering::SeqCst) && Instant::now() < wait {
                         std::thread::sleep(Duration::from_millis(5));
@@ -702,5 +707,25 @@ fn trial_inner(criu: &Criu, work: &Path, side: &'static str) -> Result<(), LazyE
         (_, Err(e), _) => Err(fail(format!("the lazy dump failed: {}", first_line(&e)), &logs)),
         (Err(e), _, _) => Err(fail(format!("the lazy restore failed: {}", first_line(&e)), &logs)),
         (_, _, false) => Err(fail("the lazy-pages daemon failed".into(), &logs)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_requests_are_told_from_page_requests() {
+        let header = |cmd: u32| {
+            let mut h = vec![0u8; 24];
+            h[..4].copy_from_slice(&cmd.to_le_bytes());
+            h
+        };
+        assert!(is_close_request(&header(PS_IOV_CLOSE)));
+        assert!(is_close_request(&header(PS_IOV_FORCE_CLOSE)));
+        // The flags in the upper half do not matter; other commands and short input are not a close.
+        assert!(is_close_request(&header(PS_IOV_CLOSE | 0x1_0000)));
+        assert!(!is_close_request(&header(0x1022)));
+        assert!(!is_close_request(&[0x23, 0x10]));
     }
 }

@@ -54,29 +54,7 @@ fn run(job: Job) {
             crate::plugins::notify(&mut lock(&htype), script, pid, rpc::notification_fd())
                 .into_result()
                 .map_err(|e| format!("the destination's host type '{htype_name}' failed in {script}: {e}"))?;
-            match script {
-                "setup-namespaces" => {
-                    let pid = pid.ok_or("CRIU's setup-namespaces notification named no pid")?;
-                    // From here on the restored root exists: should CRIU die, the session kills it by this pid
-                    // (CRIU's half-restored child would otherwise outlive it, holding CRIU's socket open).
-                    let _ = events.send(Event::RestoreRoot(pid));
-                    Ok(())
-                }
-                "pre-resume" | "post-resume" => {
-                    // CRIU is letting the tree go: from here on it runs even if CRIU dies.
-                    let _ = events.send(Event::Released);
-                    Ok(())
-                }
-                "post-restore" => {
-                    // The hold: the tree exists and has not run. It runs only if the session says so.
-                    let _ = events.send(Event::Held { pid, wall: started.elapsed() });
-                    match decisions.recv() {
-                        Ok(true) => Ok(()),
-                        _ => Err("the migration was not committed; the restored copy is discarded".to_string()),
-                    }
-                }
-                _ => Ok(()),
-            }
+            on_restore_action(script, pid, &events, &decisions, started)
         };
         s.call("RESTORE", rpc::req(CriuReqType::Restore, Some(opts)), &mut handler)
     };
@@ -84,6 +62,40 @@ fn run(job: Job) {
     drop(open_dir);
     fault::criu_gone(criu_pid);
     let _ = events.send(Event::RestoreDone(result.map(|_| ())));
+}
+
+/// What the session does on one of CRIU's restore actions, whether CRIU's RPC or the action script of a host type
+/// that restores by itself reported it. `Ok` lets CRIU go on; an error makes it fail the restore and kill the tree.
+pub(super) fn on_restore_action(
+    script: &str,
+    pid: Option<i32>,
+    events: &Sender<Event>,
+    decisions: &Receiver<bool>,
+    started: Instant,
+) -> Result<(), String> {
+    match script {
+        "setup-namespaces" => {
+            let pid = pid.ok_or("CRIU's setup-namespaces notification named no pid")?;
+            // From here on the restored root exists: should CRIU die, the session kills it by this pid (CRIU's
+            // half-restored child would otherwise outlive it, holding CRIU's socket open).
+            let _ = events.send(Event::RestoreRoot(pid));
+            Ok(())
+        }
+        "pre-resume" | "post-resume" => {
+            // CRIU is letting the tree go: from here on it runs even if CRIU dies.
+            let _ = events.send(Event::Released);
+            Ok(())
+        }
+        "post-restore" => {
+            // The hold: the tree exists and has not run. It runs only if the session says so.
+            let _ = events.send(Event::Held { pid, wall: started.elapsed() });
+            match decisions.recv() {
+                Ok(true) => Ok(()),
+                _ => Err("the migration was not committed; the restored copy is discarded".to_string()),
+            }
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Kills a restored tree by its root (the init of its pid namespace, so the kernel ends the rest) and waits,

@@ -212,28 +212,13 @@ fn answer(
     let action = words.next().unwrap_or_default().to_string();
     let pid = words.next().and_then(|p| p.parse::<i32>().ok()).filter(|p| *p > 0);
     fault::at("dst", "notify", &action);
-    let verdict: Result<(), String> = match action.as_str() {
-        "setup-namespaces" | "post-setup-namespaces" => {
-            if let Some(pid) = pid {
-                let _ = events.send(Event::RestoreRoot(pid));
-            }
-            Ok(())
-        }
-        "pre-resume" | "post-resume" => {
-            let _ = events.send(Event::Released);
-            Ok(())
-        }
-        "post-restore" => {
-            held.store(true, Ordering::SeqCst);
-            let _ = events.send(Event::Held { pid, wall: started.elapsed() });
-            match decisions.recv() {
-                Ok(true) => Ok(()),
-                _ => Err("the migration was not committed; the restored copy is discarded".into()),
-            }
-        }
-        "" => Err("the action script sent no action".into()),
-        _ => Ok(()),
-    };
+    if action.is_empty() {
+        return (&conn).write_all(b"fail the action script sent no action\n");
+    }
+    if action == "post-restore" {
+        held.store(true, Ordering::SeqCst);
+    }
+    let verdict = super::restore::on_restore_action(&action, pid, events, decisions, started);
     let mut w = &conn;
     match verdict {
         Ok(()) => w.write_all(b"ok\n"),
