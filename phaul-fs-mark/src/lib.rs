@@ -1,0 +1,221 @@
+//! Which receive targets phaul may use and remove.
+//!
+//! A directory a filesystem driver receives into carries the extended attribute [`MARK`] while phaul owns it:
+//! `receiving TOKEN` during a migration (TOKEN is the receiving run's), removed once the migration succeeded (the
+//! directory is then the workload's, like any other). A source tree the workload left when it migrated away gets
+//! `migrated-away`, so that a later migration back to this host may receive into it (rsync then moves only the
+//! differences) without taking anything an operator made.
+//!
+//! [`claim`] applies the rule every receiver follows before anything is frozen: a target that does not exist is
+//! created (and on roll-back removed whole); an empty directory (a mount point, say) is used (and on roll-back
+//! emptied); a directory phaul marked is used (on roll-back a leftover of a failed run is removed, a tree left by
+//! a migration away keeps its contents and mark); anything else is refused with a message naming it.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// The extended attribute phaul's marks live in (`trusted.`: only root reads or writes it).
+pub const MARK: &str = "trusted.phaul.owner";
+/// The mark on a source tree whose workload migrated away.
+pub const MIGRATED_AWAY: &str = "migrated-away";
+
+/// How a target came to be phaul's, which decides what roll-back does with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// phaul created it: roll-back removes it.
+    Created,
+    /// It was an empty directory: roll-back empties it.
+    WasEmpty,
+    /// A leftover of an earlier receiving run (marked `receiving ...`): roll-back removes it.
+    Leftover,
+    /// A tree left by a migration away from this host: roll-back leaves its contents and puts its mark back.
+    MigratedAway,
+}
+
+/// A target directory claimed for one receiving run.
+#[derive(Debug)]
+pub struct Target {
+    pub path: PathBuf,
+    pub claim: Claim,
+    token: String,
+}
+
+/// What the mark on `path` says, if there is one.
+pub fn read_mark(path: &Path) -> io::Result<Option<String>> {
+    Ok(xattr::get(path, MARK)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+}
+
+/// Sets the mark.
+pub fn set_mark(path: &Path, value: &str) -> io::Result<()> {
+    xattr::set(path, MARK, value.as_bytes())
+}
+
+/// Removes the mark (no error when there is none).
+pub fn clear_mark(path: &Path) -> io::Result<()> {
+    match xattr::remove(path, MARK) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(61) => Ok(()), // ENODATA
+        Err(e) => Err(e),
+    }
+}
+
+/// A fresh token for one receiving run.
+pub fn new_token() -> String {
+    let mut b = [0u8; 8];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| io::Read::read_exact(&mut f, &mut b));
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{}-{:x}-{}", std::process::id(), u64::from_le_bytes(b), nanos % 1_000_000)
+}
+
+/// Why a target cannot be used.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Claims `path` for a receiving run (see the module's rule), marking it `receiving TOKEN`. `hint` ends the
+/// refusal message (which option picks another target).
+pub fn claim(path: &Path, token: &str, hint: &str) -> Result<Target, Refused> {
+    let shown = path.display();
+    let claim = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let parent = path.parent().unwrap_or(Path::new("/"));
+            if !parent.is_dir() {
+                return Err(Refused(format!(
+                    "cannot receive into {shown}: its parent directory {} does not exist on this host; {hint}",
+                    parent.display()
+                )));
+            }
+            std::fs::create_dir(path).map_err(|e| Refused(format!("cannot create {shown}: {e}")))?;
+            Claim::Created
+        }
+        Err(e) => return Err(Refused(format!("cannot look at {shown}: {e}"))),
+        Ok(m) if !m.is_dir() => {
+            return Err(Refused(format!("cannot receive into {shown}: it exists and is not a directory; {hint}")))
+        }
+        Ok(_) => match read_mark(path).map_err(|e| Refused(format!("cannot read the marks of {shown}: {e}")))? {
+            Some(m) if m.starts_with("receiving ") => Claim::Leftover,
+            Some(m) if m == MIGRATED_AWAY => Claim::MigratedAway,
+            _ => {
+                let empty =
+                    std::fs::read_dir(path).map_err(|e| Refused(format!("cannot list {shown}: {e}")))?.next().is_none();
+                if !empty {
+                    return Err(Refused(format!(
+                        "{shown} already exists on this host and phaul did not make it (it holds files and has no \
+                         {MARK} mark); phaul never receives over someone else's data: move it away, or {hint}"
+                    )));
+                }
+                Claim::WasEmpty
+            }
+        },
+    };
+    set_mark(path, &format!("receiving {token}"))
+        .map_err(|e| Refused(format!("cannot mark {shown} as phaul's (extended attribute {MARK}): {e}")))?;
+    Ok(Target { path: path.to_path_buf(), claim, token: token.to_string() })
+}
+
+fn empty_dir(path: &Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(path)? {
+        let p = entry?.path();
+        if std::fs::symlink_metadata(&p)?.is_dir() {
+            std::fs::remove_dir_all(&p)?;
+        } else {
+            std::fs::remove_file(&p)?;
+        }
+    }
+    Ok(())
+}
+
+impl Target {
+    /// Whether the mark still says this run owns it (a target another run took over is left alone).
+    fn still_ours(&self) -> bool {
+        matches!(read_mark(&self.path), Ok(Some(m)) if m == format!("receiving {}", self.token))
+    }
+
+    /// The migration succeeded: the tree is the workload's now; the mark goes.
+    pub fn keep(&self) -> io::Result<()> {
+        if self.still_ours() {
+            clear_mark(&self.path)?;
+        }
+        Ok(())
+    }
+
+    /// The migration rolled back: undo what this run did to the target (see [`Claim`]).
+    pub fn roll_back(&self) -> io::Result<()> {
+        if !self.still_ours() {
+            log::warn!("{} is no longer marked as this run's; leaving it", self.path.display());
+            return Ok(());
+        }
+        match self.claim {
+            Claim::Created | Claim::Leftover => match std::fs::remove_dir_all(&self.path) {
+                Ok(()) => Ok(()),
+                // A mount point: its contents are gone, the directory stays.
+                Err(e) if e.raw_os_error() == Some(16) => {
+                    empty_dir(&self.path)?;
+                    clear_mark(&self.path)
+                }
+                Err(e) => Err(e),
+            },
+            Claim::WasEmpty => {
+                empty_dir(&self.path)?;
+                clear_mark(&self.path)
+            }
+            Claim::MigratedAway => set_mark(&self.path, MIGRATED_AWAY),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp() -> tempfile::TempDir {
+        tempfile::tempdir().expect("tempdir")
+    }
+
+    #[test]
+    fn a_missing_target_is_created_and_removed_on_roll_back() {
+        let d = tmp();
+        let t = claim(&d.path().join("new"), "t1", "x").expect("claim");
+        assert_eq!(t.claim, Claim::Created);
+        std::fs::write(t.path.join("f"), "x").expect("write");
+        t.roll_back().expect("roll back");
+        assert!(!d.path().join("new").exists());
+    }
+
+    #[test]
+    fn someone_elses_tree_is_refused_and_untouched() {
+        let d = tmp();
+        std::fs::write(d.path().join("precious"), "data").expect("write");
+        let e = claim(d.path(), "t1", "pass another").expect_err("refused");
+        assert!(e.0.contains("phaul did not make it") && e.0.contains("pass another"), "{e}");
+        assert_eq!(std::fs::read_to_string(d.path().join("precious")).expect("read"), "data");
+        assert_eq!(read_mark(d.path()).expect("mark"), None);
+    }
+
+    #[test]
+    fn an_empty_dir_is_emptied_not_removed_and_a_migrated_away_tree_is_kept() {
+        let d = tmp();
+        let t = claim(d.path(), "t1", "x").expect("claim");
+        assert_eq!(t.claim, Claim::WasEmpty);
+        std::fs::create_dir(t.path.join("sub")).expect("mkdir");
+        t.roll_back().expect("roll back");
+        assert!(d.path().exists() && std::fs::read_dir(d.path()).expect("ls").next().is_none());
+        assert_eq!(read_mark(d.path()).expect("mark"), None);
+
+        std::fs::write(d.path().join("old"), "left behind").expect("write");
+        set_mark(d.path(), MIGRATED_AWAY).expect("mark");
+        let t = claim(d.path(), "t2", "x").expect("claim");
+        assert_eq!(t.claim, Claim::MigratedAway);
+        t.roll_back().expect("roll back");
+        assert!(d.path().join("old").exists());
+        assert_eq!(read_mark(d.path()).expect("mark").as_deref(), Some(MIGRATED_AWAY));
+        let t = claim(d.path(), "t3", "x").expect("claim");
+        t.keep().expect("keep");
+        assert_eq!(read_mark(d.path()).expect("mark"), None);
+    }
+}
