@@ -11,11 +11,13 @@
 //!   process with its original pid; when source and destination share a kernel (as in tests) or the pids are taken
 //!   on the destination, only a tree in its own pid namespace can get them back. Set `no` between two real
 //!   machines when you know the pids are free on the destination.
+//! - `root=DIR`: the directory that holds the tree's files, handed to the filesystem driver (rsync, btrfs, zfs
+//!   ...), which moves it to the destination; without it the tree has no files to move (the `shared` driver).
 
 use phaul_abi::{option, CriuOptions, CriuStage, HostType, HostTypeArgs, PluginError, PluginResult, Role};
 
 const KNOWN: &[&str] =
-    &["tcp-established", "ext-unix-sk", "file-locks", "shell-job", "require-pidns", "skip-in-flight"];
+    &["tcp-established", "ext-unix-sk", "file-locks", "shell-job", "require-pidns", "skip-in-flight", "root"];
 
 struct PidTree {
     pid: i32,
@@ -26,6 +28,7 @@ struct PidTree {
     shell_job: bool,
     require_pidns: bool,
     skip_in_flight: bool,
+    root: Option<String>,
 }
 
 fn yes_no(args: &HostTypeArgs, key: &str, default: bool) -> PluginResult<bool> {
@@ -60,6 +63,19 @@ fn new(args: &HostTypeArgs) -> PluginResult<PidTree> {
         shell_job: yes_no(args, "shell-job", false)?,
         require_pidns: yes_no(args, "require-pidns", true)?,
         skip_in_flight: yes_no(args, "skip-in-flight", true)?,
+        root: match option(&args.options, "root") {
+            None => None,
+            Some(r) if args.role == Role::SOURCE => {
+                let p = std::path::Path::new(r);
+                if !p.is_absolute() || !p.is_dir() {
+                    return Err(PluginError::invalid(format!(
+                        "--htype-opt root={r}: give the absolute path of an existing directory"
+                    )));
+                }
+                Some(r.trim_end_matches('/').to_string()).filter(|s| !s.is_empty()).or(Some("/".into()))
+            }
+            Some(r) => Some(r.to_string()),
+        },
     })
 }
 
@@ -123,6 +139,10 @@ impl HostType for PidTree {
         }
         self.check_root()?;
         Ok(self.pid)
+    }
+
+    fn fs_roots(&mut self) -> PluginResult<Vec<String>> {
+        Ok(self.root.iter().cloned().collect())
     }
 
     fn criu_options(&mut self, _stage: CriuStage) -> PluginResult<CriuOptions> {
