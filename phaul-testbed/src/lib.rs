@@ -42,6 +42,7 @@ mod migration;
 mod netns;
 mod process;
 mod spawn;
+pub mod tree;
 mod workload;
 
 pub use binary::locate_binary;

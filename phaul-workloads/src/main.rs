@@ -23,7 +23,7 @@ use phaul_workloads::heartbeat::{self, Heartbeat, WithHeartbeat};
 use phaul_workloads::kinds::{
     busy_server::BusyServer, counter::Counter, file_append::FileAppend, lock_holder, lock_holder::LockHolder,
     memory::Memory, pipes::Pipes, pty_queue, pty_queue::PtyQueue, sqlite_writer::SqliteWriter, tcp_server::TcpServer,
-    threads::Threads, unix_pair::UnixPair, unix_server::UnixServer,
+    threads::Threads, tree_writer::TreeWriter, unix_pair::UnixPair, unix_server::UnixServer,
 };
 use phaul_workloads::runner::{self, Workload};
 use phaul_workloads::state::{PROBE_FILE, STATE_FILE, STATE_TMP_FILE};
@@ -90,6 +90,17 @@ enum Kind {
         /// The file to append to (created and emptied at start).
         #[arg(long)]
         file: PathBuf,
+    },
+    /// Keeps creating, renaming, deleting and rewriting files under DIR (see the kind's module).
+    TreeWriter {
+        #[command(flatten)]
+        common: Common,
+        /// The tree (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// While this file exists the workload changes nothing.
+        #[arg(long)]
+        pause_file: Option<PathBuf>,
     },
     /// Two threads ping-ponging a counter over a unix socketpair.
     UnixPair {
@@ -179,6 +190,7 @@ enum Spec {
     Pipes,
     Threads(usize),
     FileAppend(PathBuf),
+    TreeWriter { dir: PathBuf, pause: Option<PathBuf> },
     UnixPair,
     TcpServer(SocketAddr),
     Counter,
@@ -208,6 +220,12 @@ fn plan(cli: Cli) -> Result<Plan, String> {
         Kind::Pipes { common } => ("pipes", common, Spec::Pipes),
         Kind::Threads { common, threads } => ("threads", common, Spec::Threads(usize::from(threads))),
         Kind::FileAppend { common, file } => ("file-append", common, Spec::FileAppend(absolute_file(&file)?)),
+        Kind::TreeWriter { common, dir, pause_file } => {
+            std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            let dir = dir.canonicalize().map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
+            let pause = pause_file.as_deref().map(absolute_file).transpose()?;
+            ("tree-writer", common, Spec::TreeWriter { dir, pause })
+        }
         Kind::UnixPair { common } => ("unix-pair", common, Spec::UnixPair),
         Kind::TcpServer { common, listen } => ("tcp-server", common, Spec::TcpServer(listen)),
         Kind::Counter { common } => ("counter", common, Spec::Counter),
@@ -291,6 +309,7 @@ fn child(plan: &Plan) -> Result<Infallible, String> {
         Spec::Pipes => Box::new(Pipes::start()?),
         Spec::Threads(n) => Box::new(Threads::start(*n)?),
         Spec::FileAppend(path) => Box::new(FileAppend::open(path)?),
+        Spec::TreeWriter { dir, pause } => Box::new(TreeWriter::open(dir, pause.as_deref())?),
         Spec::UnixPair => Box::new(UnixPair::start()?),
         Spec::TcpServer(addr) => Box::new(TcpServer::start(*addr)?),
         Spec::Counter => Box::new(Counter),

@@ -10,6 +10,7 @@ pub mod pty_queue;
 pub mod sqlite_writer;
 pub mod tcp_server;
 pub mod threads;
+pub mod tree_writer;
 pub mod unix_pair;
 pub mod unix_server;
 
