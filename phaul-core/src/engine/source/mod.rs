@@ -40,6 +40,11 @@ use crate::sys;
 use crate::transport::{self, Channel, ChannelName, TransportError};
 use crate::wire::{self, WireError};
 
+/// Filesystem rounds while the workload runs without memory rounds stop once one moved less than this, or after
+/// [`MAX_LIVE_FS_ROUNDS`] (see [`SourceRun::live_fs_rounds`]).
+const SMALL_FS_ROUND_BYTES: u64 = 1 << 20;
+const MAX_LIVE_FS_ROUNDS: u32 = 3;
+
 /// `--pre-dump`: whether to run pre-copy rounds before the final dump.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PreDump {
@@ -930,9 +935,7 @@ impl<'c> SourceRun<'c> {
                 }
             }
         } else {
-            self.progress.phase("syncing the filesystem");
-            fs_round += 1;
-            self.fs_round(live, fs_round, false)?;
+            fs_round = self.live_fs_rounds(live, "syncing the filesystem")?;
         }
         self.final_fs_round = fs_round + 1;
         let ending = handover::ending_name(self.cfg, lazy_final);
@@ -1044,6 +1047,23 @@ impl<'c> SourceRun<'c> {
     /// One filesystem round. With a destination that knows `FsRoundStart`, both halves run at once (a streaming
     /// driver needs that) and each side says `Working` while the other waits, so a round may take as long as it
     /// needs while its drivers report progress; without progress, `--timeout` bounds it.
+    /// Filesystem rounds while the workload runs, without memory rounds to pace them (stop-and-copy, restart
+    /// mode): each round sends what changed during the one before, until a round moved little (the next, frozen,
+    /// round will be about as small) or after [`MAX_LIVE_FS_ROUNDS`]. Returns the number of the last round.
+    pub fn live_fs_rounds(&mut self, live: &mut Live, phase: &str) -> Result<u32, MigrateError> {
+        let mut round = 0;
+        while round < MAX_LIVE_FS_ROUNDS {
+            round += 1;
+            self.progress.phase(phase);
+            self.fs_round(live, round, false)?;
+            let moved = self.report.fs_round_list.last().map(|r| r.bytes).unwrap_or(0);
+            if moved < SMALL_FS_ROUND_BYTES {
+                break;
+            }
+        }
+        Ok(round)
+    }
+
     pub fn fs_round(&mut self, live: &mut Live, round: u32, frozen: bool) -> Result<(), MigrateError> {
         let r = self.fs_round_start(live, round, frozen)?;
         self.fs_round_finish(live, r)
@@ -1056,6 +1076,9 @@ impl<'c> SourceRun<'c> {
     /// Starts a filesystem round; with a destination that knows `FsRoundStart` both halves start now and run in
     /// threads of their own, so that a memory round can go on meanwhile ([`SourceRun::fs_round_finish`] ends it).
     pub fn fs_round_start(&mut self, live: &mut Live, round: u32, frozen: bool) -> Result<FsRoundRun, MigrateError> {
+        if frozen {
+            fault::at("src", "step", "final-fs-round");
+        }
         let started = Instant::now();
         let sender = if self.streaming_fs() {
             live.control.send(Body::FsRoundStart(w::FsRoundStart { round, r#final: frozen }))?;

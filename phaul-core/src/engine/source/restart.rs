@@ -19,24 +19,11 @@ use crate::engine::fault;
 use crate::journal::{ProcId, SourceState};
 use crate::wire::{self, WireError};
 
-/// Live rounds stop once one moved less than this, or after [`MAX_LIVE_ROUNDS`].
-const SMALL_ROUND_BYTES: u64 = 1 << 20;
-const MAX_LIVE_ROUNDS: u32 = 3;
-
 pub(super) fn restart(run: &mut SourceRun<'_>, live: &mut Live) -> Result<(), MigrateError> {
     run.report.mode = "restart";
     run.report.memory.strategy = "none";
     run.report.memory.reason = "restart mode moves no memory: the workload is stopped and started again".into();
-    let mut round = 0;
-    while round < MAX_LIVE_ROUNDS {
-        round += 1;
-        run.progress.phase("copying the filesystem (the workload runs)");
-        run.fs_round(live, round, false)?;
-        let moved = run.report.fs_round_list.last().map(|r| r.bytes).unwrap_or(0);
-        if moved < SMALL_ROUND_BYTES {
-            break;
-        }
-    }
+    let round = run.live_fs_rounds(live, "copying the filesystem (the workload runs)")?;
     // From here the source's copy may be a stopped workload: the guard settles it should this process die.
     run.ensure_guard()?;
     run.record(SourceState::Stopped, "restart mode: the workload is being stopped on the source", |_| {})?;
