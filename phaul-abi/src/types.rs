@@ -130,6 +130,16 @@ impl KeyValue {
     }
 }
 
+/// On the destination, a filesystem receiver is configured by that host alone (`phaul serve --fs-opt
+/// DRIVER:KEY=VALUE`); the options the source was given reach it only under this prefix (`peer.KEY`), as
+/// information it may read but must never take for its own settings.
+pub const PEER_OPTION_PREFIX: &str = "peer.";
+
+/// Whether `key` is one of the source's options as a receiver sees them (see [`PEER_OPTION_PREFIX`]).
+pub fn is_peer_option(key: &str) -> bool {
+    key.starts_with(PEER_OPTION_PREFIX)
+}
+
 /// Looks up a key (the last one wins).
 pub fn option<'a>(list: &'a [KeyValue], key: &str) -> Option<&'a str> {
     list.iter().rev().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.as_str())

@@ -13,7 +13,7 @@ impl FsSender for Shared {
 impl FsReceiver for Shared {}
 
 fn refuse_options(args: &FsArgs) -> PluginResult<()> {
-    match args.options.first() {
+    match args.options.iter().find(|kv| !phaul_abi::is_peer_option(&kv.key)) {
         Some(kv) => {
             Err(PluginError::invalid(format!("the shared filesystem driver takes no options, but got '{}'", kv.key)))
         }

@@ -1002,8 +1002,14 @@ impl Session<'_> {
         }
         self.htype = Some(Arc::new(Mutex::new(htype)));
         self.htype_name = s.htype.clone();
-        let mut fs_opts: Vec<(String, String)> =
-            s.fs_options.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect();
+        // A filesystem receiver decides where data lands and which tools run as root, so it is configured by this
+        // host alone: the source's options reach it only as `peer.KEY`, for information, never under their own
+        // names (a source must not pick the receiving binary or the directory it writes into).
+        let mut fs_opts: Vec<(String, String)> = s
+            .fs_options
+            .iter()
+            .map(|kv| (format!("{}{}", phaul_abi::PEER_OPTION_PREFIX, kv.key), kv.value.clone()))
+            .collect();
         fs_opts.extend(local(&self.ctx.cfg.fs_options, &s.fs_driver));
         let fs_fd = self.fs_ch.as_ref().map(|c| c.as_fd().as_raw_fd());
         let mut fs = self.ctx.drivers.fs_receiver(&s.fs_driver, mode, &fs_opts, fs_fd, &s.fs_roots, &dir)?;
@@ -1210,6 +1216,9 @@ impl Session<'_> {
             self.fs.take().ok_or_else(|| Failed::from("the source started a filesystem round before Setup"))?;
         let name = self.fs_name.clone();
         let tx = self.events_tx.clone();
+        if is_final {
+            fault::at("dst", "step", "final-fs-round");
+        }
         std::thread::spawn(move || {
             let r = plugin(fs.wait_round(&crate::plugins::fs_round_info(round, is_final)), "filesystem driver", &name)
                 .and_then(|r| {
