@@ -88,7 +88,8 @@ fn seconds(args: &FsArgs, key: &str, default: u64) -> PluginResult<Duration> {
 }
 
 fn check_known(args: &FsArgs, known: &[&str], side: &str) -> PluginResult<()> {
-    match args.options.iter().find(|kv| !known.contains(&kv.key.as_str())) {
+    // The source's options, as a receiver sees them (`peer.KEY`), are not this side's to check.
+    match args.options.iter().find(|kv| !known.contains(&kv.key.as_str()) && !phaul_abi::is_peer_option(&kv.key)) {
         Some(kv) => Err(PluginError::invalid(format!(
             "the rsync filesystem driver has no {side} option '{}'; it knows {}",
             kv.key,
@@ -218,30 +219,42 @@ struct FifoReader {
     gave_up: Arc<AtomicBool>,
 }
 
+impl FifoReader {
+    /// Waits until the FIFO has data or its writer left (or rsync ended before its helper came).
+    fn wait_readable(&self) -> std::io::Result<bool> {
+        use std::os::fd::AsFd;
+        loop {
+            let mut fds = [nix::poll::PollFd::new(self.file.as_fd(), nix::poll::PollFlags::POLLIN)];
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(50u16)) {
+                Ok(n) if n > 0 => return Ok(true),
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {
+                    if !self.started && self.gave_up.load(Ordering::SeqCst) {
+                        return Ok(false);
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
 impl Read for FifoReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        use std::os::fd::AsFd;
+        // Before the helper opened its end, a read would say end-of-file: wait for it first.
         if !self.started {
-            loop {
-                let mut fds = [nix::poll::PollFd::new(self.file.as_fd(), nix::poll::PollFlags::POLLIN)];
-                match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(50u16)) {
-                    Ok(n) if n > 0 => break,
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => {
-                        if self.gave_up.load(Ordering::SeqCst) {
-                            return Ok(0);
-                        }
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+            if !self.wait_readable()? {
+                return Ok(0);
             }
             self.started = true;
         }
-        match self.file.read(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                // The writer came and went between poll and read with nothing written.
-                Ok(0)
+        loop {
+            match self.file.read(buf) {
+                // The descriptor is non-blocking: "nothing yet" while the helper still writes.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.wait_readable()?;
+                }
+                r => return r,
             }
-            r => r,
         }
     }
 }
@@ -371,8 +384,14 @@ impl RsyncSender {
         };
         let root_shown = root.display();
         if !done.ok {
+            // When both ends failed, the source's own words usually say why (the receiver only saw it go).
+            let ours = if code != 0 && !stderr.is_empty() {
+                format!("; rsync on the source (exit {code}): {}", tail(&stderr, 2000))
+            } else {
+                String::new()
+            };
             return Err(PluginError::failed(format!(
-                "rsync on the destination failed receiving {root_shown} (exit {}): {}",
+                "rsync on the destination failed receiving {root_shown} (exit {}): {}{ours}",
                 done.code,
                 if done.message.is_empty() { "it gave no reason" } else { done.message.as_str() }
             )));
@@ -643,7 +662,9 @@ impl RsyncReceiver {
                 let stderr = err.map(|h| h.join().unwrap_or_default()).unwrap_or_default();
                 let relayed = relayed.map_err(io_err("the filesystem channel broke during an rsync session"))?;
                 let code = status.ok().and_then(|s| s.code()).unwrap_or(-1);
-                Done { ok: code == 0, code, bytes: relayed.received, message: tail(&stderr, 2000) }
+                // Exit 24 (files vanished while listed) is normal while the workload runs, never while frozen.
+                let ok = code == 0 || (code == 24 && !st.is_final);
+                Done { ok, code, bytes: relayed.received, message: tail(&stderr, 2000) }
             }
         };
         self.chan.send_done(&done).map_err(io_err("answering the source"))?;
