@@ -27,6 +27,7 @@ pub const PLUGIN_FILES: &[(&str, &str)] = &[
     ("pid", "libphaul_htype_pid.so"),
     ("shared", "libphaul_fs_shared.so"),
     ("external", "libphaul_fs_external.so"),
+    ("rsync", "libphaul_fs_rsync.so"),
     // A test fixture (phaul-testbed/fixtures/plugin-restartable), listed only where a test asks for it.
     ("cmd", "libphaul_fixture_plugin_restartable.so"),
     // Another (phaul-testbed/fixtures/plugin-selfrestore): a host type that runs `criu restore` itself.
@@ -131,6 +132,8 @@ pub struct MigrateOptions {
     /// [`MigrationRun::dst_timed_out`] (with what it printed) instead of failing the whole run with
     /// [`TestbedError::Timeout`].
     pub tolerate_timeouts: bool,
+    /// Migrate the other way: `phaul migrate` runs in host B and `phaul serve` in host A (a return trip).
+    pub reverse: bool,
 }
 
 /// The two processes a migration started (see [`MigrateOptions::while_running_both`]).
@@ -364,11 +367,24 @@ impl Lab {
         serve_args.extend(["--state-dir".into(), self.path("dst-state").display().to_string()]);
         serve_args.extend(["--rpid-dir".into(), self.scratch.path().display().to_string()]);
         serve_args.extend(opts.dst_args.iter().cloned());
-        let mut serve_cmd = self.phaul_command(self.b(), opts.dst_wrapper.as_ref(), &serve_args);
+        let (src_host, dst_host) = if opts.reverse { (self.b(), self.a()) } else { (self.a(), self.b()) };
+        let mut serve_cmd = self.phaul_command(dst_host, opts.dst_wrapper.as_ref(), &serve_args);
         serve_cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         serve_cmd.envs(opts.dst_env.iter().map(|(k, v)| (k, v)));
         let started = Instant::now();
-        let serve = spawn_with_fds(serve_cmd, &[(ch.rpc.1.as_fd(), 3), (ch.mem.1.as_fd(), 4), (ch.fs.1.as_fd(), 5)])
+        // Each host keeps the ends of the connections that live in its own network namespace.
+        let (src_end, dst_end) = if opts.reverse {
+            (
+                [ch.rpc.1.as_fd(), ch.mem.1.as_fd(), ch.fs.1.as_fd()],
+                [ch.rpc.0.as_fd(), ch.mem.0.as_fd(), ch.fs.0.as_fd()],
+            )
+        } else {
+            (
+                [ch.rpc.0.as_fd(), ch.mem.0.as_fd(), ch.fs.0.as_fd()],
+                [ch.rpc.1.as_fd(), ch.mem.1.as_fd(), ch.fs.1.as_fd()],
+            )
+        };
+        let serve = spawn_with_fds(serve_cmd, &[(dst_end[0], 3), (dst_end[1], 4), (dst_end[2], 5)])
             .map_err(|e| TestbedError::io("starting phaul serve", e))?;
 
         let (htype, id) = opts.target.clone().unwrap_or_else(|| ("pid".into(), pid.to_string()));
@@ -380,10 +396,10 @@ impl Lab {
             mig_args.push("--json".into());
         }
         mig_args.extend(opts.src_args.iter().cloned());
-        let mut mig_cmd = self.phaul_command(self.a(), opts.src_wrapper.as_ref(), &mig_args);
+        let mut mig_cmd = self.phaul_command(src_host, opts.src_wrapper.as_ref(), &mig_args);
         mig_cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         mig_cmd.envs(opts.src_env.iter().map(|(k, v)| (k, v)));
-        let migrate = spawn_with_fds(mig_cmd, &[(ch.rpc.0.as_fd(), 3), (ch.mem.0.as_fd(), 4), (ch.fs.0.as_fd(), 5)])
+        let migrate = spawn_with_fds(mig_cmd, &[(src_end[0], 3), (src_end[1], 4), (src_end[2], 5)])
             .map_err(|e| TestbedError::io("starting phaul migrate", e))?;
         // Only the two phaul processes may hold the channels, so that either one's death is seen by the other.
         drop(ch);

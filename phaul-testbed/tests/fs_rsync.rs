@@ -1,0 +1,368 @@
+//! The `rsync` filesystem driver, end to end: the real rsync over phaul's filesystem channel, a workload that keeps
+//! changing its tree (`tree-writer`), rounds while it runs and an exact last round while it is frozen.
+//!
+//! Hosts A and B share one kernel and one filesystem here, so B's copy of the tree is a different directory
+//! (`tree-b`) that the destination's phaul sees at the source's path: it runs in its own mount namespace with
+//! `tree-b` bound over `tree`. The restored workload inherits that namespace, so on B it writes into `tree-b`
+//! through the same path it used on A, as it would on a second machine.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use phaul_testbed::fault::{kill_at, wait_until, FaultRecord, Side, FAULT_AT_ENV, FAULT_FILE_ENV};
+use phaul_testbed::tree::compare_trees;
+use phaul_testbed::{pid_alive, write_plugins_toml, Lab, MigrateOptions, MigrationRun, Workload};
+use serde_json::Value;
+
+const MARK: &str = "trusted.phaul.owner";
+
+/// The differences found between the two trees, or why they could not be compared.
+type Comparison = Result<Vec<String>, String>;
+
+/// A lab with the pid host type and the rsync driver, the workload's tree in A (with 8 MiB of bulk data so that
+/// the first round is long enough to need a second) and B's empty directory.
+struct FsLab {
+    lab: Lab,
+    plugins: PathBuf,
+    tree: PathBuf,
+    tree_b: PathBuf,
+}
+
+impl FsLab {
+    fn new(tag: &str) -> FsLab {
+        let lab = lab(tag);
+        let plugins = lab.path("plugins-rsync.toml");
+        write_plugins_toml(&plugins, &["pid", "rsync"]).expect("plugins.toml");
+        let tree = lab.path("tree");
+        let tree_b = lab.path("tree-b");
+        std::fs::create_dir_all(tree.join("bulk")).expect("tree");
+        std::fs::create_dir_all(&tree_b).expect("tree-b");
+        let mut blob = vec![0u8; 8 << 20];
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for b in blob.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        std::fs::write(tree.join("bulk/blob"), &blob).expect("bulk data");
+        FsLab { lab, plugins, tree, tree_b }
+    }
+
+    fn start(&self) -> Workload {
+        let dir = self.tree.display().to_string();
+        self.lab.start_workload("tree-writer", &["--dir", &dir]).expect("tree-writer")
+    }
+
+    /// The destination's phaul in its own mount namespace with `tree-b` at the tree's path.
+    fn dst_wrapper(&self) -> (PathBuf, Vec<String>) {
+        let script = format!(
+            "mount --bind '{}' '{}' || exit 97; shift; exec \"$@\"",
+            self.tree_b.display(),
+            self.tree.display()
+        );
+        let args = ["--mount", "--propagation", "private", "--", "/bin/sh", "-c", &script, "sh"];
+        (PathBuf::from("/usr/bin/unshare"), args.iter().map(|s| s.to_string()).collect())
+    }
+
+    fn options(&self) -> MigrateOptions {
+        MigrateOptions {
+            src_args: vec![
+                "--fs".into(),
+                "rsync".into(),
+                "--htype-opt".into(),
+                format!("root={}", self.tree.display()),
+            ],
+            dst_args: vec!["--fs-opt".into(), format!("rsync:allow={}", self.lab.scratch.path().display())],
+            src_plugins: Some(self.plugins.clone()),
+            dst_plugins: Some(self.plugins.clone()),
+            dst_wrapper: Some(self.dst_wrapper()),
+            ..Default::default()
+        }
+    }
+}
+
+/// The value of phaul's mark on `p`, read with getfattr.
+fn mark(p: &Path) -> Option<String> {
+    let out = std::process::Command::new("getfattr")
+        .args(["--absolute-names", "--only-values", "-n", MARK])
+        .arg(p)
+        .output()
+        .ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn report(run: &MigrationRun) -> Value {
+    run.report.clone().unwrap_or_else(|| panic!("no JSON report:\n{}", run.describe()))
+}
+
+/// `open.log` is appended to while both copies run (the restored one after the commit): compared only while both
+/// are still.
+fn skip_nothing(_: &Path) -> bool {
+    false
+}
+
+#[test]
+fn rsync_moves_the_tree_exactly_and_the_workload_goes_on_writing_in_b() {
+    let fl = FsLab::new("rsync-ok");
+    let mut w = fl.start();
+    assert!(wait_until(Duration::from_secs(10), || w.state().is_ok_and(|s| s["tree_ops"].as_u64() > Some(12))));
+    let mut opts = fl.options();
+    // Stop the destination just before it reports the restore: the source is frozen and the restored copy is
+    // held, so both trees stand still and must be equal, entry by entry.
+    let hook = fl.lab.path("fault-restored");
+    opts.dst_env = vec![
+        (FAULT_AT_ENV.into(), "dst:send:RestoreReply".into()),
+        (FAULT_FILE_ENV.into(), hook.display().to_string()),
+    ];
+    let compared: Arc<Mutex<Option<Comparison>>> = Arc::new(Mutex::new(None));
+    let (a, b, out) = (fl.tree.clone(), fl.tree_b.clone(), Arc::clone(&compared));
+    opts.while_running_both = Some(Box::new(move |pids| {
+        let mut stopped = None;
+        wait_until(Duration::from_secs(120), || {
+            stopped = std::fs::read_to_string(&hook).ok().and_then(|t| FaultRecord::parse(&t).ok()).map(|f| f.pid);
+            stopped.is_some() || !pid_alive(pids.dst as i32)
+        });
+        let r = compare_trees(&a, &b, &skip_nothing).map_err(|e| e.to_string());
+        *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        if let Some(p) = stopped {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGCONT);
+        }
+    }));
+    opts.src_args.extend(["--fs-opt".into(), "rsync=/tmp/rsync-trace".into()]);
+    let m = migrate_and_check(&fl.lab, &mut w, opts);
+    match compared.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        Some(Ok(d)) => assert!(d.is_empty(), "B's tree differs from A's at the freeze:\n{}", d.join("\n")),
+        Some(Err(e)) => panic!("cannot compare the trees: {e}"),
+        None => panic!("the destination never reached its restore reply:\n{}", m.run.describe()),
+    }
+
+    // The workload goes on in B, writing into B's tree; A's tree stays as it was at the freeze.
+    let a_after = names(&fl.tree.join("data"));
+    let ops = u64_of(&m.after, "tree_ops");
+    let later = w
+        .wait_state("more tree ops", Duration::from_secs(10), |s| s["tree_ops"].as_u64() > Some(ops + 5))
+        .unwrap_or_else(|e| panic!("the workload stopped writing in B: {e}"));
+    state_ok_or_panic(&later);
+    let newest = format!("n{}", u64_of(&later, "tree_ops") - 1);
+    assert!(
+        wait_until(Duration::from_secs(5), || fl.tree_b.join("data").join(&newest).exists()),
+        "B's tree has no {newest}: the restored workload does not write into it"
+    );
+    assert_eq!(names(&fl.tree.join("data")), a_after, "A's tree changed after the migration");
+    assert!(!fl.tree.join("data").join(&newest).exists(), "the restored workload wrote into A's tree");
+
+    // Marks: B's tree is the workload's now (no mark); A's says it migrated away (a return trip may use it).
+    assert_eq!(mark(&fl.tree_b), None, "B's tree still carries phaul's mark");
+    assert_eq!(mark(&fl.tree).as_deref(), Some("migrated-away"));
+    assert!(fl.tree.join("bulk/blob").exists(), "phaul deleted the source's data");
+
+    let r = report(&m.run);
+    let rounds = r["fs_round_list"].as_array().unwrap_or_else(|| panic!("no fs_round_list: {r}"));
+    let (last, live) = rounds.split_last().unwrap_or_else(|| panic!("no filesystem rounds: {r}"));
+    assert_eq!(last["frozen"], true, "the last round must run frozen: {r}");
+    assert!(live.len() >= 2, "8 MiB in round 1 calls for a second live round: {r}");
+    assert!(live.iter().all(|x| x["frozen"] == false), "{r}");
+    assert!(live[0]["bytes"].as_u64() >= Some(8 << 20), "round 1 sent the whole tree: {r}");
+    assert!(last["bytes"].as_u64() < Some(1 << 20), "the frozen round sends only the last delta, not the tree: {r}");
+    assert!(rounds.iter().all(|x| x["duration_ms"].as_f64().is_some()), "{r}");
+}
+
+fn state_ok_or_panic(v: &Value) {
+    phaul_testbed::state_ok(v).unwrap_or_else(|e| panic!("workload state not ok: {e}"));
+}
+
+#[test]
+fn a_destination_killed_between_rounds_leaves_a_marked_leftover_that_the_next_run_takes() {
+    let fl = FsLab::new("rsync-kill-round");
+    let w = fl.start();
+    let mut opts = fl.options();
+    kill_at(&mut opts, "dst:recv:FsRoundStart#2", Side::Dst, fl.lab.path("fault"));
+    let run = fl.lab.migrate(w.pid(), opts).expect("run");
+    assert!(fl.lab.path("fault").exists(), "the destination never reached its second round:\n{}", run.describe());
+    assert_still_on_source(&fl.lab, &w, &run);
+    assert_eq!(mark(&fl.tree), None, "A's tree got a mark though the workload never left");
+    // SIGKILLed, the destination could not clean up: what it received is marked as a leftover of its run.
+    let m = mark(&fl.tree_b).unwrap_or_default();
+    assert!(m.starts_with("receiving "), "B's partial tree carries no receiving mark ({m:?})");
+
+    // The next migration takes the leftover (rsync sends only what differs) and succeeds.
+    let mut w = w;
+    let done = migrate_and_check(&fl.lab, &mut w, fl.options());
+    assert!(done.run.succeeded());
+    assert_eq!(mark(&fl.tree_b), None);
+}
+
+#[test]
+fn a_destination_killed_in_the_frozen_round_leaves_the_workload_running_on_the_source() {
+    let fl = FsLab::new("rsync-kill-final");
+    let w = fl.start();
+    let before = names(&fl.tree.join("data"));
+    let mut opts = fl.options();
+    kill_at(&mut opts, "dst:step:final-fs-round", Side::Dst, fl.lab.path("fault"));
+    let run = fl.lab.migrate(w.pid(), opts).expect("run");
+    assert!(fl.lab.path("fault").exists(), "the destination never reached its final round:\n{}", run.describe());
+    assert_still_on_source(&fl.lab, &w, &run);
+    // Thawed: it goes on changing its tree on A.
+    let ops = u64_of(&w.state().expect("state"), "tree_ops");
+    w.wait_state("more tree ops", Duration::from_secs(10), |s| s["tree_ops"].as_u64() > Some(ops + 3))
+        .unwrap_or_else(|e| panic!("the workload does not run on A after the roll-back: {e}"));
+    assert_ne!(names(&fl.tree.join("data")), before);
+    assert!(fl.tree.join("bulk/blob").exists() && fl.tree.join("static/hard2").exists(), "A's tree was damaged");
+}
+
+/// A small tmpfs mounted on B's directory for one test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "phaul-test", &dir.display().to_string()])
+            .status()
+            .expect("mount");
+        assert!(st.success(), "cannot mount a tmpfs on {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_destination_fails_before_the_freeze_and_is_emptied() {
+    let fl = FsLab::new("rsync-full");
+    let _small = Tmpfs::mount(&fl.tree_b, "2m");
+    let w = fl.start();
+    let mut opts = fl.options();
+    opts.src_args.extend(["--max-frozen".into(), "30".into()]);
+    let run = fl.lab.migrate(w.pid(), opts).expect("run");
+    assert_still_on_source(&fl.lab, &w, &run);
+    let all = format!("{}{}", run.src_stderr, run.dst_stderr);
+    assert!(
+        all.contains("No space left on device"),
+        "the error does not say the destination is full:\n{}",
+        run.describe()
+    );
+    let r = report(&run);
+    assert_eq!(
+        r["frozen_ms"].as_f64().unwrap_or(0.0),
+        0.0,
+        "the workload was frozen for a round that could not fit: {r}"
+    );
+    assert_eq!(names(&fl.tree_b), Vec::<String>::new(), "what was received into the full directory stays there");
+    assert_eq!(mark(&fl.tree_b), None);
+}
+
+#[test]
+fn a_destination_directory_with_someone_elses_files_is_refused_before_the_freeze() {
+    let fl = FsLab::new("rsync-foreign");
+    std::fs::write(fl.tree_b.join("precious"), b"not phaul's\n").expect("foreign file");
+    let w = fl.start();
+    let run = fl.lab.migrate(w.pid(), fl.options()).expect("run");
+    assert_still_on_source(&fl.lab, &w, &run);
+    let all = format!("{}{}", run.src_stderr, run.dst_stderr);
+    assert!(all.contains("phaul did not make it"), "the refusal does not say why:\n{}", run.describe());
+    assert!(
+        all.contains(&fl.tree.display().to_string()),
+        "the refusal does not name the directory:\n{}",
+        run.describe()
+    );
+    assert_eq!(std::fs::read(fl.tree_b.join("precious")).expect("foreign file"), b"not phaul's\n");
+    assert_eq!(names(&fl.tree_b), vec!["precious".to_string()]);
+    assert_eq!(mark(&fl.tree_b), None);
+    let r = report(&run);
+    assert_eq!(r["frozen_ms"].as_f64().unwrap_or(0.0), 0.0, "refused only after freezing: {r}");
+}
+
+#[test]
+fn the_return_trip_receives_into_the_tree_the_workload_left_and_sends_only_the_differences() {
+    let fl = FsLab::new("rsync-return");
+    let mut w = fl.start();
+    let there = migrate_and_check(&fl.lab, &mut w, fl.options());
+    assert_eq!(mark(&fl.tree).as_deref(), Some("migrated-away"));
+
+    // Back: the source (host B) sees B's tree at the tree's path by entering the restored workload's mount
+    // namespace; the destination (host A) claims A's old tree by its mark.
+    let mut back = fl.options();
+    back.reverse = true;
+    back.dst_wrapper = None;
+    let ns = format!("--mount=/proc/{}/ns/mnt", there.restored);
+    back.src_wrapper = Some((PathBuf::from("/usr/bin/nsenter"), vec![ns]));
+    let before = probe_ok(&w, there.restored);
+    let run = fl.lab.migrate(there.restored, back).expect("run");
+    assert!(run.succeeded(), "the migration back failed:\n{}", run.describe());
+    let home = run.restored_pid.unwrap_or_else(|| panic!("no restored pid:\n{}", run.describe()));
+    w.adopt_pid(home).expect("adopt");
+    let a = fl.lab.a().netns_inode().expect("netns of A");
+    assert_eq!(phaul_testbed::netns_of_pid(home).expect("netns"), a, "the workload is not back in host A");
+    let after = probe_ok(&w, home);
+    assert!(u64_of(&after, "tree_ops") >= u64_of(&before, "tree_ops"));
+    assert_eq!(mark(&fl.tree), None, "A's tree is the workload's again: its mark must go");
+    // The bulk data did not travel back: only what changed in B did.
+    let r = report(&run);
+    let sent: u64 =
+        r["fs_round_list"].as_array().map(|l| l.iter().filter_map(|x| x["bytes"].as_u64()).sum()).unwrap_or(0);
+    assert!(sent < 4 << 20, "the return trip sent {sent} bytes: the 8 MiB blob went back whole: {r}");
+}
+
+#[test]
+fn a_source_killed_between_rounds_leaves_the_workload_running_and_the_destination_cleans_up() {
+    let fl = FsLab::new("rsync-kill-src");
+    let w = fl.start();
+    let mut opts = fl.options();
+    kill_at(&mut opts, "src:send:FsRoundStart#2", Side::Src, fl.lab.path("fault"));
+    let run = fl.lab.migrate(w.pid(), opts).expect("run");
+    assert!(fl.lab.path("fault").exists(), "the source never reached its second round:\n{}", run.describe());
+    assert_still_on_source(&fl.lab, &w, &run);
+    assert_eq!(mark(&fl.tree), None, "A's tree got a mark though the workload never left");
+    // The destination saw its peer go and removed what it had received (the directory was empty before).
+    assert!(
+        wait_until(Duration::from_secs(20), || names(&fl.tree_b).is_empty() && mark(&fl.tree_b).is_none()),
+        "B's directory keeps what a dead source sent: {:?} (mark {:?})\n{}",
+        names(&fl.tree_b),
+        mark(&fl.tree_b),
+        run.describe()
+    );
+}
+
+#[test]
+fn a_missing_rsync_on_either_host_is_named_before_the_freeze() {
+    let fl = FsLab::new("rsync-missing");
+    let w = fl.start();
+    for (side, flag, value) in
+        [("source", "src", "rsync=/nonexistent/rsync"), ("destination", "dst", "rsync:rsync=/nonexistent/rsync")]
+    {
+        let mut opts = fl.options();
+        let args = if flag == "src" { &mut opts.src_args } else { &mut opts.dst_args };
+        args.extend(["--fs-opt".into(), value.into()]);
+        let run = fl.lab.migrate(w.pid(), opts).expect("run");
+        assert_still_on_source(&fl.lab, &w, &run);
+        let all = format!("{}{}", run.src_stderr, run.dst_stderr);
+        assert!(
+            all.contains("/nonexistent/rsync"),
+            "the {side}'s error does not name the missing rsync:\n{}",
+            run.describe()
+        );
+        let r = report(&run);
+        assert_eq!(r["frozen_ms"].as_f64().unwrap_or(0.0), 0.0, "frozen before finding out: {r}");
+        assert!(
+            names(&fl.tree_b).is_empty() && mark(&fl.tree_b).is_none(),
+            "B keeps something after the {side}'s refusal"
+        );
+    }
+}
