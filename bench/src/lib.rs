@@ -16,6 +16,7 @@ pub mod bare;
 pub mod calibrate;
 pub mod compare;
 pub mod copy;
+pub mod fs_rounds;
 pub mod launch;
 pub mod phaul_run;
 pub mod plot;

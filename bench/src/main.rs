@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use phaul_bench::compare::{self, CompareConfig, Suite};
+use phaul_bench::fs_rounds::{self, FsConfig};
 use phaul_bench::sample::Method;
 use phaul_bench::throttle::Tbf;
 use phaul_bench::{default_out_dir, run, Config};
@@ -48,6 +49,16 @@ struct Cli {
     /// --compare tls: the longest a packet may queue in the bucket (sets the queue length).
     #[arg(long, value_name = "TIME", default_value = "10ms", requires = "compare")]
     throttle_latency: String,
+    /// Instead of the main benchmark, the filesystem driver's frozen round against copying the whole tree while
+    /// frozen (`rsync`, the only driver so far); results in bench/results/fs-rsync.
+    #[arg(long, value_name = "DRIVER", conflicts_with = "compare", value_parser = ["rsync"])]
+    fs: Option<String>,
+    /// --fs: the number of files in the tree [default: 10000; --quick: 500].
+    #[arg(long, requires = "fs")]
+    files: Option<usize>,
+    /// --fs: the tree's size in MiB [default: 1024; --quick: 16].
+    #[arg(long, requires = "fs")]
+    tree_mib: Option<u64>,
     /// Where to write the results [default: bench/results of the workspace; with --compare:
     /// bench/results/tls or bench/results/handover].
     #[arg(long, value_name = "DIR")]
@@ -71,6 +82,29 @@ fn main() -> ExitCode {
             }
         },
     };
+    if cli.fs.is_some() {
+        let out = match (&cli.out, cli.quick) {
+            (None, false) => default_out_dir().join("fs-rsync"),
+            _ => out,
+        };
+        let cfg = FsConfig {
+            files: cli.files.unwrap_or(if cli.quick { 500 } else { 10_000 }),
+            total_mib: cli.tree_mib.unwrap_or(if cli.quick { 16 } else { 1024 }),
+            reps: if cli.quick { 1 } else { cli.reps },
+            out: out.clone(),
+        };
+        return match fs_rounds::run(&cfg) {
+            Ok(md) => {
+                print!("{md}");
+                eprintln!("phaul-bench: wrote {}", out.join("results.md").display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("phaul-bench: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if let Some(suite) = cli.compare {
         let (sizes, reps) = match cli.quick {
             true => (vec![16], 1),

@@ -116,3 +116,22 @@ fn quick_handover_comparison_writes_its_table() {
     assert!(phaul_samples(&doc, "phaul")[0]["metrics"]["commit_rtt_ms"].as_f64().is_some(), "{doc}");
     assert!(md.contains("| commit's cost: phaul now − before"), "{md}");
 }
+
+#[test]
+fn quick_fs_rsync_comparison_measures_the_frozen_round_and_the_full_copy() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_phaul-bench"));
+    cmd.args(["--fs", "rsync", "--quick", "--out"]).arg(out.path());
+    let run =
+        phaul_testbed::run_collect(cmd, Duration::from_secs(600), "phaul-bench --fs rsync --quick").expect("runs");
+    assert!(run.status.success(), "phaul-bench --fs rsync --quick failed:\n{}\n{}", run.stdout, run.stderr);
+    let text = std::fs::read_to_string(out.path().join("results.json")).expect("results.json");
+    let doc: Value = serde_json::from_str(&text).expect("valid JSON");
+    let p = &doc["phaul_rsync"][0];
+    assert!(p["final_round_ms"].as_f64().is_some_and(|v| v > 0.0), "{doc}");
+    assert!(p["live_rounds"].as_u64().is_some_and(|n| n >= 1), "{doc}");
+    assert!(doc["bare"][0]["full_ms"].as_f64().is_some_and(|v| v > 0.0), "{doc}");
+    assert!(doc["ratio_final_to_full"].as_f64().is_some(), "{doc}");
+    let md = std::fs::read_to_string(out.path().join("results.md")).expect("results.md");
+    assert!(md.contains("| rsync-full |"), "{md}");
+}

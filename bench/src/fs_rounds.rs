@@ -1,0 +1,271 @@
+//! `--fs rsync`: what the rsync filesystem driver's frozen round costs, side by side with copying the tree while
+//! frozen.
+//!
+//! The tree: FILES files of equal size, TOTAL MiB together, plus what the `tree-writer` workload keeps changing.
+//! Three methods, in one run, rotated per repetition:
+//!
+//! - **phaul-rsync**: `phaul migrate pid PID --fs rsync` of the `tree-writer` workload whose directory holds the
+//!   tree, between the testbed's two hosts (the destination in its own mount namespace with B's directory at the
+//!   tree's path, as in the tests). Measured: the frozen filesystem round (the report's last `fs_round_list`
+//!   entry), the whole frozen time and the total.
+//! - **rsync-full**: one `rsync -aHAXS --numeric-ids` of the whole tree into an empty directory through a remote
+//!   shell that runs the receiving rsync in host B: what a driver that copies the tree only once the workload is
+//!   frozen adds to the downtime.
+//! - **rsync-delta**: after that copy, 1 % of the files rewritten (same size, new content), then the same rsync
+//!   again: the floor for an incremental frozen round (no exact pass, no phaul).
+//!
+//! The bare rsyncs run over a pipe, phaul's over its TCP filesystem channel across the veth: the comparison
+//! favours the bare methods.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use phaul_testbed::{pid_alive, reap_pid, write_plugins_toml, Lab, MigrateOptions};
+use serde_json::{json, Value};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    pub files: usize,
+    pub total_mib: u64,
+    pub reps: u32,
+    pub out: PathBuf,
+}
+
+fn err(what: &str) -> impl Fn(std::io::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+fn fill(x: &mut u64, buf: &mut [u8]) {
+    for b in buf.iter_mut() {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *b = *x as u8;
+    }
+}
+
+/// FILES files of TOTAL/FILES bytes each, in 100 directories.
+fn make_tree(root: &Path, cfg: &FsConfig, seed: u64) -> Result<Vec<PathBuf>, String> {
+    let size = ((cfg.total_mib << 20) / cfg.files.max(1) as u64).max(1) as usize;
+    let mut x = seed | 1;
+    let mut buf = vec![0u8; size];
+    let mut all = Vec::with_capacity(cfg.files);
+    for i in 0..cfg.files {
+        let dir = root.join(format!("bulk/d{:02}", i % 100));
+        std::fs::create_dir_all(&dir).map_err(err("creating the tree"))?;
+        fill(&mut x, &mut buf);
+        let p = dir.join(format!("f{i}"));
+        std::fs::write(&p, &buf).map_err(err("writing the tree"))?;
+        all.push(p);
+    }
+    Ok(all)
+}
+
+/// Rewrites every hundredth file in place with new content of the same size.
+fn rewrite_one_percent(files: &[PathBuf], seed: u64) -> Result<usize, String> {
+    let mut x = seed | 1;
+    let mut n = 0;
+    for p in files.iter().step_by(100) {
+        let len = std::fs::metadata(p).map_err(err("reading the tree"))?.len() as usize;
+        let mut buf = vec![0u8; len];
+        fill(&mut x, &mut buf);
+        std::fs::write(p, &buf).map_err(err("rewriting the tree"))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// `rsync -aHAXS --numeric-ids --delete SRC/ B:DST/`, the receiving rsync in host B; its wall time in ms.
+fn bare_rsync(lab: &Lab, src: &Path, dst: &Path) -> Result<f64, String> {
+    let rsh = lab.path("rsh-b");
+    let ns = lab.b().netns_path().display().to_string();
+    std::fs::write(&rsh, format!("#!/bin/sh\nshift\nexec nsenter --net={ns} \"$@\"\n")).map_err(err("rsh"))?;
+    std::fs::set_permissions(&rsh, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(err("rsh"))?;
+    let t = Instant::now();
+    let out = Command::new("rsync")
+        .args(["-aHAXS", "--numeric-ids", "--delete", "-e"])
+        .arg(&rsh)
+        .arg(format!("{}/", src.display()))
+        .arg(format!("b:{}/", dst.display()))
+        .output()
+        .map_err(err("running rsync"))?;
+    if !out.status.success() {
+        return Err(format!("rsync failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(t.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// One phaul migration of a tree-writer over the tree with the rsync driver; (frozen fs round ms, its bytes,
+/// frozen ms, total ms, live rounds).
+fn phaul_rsync(cfg: &FsConfig, seed: u64) -> Result<Value, String> {
+    let lab = Lab::new("bench-rsync").map_err(|e| e.to_string())?;
+    let plugins = lab.path("plugins-rsync.toml");
+    write_plugins_toml(&plugins, &["pid", "rsync"]).map_err(|e| e.to_string())?;
+    let tree = lab.path("tree");
+    let tree_b = lab.path("tree-b");
+    std::fs::create_dir_all(&tree_b).map_err(err("tree-b"))?;
+    make_tree(&tree, cfg, seed)?;
+    let _ = Command::new("sync").status();
+    // A container's tree is older than its migration: let the tree age past the driver's 2 s slack, so that
+    // the exact pass compares only what the workload changed during the migration (as it would in use).
+    std::thread::sleep(Duration::from_secs(3));
+    let dir = tree.display().to_string();
+    let w = lab.start_workload("tree-writer", &["--dir", &dir]).map_err(|e| e.to_string())?;
+    let script = format!("mount --bind '{}' '{}' || exit 97; shift; exec \"$@\"", tree_b.display(), tree.display());
+    let wrapper = ["--mount", "--propagation", "private", "--", "/bin/sh", "-c", &script, "sh"];
+    let opts = MigrateOptions {
+        src_args: vec!["--fs".into(), "rsync".into(), "--htype-opt".into(), format!("root={dir}")],
+        dst_args: vec!["--fs-opt".into(), format!("rsync:allow={}", lab.scratch.path().display())],
+        src_plugins: Some(plugins.clone()),
+        dst_plugins: Some(plugins),
+        dst_wrapper: Some((PathBuf::from("/usr/bin/unshare"), wrapper.iter().map(|s| s.to_string()).collect())),
+        timeout: Some(Duration::from_secs(900)),
+        ..Default::default()
+    };
+    let run = lab.migrate(w.pid(), opts).map_err(|e| e.to_string())?;
+    if let Some(p) = run.restored_pid {
+        if pid_alive(p) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+            let _ = reap_pid(p, Duration::from_secs(2));
+        }
+    }
+    if !run.succeeded() {
+        return Err(format!("the migration failed:\n{}", run.describe()));
+    }
+    let r = run.report.ok_or("no report")?;
+    let rounds = r["fs_round_list"].as_array().cloned().unwrap_or_default();
+    let last = rounds.last().cloned().unwrap_or(Value::Null);
+    Ok(json!({
+        "final_round_ms": last["duration_ms"],
+        "final_round_bytes": last["bytes"],
+        "frozen_ms": r["frozen_ms"],
+        "total_ms": r["total_ms"],
+        "live_rounds": rounds.len().saturating_sub(1),
+        "first_round_ms": rounds.first().map(|x| x["duration_ms"].clone()),
+    }))
+}
+
+/// The bare methods: a full copy, then 1 % rewritten and copied again.
+fn bare(cfg: &FsConfig, seed: u64) -> Result<Value, String> {
+    let lab = Lab::new("bench-rsync-bare").map_err(|e| e.to_string())?;
+    let tree = lab.path("tree");
+    let tree_b = lab.path("tree-b");
+    std::fs::create_dir_all(&tree_b).map_err(err("tree-b"))?;
+    let files = make_tree(&tree, cfg, seed)?;
+    let _ = Command::new("sync").status();
+    let full = bare_rsync(&lab, &tree, &tree_b)?;
+    // A second tick later, so that size and time both tell rsync what changed.
+    std::thread::sleep(Duration::from_millis(1100));
+    let n = rewrite_one_percent(&files, seed ^ 0xabcd)?;
+    let delta = bare_rsync(&lab, &tree, &tree_b)?;
+    Ok(json!({ "full_ms": full, "delta_ms": delta, "rewritten": n }))
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    Some(v[v.len() / 2])
+}
+
+fn col(samples: &[Value], key: &str) -> Vec<f64> {
+    samples.iter().filter_map(|s| s[key].as_f64()).collect()
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into())
+}
+
+/// Runs the comparison and writes `results.md` and `results.json` under `cfg.out`; the markdown.
+pub fn run(cfg: &FsConfig) -> Result<String, String> {
+    std::fs::create_dir_all(&cfg.out).map_err(err("creating the results directory"))?;
+    let mut phaul = Vec::new();
+    let mut bares = Vec::new();
+    let mut failures = Vec::new();
+    for rep in 0..cfg.reps {
+        let seed = 0x9e37_79b9 + u64::from(rep);
+        let order: [bool; 2] = if rep % 2 == 0 { [true, false] } else { [false, true] };
+        for is_phaul in order {
+            let _ = Command::new("sync").status();
+            std::thread::sleep(Duration::from_millis(500));
+            let r = if is_phaul { phaul_rsync(cfg, seed) } else { bare(cfg, seed) };
+            eprintln!(
+                "[bench] rep {} {}: {}",
+                rep + 1,
+                if is_phaul { "phaul-rsync" } else { "bare rsync" },
+                match &r {
+                    Ok(v) => v.to_string(),
+                    Err(e) => format!("FAILED: {e}"),
+                }
+            );
+            match r {
+                Ok(v) if is_phaul => phaul.push(v),
+                Ok(v) => bares.push(v),
+                Err(e) => failures.push(e),
+            }
+        }
+    }
+    let final_ms = median(col(&phaul, "final_round_ms"));
+    let full_ms = median(col(&bares, "full_ms"));
+    let delta_ms = median(col(&bares, "delta_ms"));
+    let ratio = match (final_ms, full_ms) {
+        (Some(f), Some(c)) if c > 0.0 => Some(f / c),
+        _ => None,
+    };
+    let mut md = String::new();
+    md.push_str("# The rsync driver's frozen round against copying the tree while frozen\n\n");
+    md.push_str(&format!(
+        "Tree: {} files, {} MiB in all, plus the tree-writer workload's own files; {} repetition(s), medians; load \
+         average before the run: {}.\n\n",
+        cfg.files,
+        cfg.total_mib,
+        cfg.reps,
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" ")
+    ));
+    md.push_str("| method | what is measured | ms |\n|---|---|---|\n");
+    md.push_str(&format!(
+        "| phaul-rsync | the frozen filesystem round (after {} live round(s)) | {} |\n",
+        median(col(&phaul, "live_rounds")).map(|x| x as u64).unwrap_or(0),
+        ms(final_ms)
+    ));
+    md.push_str(&format!(
+        "| phaul-rsync | the whole freeze (CRIU dump, final round, restore, commit) | {} |\n",
+        ms(median(col(&phaul, "frozen_ms")))
+    ));
+    md.push_str(&format!(
+        "| phaul-rsync | round 1 (the whole tree, the workload running) | {} |\n",
+        ms(median(col(&phaul, "first_round_ms")))
+    ));
+    md.push_str(&format!("| phaul-rsync | the whole migration | {} |\n", ms(median(col(&phaul, "total_ms")))));
+    md.push_str(&format!("| rsync-full | one full copy (what copying only while frozen adds) | {} |\n", ms(full_ms)));
+    md.push_str(&format!("| rsync-delta | a bare incremental rsync after 1 % rewritten | {} |\n", ms(delta_ms)));
+    md.push_str(&format!(
+        "\n**Target: the frozen round costs under 10 % of a full copy.** Measured ratio (frozen round ÷ full copy): \
+         {} — {}.\n",
+        ratio.map(|r| format!("{r:.3}")).unwrap_or_else(|| "-".into()),
+        match ratio {
+            Some(r) if r < 0.10 => "met",
+            Some(_) => "NOT met",
+            None => "not measured",
+        }
+    ));
+    if !failures.is_empty() {
+        md.push_str(&format!("\n{} run(s) failed:\n\n", failures.len()));
+        for f in &failures {
+            md.push_str(&format!("- {}\n", f.lines().next().unwrap_or("")));
+        }
+    }
+    let j = json!({ "files": cfg.files, "total_mib": cfg.total_mib, "reps": cfg.reps, "phaul_rsync": phaul,
+                    "bare": bares, "failures": failures, "ratio_final_to_full": ratio });
+    std::fs::write(cfg.out.join("results.md"), &md).map_err(err("writing results.md"))?;
+    std::fs::write(cfg.out.join("results.json"), serde_json::to_string_pretty(&j).unwrap_or_default())
+        .map_err(err("writing results.json"))?;
+    if failures.is_empty() {
+        Ok(md)
+    } else {
+        Err(format!("{} run(s) failed\n{md}", failures.len()))
+    }
+}
