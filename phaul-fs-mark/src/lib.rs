@@ -77,9 +77,58 @@ impl std::fmt::Display for Refused {
     }
 }
 
+/// The targets claimed by runs of this process (phaul serve runs sessions at once): a `receiving` mark may be a
+/// dead run's leftover or a live run's target, and only this tells them apart.
+fn in_use() -> &'static std::sync::Mutex<std::collections::HashSet<PathBuf>> {
+    static IN_USE: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<PathBuf>>> =
+        std::sync::OnceLock::new();
+    IN_USE.get_or_init(Default::default)
+}
+
+/// `path` written without `.`, `..` or repeated separators (the form the claim registry and the checks compare).
+fn normal(path: &Path) -> PathBuf {
+    path.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect()
+}
+
 /// Claims `path` for a receiving run (see the module's rule), marking it `receiving TOKEN`. `hint` ends the
-/// refusal message (which option picks another target).
+/// refusal message (which option picks another target). The path must be absolute, with no `..` and no symbolic
+/// link among its directories (so that the place an operator allowed is the place written to), and not claimed
+/// by another run of this process.
 pub fn claim(path: &Path, token: &str, hint: &str) -> Result<Target, Refused> {
+    let path = &normal(path);
+    let shown = path.display();
+    if !path.is_absolute() || path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return Err(Refused(format!("cannot receive into {shown}: the path must be absolute, without '..'")));
+    }
+    if let Some(parent) = path.parent() {
+        match parent.canonicalize() {
+            Ok(real) if real == parent => {}
+            Ok(real) => {
+                return Err(Refused(format!(
+                    "cannot receive into {shown}: its parent directory is really {} (a symbolic link is on the way),                      and phaul receives only where the path itself leads; {hint}",
+                    real.display()
+                )))
+            }
+            Err(_) => {} // Missing: reported below.
+        }
+    }
+    {
+        let mut used = in_use().lock().unwrap_or_else(|p| p.into_inner());
+        if used.contains(path) {
+            return Err(Refused(format!(
+                "cannot receive into {shown}: another migration into this host is receiving into it now; {hint}"
+            )));
+        }
+        used.insert(path.clone());
+    }
+    let r = claim_unlisted(path, token, hint);
+    if r.is_err() {
+        in_use().lock().unwrap_or_else(|p| p.into_inner()).remove(path);
+    }
+    r
+}
+
+fn claim_unlisted(path: &Path, token: &str, hint: &str) -> Result<Target, Refused> {
     let shown = path.display();
     let claim = match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -130,7 +179,19 @@ fn empty_dir(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+impl Drop for Target {
+    fn drop(&mut self) {
+        in_use().lock().unwrap_or_else(|p| p.into_inner()).remove(&self.path);
+    }
+}
+
 impl Target {
+    /// Puts this run's mark back on the target (after a session, in case what was received carried a mark of
+    /// its own on the root).
+    pub fn reassert(&self) -> io::Result<()> {
+        set_mark(&self.path, &format!("receiving {}", self.token))
+    }
+
     /// Whether the mark still says this run owns it (a target another run took over is left alone).
     fn still_ours(&self) -> bool {
         matches!(read_mark(&self.path), Ok(Some(m)) if m == format!("receiving {}", self.token))
@@ -188,6 +249,23 @@ mod tests {
     }
 
     #[test]
+    fn a_target_behind_a_symlink_or_in_use_is_refused() {
+        let d = tmp();
+        std::fs::create_dir(d.path().join("real")).expect("dir");
+        std::os::unix::fs::symlink(d.path().join("real"), d.path().join("link")).expect("symlink");
+        let e = claim(&d.path().join("link/t"), "t1", "x").expect_err("refused");
+        assert!(e.0.contains("symbolic link"), "{e}");
+        assert!(!d.path().join("real/t").exists());
+        let t = claim(&d.path().join("busy"), "t1", "x").expect("claim");
+        let e = claim(&d.path().join("busy"), "t2", "x").expect_err("refused while in use");
+        assert!(e.0.contains("another migration"), "{e}");
+        t.roll_back().expect("roll back");
+        drop(t);
+        let again = claim(&d.path().join("busy"), "t3", "x").expect("free again");
+        again.roll_back().expect("roll back");
+    }
+
+    #[test]
     fn someone_elses_tree_is_refused_and_untouched() {
         let d = tmp();
         std::fs::write(d.path().join("precious"), "data").expect("write");
@@ -206,6 +284,7 @@ mod tests {
         t.roll_back().expect("roll back");
         assert!(d.path().exists() && std::fs::read_dir(d.path()).expect("ls").next().is_none());
         assert_eq!(read_mark(d.path()).expect("mark"), None);
+        drop(t);
 
         std::fs::write(d.path().join("old"), "left behind").expect("write");
         set_mark(d.path(), MIGRATED_AWAY).expect("mark");
@@ -214,6 +293,7 @@ mod tests {
         t.roll_back().expect("roll back");
         assert!(d.path().join("old").exists());
         assert_eq!(read_mark(d.path()).expect("mark").as_deref(), Some(MIGRATED_AWAY));
+        drop(t);
         let t = claim(d.path(), "t3", "x").expect("claim");
         t.keep().expect("keep");
         assert_eq!(read_mark(d.path()).expect("mark"), None);

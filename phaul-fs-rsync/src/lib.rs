@@ -580,6 +580,12 @@ fn receiver(args: &FsArgs) -> PluginResult<RsyncReceiver> {
     std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))
         .map_err(io_err("restricting the rsync work directory"))?;
     let server = [server_args(&rsync, &work, PASS_TREE)?, server_args(&rsync, &work, PASS_TOUCHED)?];
+    // Everything that can fail without touching a target comes first, so that a refusal leaves no mark behind.
+    let timeout = seconds(args, "io-timeout", 300)?;
+    let chan = channel(args, timeout)?;
+    if args.roots.len() > usize::from(u16::MAX) {
+        return Err(PluginError::invalid(format!("the source names {} roots; at most 65535", args.roots.len())));
+    }
     let token = phaul_fs_mark::new_token();
     let mut targets: Vec<Target> = Vec::new();
     let hint = "map it elsewhere with phaul serve --fs-opt rsync:map=SOURCE-DIR=DESTINATION-DIR";
@@ -594,6 +600,18 @@ fn receiver(args: &FsArgs) -> PluginResult<RsyncReceiver> {
                  it at the same path)"
             )));
         };
+        // Targets must be apart: one inside another would let the first session put a symbolic link where the
+        // second one writes.
+        if let Some(t) = targets.iter().find(|t| t.path.starts_with(&dst) || dst.starts_with(&t.path)) {
+            let clash = t.path.display().to_string();
+            for t in &targets {
+                let _ = t.roll_back();
+            }
+            return Err(PluginError::invalid(format!(
+                "the source's directory {r} would be received into {}, which is {clash} or holds it or lies inside it;                  each root must go to a place of its own",
+                dst.display()
+            )));
+        }
         match phaul_fs_mark::claim(&dst, &token, hint) {
             Ok(t) => targets.push(t),
             Err(e) => {
@@ -604,18 +622,11 @@ fn receiver(args: &FsArgs) -> PluginResult<RsyncReceiver> {
             }
         }
     }
-    let timeout = seconds(args, "io-timeout", 300)?;
-    Ok(RsyncReceiver {
-        chan: channel(args, timeout)?,
-        rsync,
-        targets,
-        sources: args.roots.iter().map(|r| r.to_string()).collect(),
-        server,
-    })
+    Ok(RsyncReceiver { chan, rsync, targets, sources: args.roots.iter().map(|r| r.to_string()).collect(), server })
 }
 
 impl RsyncReceiver {
-    fn session(&mut self, st: Start) -> PluginResult<Done> {
+    fn session(&mut self, st: Start, is_final: bool) -> PluginResult<Done> {
         let target = self.targets.get(st.index as usize).map(|t| t.path.clone());
         let argv = match (st.pass, target) {
             (PASS_TREE | PASS_TOUCHED, Some(t)) => {
@@ -663,10 +674,16 @@ impl RsyncReceiver {
                 let relayed = relayed.map_err(io_err("the filesystem channel broke during an rsync session"))?;
                 let code = status.ok().and_then(|s| s.code()).unwrap_or(-1);
                 // Exit 24 (files vanished while listed) is normal while the workload runs, never while frozen.
-                let ok = code == 0 || (code == 24 && !st.is_final);
+                let ok = code == 0 || (code == 24 && !is_final);
                 Done { ok, code, bytes: relayed.received, message: tail(&stderr, 2000) }
             }
         };
+        // What was received may have carried a mark of its own on the root: this run's goes back on.
+        if let Some(t) = self.targets.get(st.index as usize) {
+            if let Err(e) = t.reassert() {
+                log::warn!("cannot put phaul's mark back on {}: {e}", t.path.display());
+            }
+        }
         self.chan.send_done(&done).map_err(io_err("answering the source"))?;
         Ok(done)
     }
@@ -674,6 +691,7 @@ impl RsyncReceiver {
 
 impl FsReceiver for RsyncReceiver {
     fn wait_round(&mut self, info: &FsRoundInfo) -> PluginResult<FsRound> {
+        let mut seen = std::collections::BTreeSet::new();
         let mut bytes = 0;
         let mut failure: Option<String> = None;
         loop {
@@ -685,15 +703,33 @@ impl FsReceiver for RsyncReceiver {
                     )))
                 }
                 Next::Session(st) => {
-                    let d = self.session(st)?;
+                    if st.pass == PASS_TREE {
+                        seen.insert(st.index);
+                    }
+                    let d = self.session(st, info.is_final)?;
                     bytes += d.bytes;
                     if !d.ok && failure.is_none() {
                         failure = Some(format!("rsync failed receiving (exit {}): {}", d.code, d.message));
                     }
                 }
+                Next::End { round, .. } if round != info.number => {
+                    return Err(PluginError::failed(format!(
+                        "the source ended rsync round {round} while this side waits for round {}",
+                        info.number
+                    )))
+                }
                 Next::End { .. } => break,
                 Next::Abort(m) => return Err(PluginError::failed(format!("the source's rsync round failed: {m}"))),
             }
+        }
+        // A round is complete only when every root had its tree pass.
+        if failure.is_none() && seen.len() != self.targets.len() {
+            failure = Some(format!(
+                "the source ended rsync round {} after {} of its {} roots",
+                info.number,
+                seen.len(),
+                self.targets.len()
+            ));
         }
         match failure {
             Some(f) => Err(PluginError::failed(f)),
