@@ -366,3 +366,23 @@ fn a_missing_rsync_on_either_host_is_named_before_the_freeze() {
         );
     }
 }
+
+#[test]
+fn a_source_killed_in_the_frozen_round_leaves_the_workload_running_on_the_source() {
+    let fl = FsLab::new("rsync-kill-src-final");
+    let w = fl.start();
+    let mut opts = fl.options();
+    kill_at(&mut opts, "src:step:final-fs-round", Side::Src, fl.lab.path("fault"));
+    let run = fl.lab.migrate(w.pid(), opts).expect("run");
+    assert!(fl.lab.path("fault").exists(), "the source never reached its final round:\n{}", run.describe());
+    assert_still_on_source(&fl.lab, &w, &run);
+    let ops = u64_of(&w.state().expect("state"), "tree_ops");
+    w.wait_state("more tree ops", Duration::from_secs(10), |s| s["tree_ops"].as_u64() > Some(ops + 3))
+        .unwrap_or_else(|e| panic!("the workload stays frozen on A after its phaul died: {e}"));
+    assert!(
+        wait_until(Duration::from_secs(20), || names(&fl.tree_b).is_empty() && mark(&fl.tree_b).is_none()),
+        "B's directory keeps what a dead source sent: {:?}\n{}",
+        names(&fl.tree_b),
+        run.describe()
+    );
+}
