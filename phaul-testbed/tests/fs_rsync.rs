@@ -386,3 +386,60 @@ fn a_source_killed_in_the_frozen_round_leaves_the_workload_running_on_the_source
         run.describe()
     );
 }
+
+#[test]
+fn a_link_cut_during_a_round_leaves_the_workload_on_the_source_and_b_cleaned() {
+    use phaul_testbed::CutKind;
+    let fl = FsLab::new("rsync-cut");
+    let w = fl.start();
+    let mut opts = fl.options();
+    for (args, prefix) in [(&mut opts.src_args, ""), (&mut opts.dst_args, "rsync:")] {
+        args.extend(["--fs-opt".into(), format!("{prefix}io-timeout=8"), "--link-timeout".into(), "5".into()]);
+        args.extend(["--timeout".into(), "20".into()]);
+    }
+    opts.dst_args.extend(["--reconnect-window".into(), "5".into()]);
+    opts.tolerate_timeouts = true;
+    let hook = fl.lab.path("fault");
+    opts.dst_env = vec![
+        (FAULT_AT_ENV.into(), "dst:recv:FsRoundStart#2".into()),
+        (FAULT_FILE_ENV.into(), hook.display().to_string()),
+    ];
+    let b = fl.lab.b().clone();
+    let cut_done = Arc::new(Mutex::new(None::<Result<(), String>>));
+    let cut_out = Arc::clone(&cut_done);
+    opts.while_running_both = Some(Box::new(move |pids| {
+        let mut stopped = None;
+        wait_until(Duration::from_secs(120), || {
+            stopped = std::fs::read_to_string(&hook).ok().and_then(|t| FaultRecord::parse(&t).ok()).map(|f| f.pid);
+            stopped.is_some() || !pid_alive(pids.dst as i32)
+        });
+        let Some(p) = stopped else { return };
+        let mut cut = match b.cut_link(CutKind::Blackhole) {
+            Ok(c) => c,
+            Err(e) => {
+                *cut_out.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e.to_string()));
+                return;
+            }
+        };
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGCONT);
+        // The cut lasts until both sides gave up (bounded), then the link comes back.
+        wait_until(Duration::from_secs(90), || !pid_alive(pids.src as i32) && !pid_alive(pids.dst as i32));
+        let r = cut.restore().map_err(|e| e.to_string());
+        *cut_out.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    }));
+    let run = fl.lab.migrate(w.pid(), opts).expect("run");
+    match cut_done.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        Some(Ok(())) => {}
+        Some(Err(e)) => panic!("the link cut failed: {e}"),
+        None => panic!("the destination never reached its second round:\n{}", run.describe()),
+    }
+    assert!(!run.src_timed_out && !run.dst_timed_out, "a side did not give up in time:\n{}", run.describe());
+    assert_still_on_source(&fl.lab, &w, &run);
+    assert_eq!(mark(&fl.tree), None);
+    assert!(
+        wait_until(Duration::from_secs(20), || names(&fl.tree_b).is_empty() && mark(&fl.tree_b).is_none()),
+        "B's directory keeps what was received before the cut: {:?}\n{}",
+        names(&fl.tree_b),
+        run.describe()
+    );
+}
