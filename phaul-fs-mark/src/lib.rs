@@ -167,6 +167,49 @@ fn claim_unlisted(path: &Path, token: &str, hint: &str) -> Result<Target, Refuse
     Ok(Target { path: path.to_path_buf(), claim, token: token.to_string() })
 }
 
+/// Mount points strictly below `path` in this process's mount namespace (from /proc/self/mountinfo).
+fn mounts_below(path: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let unescape = |f: &str| {
+        let mut out = String::new();
+        let b = f.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'\\' && i + 3 < b.len() {
+                if let Ok(v) = u8::from_str_radix(&f[i + 1..i + 4], 8) {
+                    out.push(v as char);
+                    i += 4;
+                    continue;
+                }
+            }
+            out.push(b[i] as char);
+            i += 1;
+        }
+        PathBuf::from(out)
+    };
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape)
+        .filter(|m| m != path && m.starts_with(path))
+        .collect()
+}
+
+/// Refuses to remove anything under `path` while a filesystem is mounted inside it: removing would reach
+/// through the mount into data that is not phaul's.
+fn no_mounts_below(path: &Path) -> io::Result<()> {
+    let m = mounts_below(path);
+    if m.is_empty() {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "{} has filesystems mounted inside it ({}); phaul removes nothing through a mount: unmount them, then \
+         remove {} by hand",
+        path.display(),
+        m.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        path.display()
+    )))
+}
+
 fn empty_dir(path: &Path) -> io::Result<()> {
     for entry in std::fs::read_dir(path)? {
         let p = entry?.path();
@@ -210,6 +253,9 @@ impl Target {
         if !self.still_ours() {
             log::warn!("{} is no longer marked as this run's; leaving it", self.path.display());
             return Ok(());
+        }
+        if matches!(self.claim, Claim::Created | Claim::Leftover | Claim::WasEmpty) {
+            no_mounts_below(&self.path)?;
         }
         match self.claim {
             Claim::Created | Claim::Leftover => match std::fs::remove_dir_all(&self.path) {
@@ -263,6 +309,30 @@ mod tests {
         drop(t);
         let again = claim(&d.path().join("busy"), "t3", "x").expect("free again");
         again.roll_back().expect("roll back");
+    }
+
+    #[test]
+    fn roll_back_never_reaches_through_a_mount() {
+        let d = tmp();
+        let t = claim(&d.path().join("new"), "t1", "x").expect("claim");
+        let inner = t.path.join("mnt");
+        std::fs::create_dir(&inner).expect("mkdir");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "phaul-mark-test"])
+            .arg(&inner)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipped: cannot mount a tmpfs here (not root?)");
+            return;
+        }
+        std::fs::write(inner.join("not-phauls"), "keep").expect("write");
+        let e = t.roll_back().expect_err("refused while a filesystem is mounted inside");
+        assert!(e.to_string().contains("mounted inside"), "{e}");
+        assert!(inner.join("not-phauls").exists(), "roll-back removed data through a mount");
+        let _ = std::process::Command::new("umount").arg(&inner).status();
+        t.roll_back().expect("roll back once unmounted");
+        assert!(!d.path().join("new").exists());
     }
 
     #[test]

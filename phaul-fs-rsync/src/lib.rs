@@ -259,11 +259,28 @@ impl Read for FifoReader {
     }
 }
 
-/// Collects a child's pipe in a thread.
+/// The most of a child's output kept (its end: the last lines say why it failed).
+const OUTPUT_KEPT: usize = 256 * 1024;
+
+/// Collects a child's pipe in a thread, keeping its last [`OUTPUT_KEPT`] bytes (a peer can make rsync print a
+/// lot).
 fn collect(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
     std::thread::spawn(move || {
         let mut v = Vec::new();
-        let _ = r.read_to_end(&mut v);
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    v.extend_from_slice(&buf[..n]);
+                    if v.len() > 2 * OUTPUT_KEPT {
+                        v.drain(..v.len() - OUTPUT_KEPT);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
         v
     })
 }
