@@ -443,3 +443,39 @@ fn a_link_cut_during_a_round_leaves_the_workload_on_the_source_and_b_cleaned() {
         run.describe()
     );
 }
+
+#[test]
+fn restart_mode_with_rsync_moves_the_files_and_starts_the_workload_on_them_in_b() {
+    // The `cmd` fixture host type (a shell counter stopped and started by signals and `sh -c`, standing in for a
+    // container manager) with its state directory as the filesystem root.
+    let lab = lab("rsync-restart");
+    let plugins = lab.path("plugins-cmd-rsync.toml");
+    write_plugins_toml(&plugins, &["cmd", "rsync"]).expect("plugins.toml");
+    let mut w = CmdWorkload::start(&lab, "counter");
+    let dir_b = lab.path("counter-b");
+    std::fs::create_dir_all(&dir_b).expect("B's directory");
+    let old = w.pids[0];
+    let fl = FsLab { lab, plugins: plugins.clone(), tree: w.dir.clone(), tree_b: dir_b.clone() };
+    let mut opts = fl.options();
+    opts.target = Some(("cmd".into(), "counter".into()));
+    opts.src_args =
+        vec!["--mode".into(), "restart".into(), "--htype-opt".into(), w.opt(), "--fs".into(), "rsync".into()];
+    let run = fl.lab.migrate(old, opts).expect("run");
+    assert!(run.succeeded(), "restart mode with rsync failed:\n{}", run.describe());
+    let before = w.count();
+    // On B the counter runs in the destination's mount namespace, on B's copy: its pid and count are there.
+    let mut on_b = CmdWorkload { dir: dir_b.clone(), pids: Vec::new() };
+    let new =
+        on_b.wait_new_pid(old, Duration::from_secs(10)).unwrap_or_else(|| panic!("no new pid:\n{}", run.describe()));
+    w.pids.push(new);
+    on_b.assert_counts_in(new, fl.lab.b().netns_inode().expect("netns of B"), before, "in host B on B's files");
+    assert!(!pid_alive(old), "the workload still runs on A");
+    assert_eq!(w.count(), before, "A's files changed after the stop");
+    assert_eq!(mark(&dir_b), None);
+    assert_eq!(mark(&w.dir).as_deref(), Some("migrated-away"));
+    let r = report(&run);
+    assert_eq!(r["mode"], "restart", "{r}");
+    let rounds = r["fs_round_list"].as_array().unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(rounds.last().map(|x| x["frozen"].clone()), Some(Value::Bool(true)), "{r}");
+    on_b.pids.clear(); // killed through `w`
+}

@@ -3,7 +3,11 @@
 
 #![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::time::Duration;
+
+use phaul_testbed::fault::wait_until;
+use phaul_testbed::reap_pid;
 
 use phaul_testbed::{
     netns_of_pid, pid_alive, pids_in_netns, state_ok, wait_pid_gone, Lab, MigrateOptions, MigrationRun, Workload,
@@ -260,4 +264,90 @@ pub fn migrate_to_as(
 
 pub fn restored_pid(rpid: &std::path::Path) -> i32 {
     std::fs::read_to_string(rpid).expect("rpid").trim().parse().expect("pid")
+}
+
+pub const COUNTER: &str = r#"n=$(cat count 2>/dev/null || echo 0)
+trap 'exit 0' TERM
+while :; do
+  n=$((n+1))
+  echo "$n" > count.new && mv count.new count
+  sleep 0.05
+done
+"#;
+
+/// The counter workload of the `cmd` host type (fixture plugin-restartable), in its state directory.
+pub struct CmdWorkload {
+    pub dir: PathBuf,
+    /// Every pid it ran as (killed at the end, whichever still runs).
+    pub pids: Vec<i32>,
+}
+
+impl CmdWorkload {
+    /// Writes the workload's files and starts it in host A.
+    pub fn start(lab: &Lab, name: &str) -> CmdWorkload {
+        let dir = lab.path(name);
+        std::fs::create_dir_all(&dir).expect("state dir");
+        std::fs::write(dir.join("counter.sh"), COUNTER).expect("counter.sh");
+        std::fs::write(dir.join("command"), "exec /bin/sh ./counter.sh\n").expect("command");
+        let script = format!(
+            "cd '{}' && exec /bin/sh ./counter.sh </dev/null >/dev/null 2>&1 &\necho $! > '{}/pid'",
+            dir.display(),
+            dir.display()
+        );
+        let out = lab.a().run("/bin/sh", ["-c", &script]).expect("start the counter in A");
+        assert!(out.status.success(), "the counter did not start: {out:?}");
+        let mut w = CmdWorkload { dir, pids: Vec::new() };
+        let pid = w.pid().expect("the counter's pid");
+        w.pids.push(pid);
+        assert!(wait_until(Duration::from_secs(10), || w.count() > 0), "the counter never counted");
+        w
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.dir.join("pid")).ok()?.trim().parse().ok()
+    }
+
+    pub fn count(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("count")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+    }
+
+    pub fn opt(&self) -> String {
+        format!("dir={}", self.dir.display())
+    }
+
+    /// The one live pid the workload runs as now, after waiting up to `timeout` for one that is not `old`.
+    pub fn wait_new_pid(&mut self, old: i32, timeout: Duration) -> Option<i32> {
+        let mut found = None;
+        wait_until(timeout, || {
+            found = self.pid().filter(|p| *p != old && pid_alive(*p));
+            found.is_some()
+        });
+        if let Some(p) = found {
+            self.pids.push(p);
+        }
+        found
+    }
+
+    /// Asserts that the counter goes on from at least `from` in a process of host `netns`.
+    pub fn assert_counts_in(&self, pid: i32, netns: u64, from: u64, what: &str) {
+        assert_eq!(netns_of_pid(pid).expect("netns of the workload"), netns, "the workload does not run {what}");
+        let now = self.count();
+        assert!(now >= from, "the counter went back: {from} before, {now} now");
+        assert!(
+            wait_until(Duration::from_secs(10), || self.count() > now),
+            "the counter stopped at {now}: the workload does not run {what}"
+        );
+    }
+}
+
+impl Drop for CmdWorkload {
+    fn drop(&mut self) {
+        for &p in &self.pids {
+            if pid_alive(p) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+            }
+            // Orphaned to this test process (a subreaper): reap it.
+            let _ = reap_pid(p, Duration::from_millis(500));
+        }
+    }
 }
