@@ -59,6 +59,53 @@ pub fn clear_mark(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Where a receiver may put each of the source's roots, from serve's options (`map=SOURCE-DIR=DESTINATION-DIR`,
+/// repeatable; `allow=DIR`, repeatable: roots at or below DIR are received at the same path).
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    maps: Vec<(String, String)>,
+    allow: Vec<String>,
+}
+
+impl Placement {
+    /// From the `map` and `allow` values; `driver` names the options in errors (`--fs-opt DRIVER:map=...`).
+    pub fn new<'a>(
+        maps: impl Iterator<Item = &'a str>,
+        allow: impl Iterator<Item = &'a str>,
+        driver: &str,
+    ) -> Result<Placement, Refused> {
+        let mut out = Placement::default();
+        for m in maps {
+            let (s, d) = m
+                .split_once('=')
+                .ok_or_else(|| Refused(format!("--fs-opt {driver}:map={m}: give SOURCE-DIR=DESTINATION-DIR")))?;
+            if !Path::new(s).is_absolute() || !Path::new(d).is_absolute() {
+                return Err(Refused(format!("--fs-opt {driver}:map={m}: both directories must be absolute")));
+            }
+            out.maps.push((s.to_string(), d.to_string()));
+        }
+        out.allow = allow.map(str::to_string).collect();
+        Ok(out)
+    }
+
+    /// Where the source's root `src` is received, or `None` when serve's options do not allow it.
+    pub fn target(&self, src: &str) -> Option<PathBuf> {
+        let clean = |s: &str| s.trim_end_matches('/').to_string();
+        if !Path::new(src).is_absolute() || Path::new(src).components().any(|c| c == std::path::Component::ParentDir) {
+            return None;
+        }
+        let s = clean(src);
+        if let Some((_, d)) = self.maps.iter().find(|(m, _)| clean(m) == s) {
+            return Some(PathBuf::from(d));
+        }
+        self.allow
+            .iter()
+            .map(|a| clean(a))
+            .find(|a| s == *a || s.starts_with(&format!("{a}/")) || a.is_empty())
+            .map(|_| PathBuf::from(&s))
+    }
+}
+
 /// A fresh token for one receiving run.
 pub fn new_token() -> String {
     let mut b = [0u8; 8];
@@ -309,6 +356,18 @@ mod tests {
         drop(t);
         let again = claim(&d.path().join("busy"), "t3", "x").expect("free again");
         again.roll_back().expect("roll back");
+    }
+
+    #[test]
+    fn roots_are_received_only_where_serve_allows() {
+        let p = Placement::new(["/srv/a=/data/a"].into_iter(), ["/var/lib/machines"].into_iter(), "rsync")
+            .expect("placement");
+        assert_eq!(p.target("/srv/a/"), Some(PathBuf::from("/data/a")));
+        assert_eq!(p.target("/var/lib/machines/c1"), Some(PathBuf::from("/var/lib/machines/c1")));
+        assert_eq!(p.target("/var/lib/machinesX"), None);
+        assert_eq!(p.target("/etc"), None);
+        assert_eq!(p.target("/var/lib/machines/../../etc"), None);
+        assert!(Placement::new(["relative=/x"].into_iter(), std::iter::empty(), "rsync").is_err());
     }
 
     #[test]

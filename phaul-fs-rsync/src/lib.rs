@@ -524,23 +524,6 @@ struct RsyncReceiver {
     server: [Vec<String>; 2],
 }
 
-/// Where a source root is received, by serve's options.
-fn map_root(src: &str, maps: &[(String, String)], allow: &[String]) -> Option<PathBuf> {
-    let clean = |s: &str| s.trim_end_matches('/').to_string();
-    if !Path::new(src).is_absolute() || Path::new(src).components().any(|c| c == std::path::Component::ParentDir) {
-        return None;
-    }
-    let s = clean(src);
-    if let Some((_, d)) = maps.iter().find(|(m, _)| clean(m) == s) {
-        return Some(PathBuf::from(d));
-    }
-    allow
-        .iter()
-        .map(|a| clean(a))
-        .find(|a| s == *a || s.starts_with(&format!("{a}/")) || a.is_empty())
-        .map(|_| PathBuf::from(&s))
-}
-
 /// The `rsync --server` command line the local rsync would ask a remote shell to run for `pass`, learnt by
 /// running the local rsync client with a remote shell that only records its arguments. The destination is the
 /// last argument (replaced by each target).
@@ -581,17 +564,9 @@ fn server_args(rsync: &Path, work: &Path, pass: u8) -> PluginResult<Vec<String>>
 fn receiver(args: &FsArgs) -> PluginResult<RsyncReceiver> {
     check_known(args, &["map", "allow", "rsync", "io-timeout"], "destination")?;
     let rsync = find_rsync(args.option("rsync"), "destination")?;
-    let mut maps = Vec::new();
-    for m in options(&args.options, "map") {
-        let (s, d) = m
-            .split_once('=')
-            .ok_or_else(|| PluginError::invalid(format!("--fs-opt rsync:map={m}: give SOURCE-DIR=DESTINATION-DIR")))?;
-        if !Path::new(s).is_absolute() || !Path::new(d).is_absolute() {
-            return Err(PluginError::invalid(format!("--fs-opt rsync:map={m}: both directories must be absolute")));
-        }
-        maps.push((s.to_string(), d.to_string()));
-    }
-    let allow: Vec<String> = options(&args.options, "allow").map(str::to_string).collect();
+    let placement =
+        phaul_fs_mark::Placement::new(options(&args.options, "map"), options(&args.options, "allow"), "rsync")
+            .map_err(|e| PluginError::invalid(e.0))?;
     let work = PathBuf::from(args.work_dir.as_str()).join("rsync");
     std::fs::create_dir_all(&work).map_err(io_err("creating the rsync work directory"))?;
     std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))
@@ -607,7 +582,7 @@ fn receiver(args: &FsArgs) -> PluginResult<RsyncReceiver> {
     let mut targets: Vec<Target> = Vec::new();
     let hint = "map it elsewhere with phaul serve --fs-opt rsync:map=SOURCE-DIR=DESTINATION-DIR";
     for r in args.roots.iter() {
-        let Some(dst) = map_root(r.as_str(), &maps, &allow) else {
+        let Some(dst) = placement.target(r.as_str()) else {
             for t in &targets {
                 let _ = t.roll_back();
             }
@@ -799,16 +774,5 @@ mod tests {
         assert_eq!(stat(s, "Number of regular files transferred"), Some(1204));
         assert_eq!(stat(s, "Literal data"), Some(99));
         assert_eq!(stat(s, "Matched data"), None);
-    }
-
-    #[test]
-    fn roots_are_received_only_where_serve_allows() {
-        let maps = vec![("/srv/a".to_string(), "/data/a".to_string())];
-        let allow = vec!["/var/lib/machines".to_string()];
-        assert_eq!(map_root("/srv/a/", &maps, &allow), Some(PathBuf::from("/data/a")));
-        assert_eq!(map_root("/var/lib/machines/c1", &maps, &allow), Some(PathBuf::from("/var/lib/machines/c1")));
-        assert_eq!(map_root("/var/lib/machinesX", &maps, &allow), None);
-        assert_eq!(map_root("/etc", &maps, &allow), None);
-        assert_eq!(map_root("/var/lib/machines/../../etc", &maps, &allow), None);
     }
 }
