@@ -42,6 +42,7 @@ mod migration;
 mod netns;
 mod process;
 mod spawn;
+pub mod storage;
 pub mod tree;
 mod workload;
 

@@ -28,6 +28,7 @@ pub const PLUGIN_FILES: &[(&str, &str)] = &[
     ("shared", "libphaul_fs_shared.so"),
     ("external", "libphaul_fs_external.so"),
     ("rsync", "libphaul_fs_rsync.so"),
+    ("btrfs", "libphaul_fs_btrfs.so"),
     // A test fixture (phaul-testbed/fixtures/plugin-restartable), listed only where a test asks for it.
     ("cmd", "libphaul_fixture_plugin_restartable.so"),
     // Another (phaul-testbed/fixtures/plugin-selfrestore): a host type that runs `criu restore` itself.

@@ -1,0 +1,622 @@
+//! The `btrfs` filesystem driver: a workload's root is a btrfs subvolume; each round takes a read-only snapshot
+//! of it and sends it with `btrfs send` (from round 2 on, `-p` the previous round's snapshot, so only what changed
+//! travels) into `btrfs receive` on the destination, over phaul's filesystem channel (one substream per root and
+//! round, see `phaul-fs-stream`). After the final round, taken while the workload is frozen, the destination makes
+//! a writable snapshot of the last received one at the target path: the workload's subvolume on B.
+//!
+//! Snapshots are temporary on both sides: the source keeps only the latest (the parent of the next round) and
+//! deletes it at the end, whatever the outcome; the destination does the same with what it received. The
+//! source's subvolume is never touched (after a migration away it carries the `migrated-away` mark).
+//!
+//! Source options (`--fs-opt KEY=VALUE`): `btrfs=PATH` (the btrfs program; default from PATH),
+//! `io-timeout=SECONDS` (300). The roots are the host type's (`--htype-opt root=DIR` for `pid`); each must be a
+//! subvolume.
+//!
+//! Destination options (`phaul serve --fs-opt btrfs:KEY=VALUE`): `map=SOURCE-DIR=DESTINATION-DIR` and
+//! `allow=DIR` (as for rsync: where roots may be received), `btrfs=PATH`, `io-timeout=SECONDS`. A target must not
+//! exist (btrfs makes a new subvolume there), except a leftover of a failed phaul run, which is removed first. A
+//! migration back to a host that still has the subvolume the workload left is refused with what to do: btrfs
+//! receive cannot update a subvolume in place, and a full send back would need the old one out of the way.
+//!
+//! btrfs receive recreates every file, so inode numbers do not survive: `persistent_inodes` is false.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use phaul_abi::{
+    options, FsArgs, FsReceiver, FsRound, FsRoundInfo, FsSender, Host, KeyValue, Outcome, PluginError, PluginResult,
+};
+use phaul_fs_mark::{Claim, Placement, Target};
+use phaul_fs_stream::{tail, Channel, Done, Next, Start};
+
+/// The one pass of a btrfs session: a send stream.
+const PASS_SEND: u8 = 1;
+/// A subvolume's root directory has this inode number on btrfs.
+const SUBVOLUME_ROOT_INO: u64 = 256;
+
+fn io_err(what: &str) -> impl Fn(std::io::Error) -> PluginError + '_ {
+    move |e| PluginError::failed(format!("{what}: {e}"))
+}
+
+fn find_btrfs(opt: Option<&str>, side: &str) -> PluginResult<PathBuf> {
+    if let Some(p) = opt {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(PluginError::not_found(format!("--fs-opt btrfs={}: no such program on the {side}", p.display())))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into());
+    std::env::split_paths(&path).map(|d| d.join("btrfs")).find(|p| p.is_file()).ok_or_else(|| {
+        PluginError::not_found(format!(
+            "the btrfs filesystem driver needs the btrfs program, which is not installed on the {side} (apt-get \
+             install btrfs-progs, or --fs-opt btrfs=PATH)"
+        ))
+    })
+}
+
+fn check_known(args: &FsArgs, known: &[&str], side: &str) -> PluginResult<()> {
+    match args.options.iter().find(|kv| !known.contains(&kv.key.as_str()) && !phaul_abi::is_peer_option(&kv.key)) {
+        Some(kv) => Err(PluginError::invalid(format!(
+            "the btrfs filesystem driver has no {side} option '{}'; it knows {}",
+            kv.key,
+            known.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn seconds(args: &FsArgs, key: &str, default: u64) -> PluginResult<Duration> {
+    match args.option(key) {
+        None => Ok(Duration::from_secs(default)),
+        Some(v) => v
+            .parse::<u64>()
+            .ok()
+            .filter(|s| *s > 0 && *s < 1 << 31)
+            .map(Duration::from_secs)
+            .ok_or_else(|| PluginError::invalid(format!("--fs-opt {key}={v}: give a whole number of seconds"))),
+    }
+}
+
+fn channel(args: &FsArgs, timeout: Duration) -> PluginResult<Channel> {
+    let fd = args.data_fd().ok_or_else(|| {
+        PluginError::invalid("the btrfs filesystem driver needs phaul's filesystem channel (--fdfs, or phaul's own)")
+    })?;
+    let owned = phaul_abi::dup_fd(fd).map_err(|e| PluginError::failed(format!("the filesystem channel: {e}")))?;
+    Ok(Channel::new(owned, Some(timeout)))
+}
+
+/// Whether `path` is on a btrfs filesystem.
+fn on_btrfs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BTRFS_SUPER_MAGIC)
+}
+
+/// Whether `path` is the root of a btrfs subvolume.
+fn is_subvolume(path: &Path) -> bool {
+    on_btrfs(path) && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() && m.ino() == SUBVOLUME_ROOT_INO)
+}
+
+/// Runs `btrfs ARGS`; its stdout, or an error with its stderr.
+fn btrfs(program: &Path, args: &[&std::ffi::OsStr], what: &str) -> PluginResult<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| PluginError::failed(format!("{what}: cannot run {}: {e}", program.display())))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(PluginError::failed(format!("{what} failed ({}): {}", out.status, tail(&out.stderr, 2000))))
+    }
+}
+
+fn delete_subvolume(program: &Path, path: &Path) -> PluginResult<()> {
+    btrfs(
+        program,
+        &["subvolume".as_ref(), "delete".as_ref(), path.as_os_str()],
+        &format!("deleting {}", path.display()),
+    )
+    .map(|_| ())
+}
+
+/// Collects a child's pipe in a thread (its last 256 KiB).
+fn collect(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    v.extend_from_slice(&buf[..n]);
+                    if v.len() > 512 * 1024 {
+                        v.drain(..v.len() - 256 * 1024);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        v
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Source
+
+struct BtrfsSender {
+    host: Host,
+    chan: Channel,
+    btrfs: PathBuf,
+    roots: Vec<PathBuf>,
+    token: String,
+    /// Per root: the snapshots that exist (the last is the parent of the next round's send; the ones before it
+    /// are deleted once a round succeeded, all of them at the end).
+    snaps: Vec<Vec<PathBuf>>,
+}
+
+fn sender(args: &FsArgs) -> PluginResult<BtrfsSender> {
+    check_known(args, &["btrfs", "io-timeout"], "source")?;
+    let program = find_btrfs(args.option("btrfs"), "source")?;
+    if args.roots.is_empty() {
+        return Err(PluginError::invalid(
+            "the btrfs filesystem driver has nothing to send: the host type names no root (for the pid host type, \
+             pass --htype-opt root=SUBVOLUME)",
+        ));
+    }
+    let mut roots = Vec::new();
+    for r in args.roots.iter() {
+        let p = PathBuf::from(r.as_str());
+        if !p.is_absolute() || !p.is_dir() {
+            return Err(PluginError::not_found(format!("the root {} is not a directory on the source", p.display())));
+        }
+        if !is_subvolume(&p) {
+            return Err(PluginError::invalid(format!(
+                "the root {} is not a btrfs subvolume{} (the btrfs driver sends subvolumes; make it one with btrfs \
+                 subvolume create, or use --fs rsync for a plain directory)",
+                p.display(),
+                if on_btrfs(&p) { "" } else { ": it is not even on btrfs" }
+            )));
+        }
+        roots.push(p);
+    }
+    let timeout = seconds(args, "io-timeout", 300)?;
+    let n = roots.len();
+    Ok(BtrfsSender {
+        host: Host::new(args.host, "btrfs"),
+        chan: channel(args, timeout)?,
+        btrfs: program,
+        roots,
+        token: phaul_fs_mark::new_token(),
+        snaps: vec![Vec::new(); n],
+    })
+}
+
+impl BtrfsSender {
+    fn snapshot_path(&self, root: &Path, round: u32) -> PathBuf {
+        let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into());
+        root.with_file_name(format!(".phaul-{name}-{}-r{round}", self.token))
+    }
+
+    fn send_one(&mut self, i: usize, info: &FsRoundInfo) -> PluginResult<u64> {
+        let root = self.roots[i].clone();
+        let snap = self.snapshot_path(&root, info.number);
+        btrfs(
+            &self.btrfs,
+            &["subvolume".as_ref(), "snapshot".as_ref(), "-r".as_ref(), root.as_os_str(), snap.as_os_str()],
+            &format!("taking a read-only snapshot of {}", root.display()),
+        )?;
+        let parent = self.snaps[i].last().cloned();
+        self.snaps[i].push(snap.clone());
+        let start = Start { round: info.number, index: i as u16, pass: PASS_SEND, is_final: info.is_final };
+        self.chan.send_start(start).map_err(io_err("starting a btrfs session on the filesystem channel"))?;
+        let mut cmd = Command::new(&self.btrfs);
+        cmd.arg("send").arg("-q");
+        if let Some(p) = &parent {
+            cmd.arg("-p").arg(p);
+        }
+        cmd.arg(&snap).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let (relayed, status, stderr) = match cmd.spawn() {
+            Ok(mut child) => {
+                let out = child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>);
+                let err = child.stderr.take().map(collect);
+                let relayed = self.chan.relay(None, out);
+                if relayed.is_err() {
+                    let _ = child.kill();
+                }
+                let status = child.wait().ok().and_then(|s| s.code()).unwrap_or(-1);
+                (relayed, status, err.map(|h| h.join().unwrap_or_default()).unwrap_or_default())
+            }
+            Err(e) => {
+                let relayed = self.chan.relay(None, None);
+                (relayed, -1, format!("cannot start {}: {e}", self.btrfs.display()).into_bytes())
+            }
+        };
+        let relayed = relayed.map_err(io_err("the filesystem channel broke during btrfs send"))?;
+        let done = self.chan.recv_done().map_err(io_err("reading the destination's btrfs verdict"))?;
+        if !done.ok {
+            return Err(PluginError::failed(format!(
+                "btrfs receive on the destination failed for {} (exit {}): {}",
+                root.display(),
+                done.code,
+                if done.message.is_empty() { "it gave no reason" } else { done.message.as_str() }
+            )));
+        }
+        if status != 0 {
+            return Err(PluginError::failed(format!(
+                "btrfs send failed for {} (exit {status}): {}",
+                root.display(),
+                tail(&stderr, 2000)
+            )));
+        }
+        // The new snapshot is the next parent; the ones before are not needed any more.
+        while self.snaps[i].len() > 1 {
+            let old = self.snaps[i].remove(0);
+            if let Err(e) = delete_subvolume(&self.btrfs, &old) {
+                log::warn!("{}", e.message);
+            }
+        }
+        Ok(relayed.sent)
+    }
+
+    fn round_inner(&mut self, info: &FsRoundInfo) -> PluginResult<FsRound> {
+        let mut bytes = 0;
+        for i in 0..self.roots.len() {
+            bytes += self.send_one(i, info)?;
+            self.host.progress(&format!("btrfs round {}", info.number), (i + 1) as u64, self.roots.len() as u64);
+        }
+        self.chan.send_end(info.number, self.roots.len() as u32).map_err(io_err("ending the btrfs round"))?;
+        Ok(FsRound::moved(bytes, 0))
+    }
+}
+
+impl FsSender for BtrfsSender {
+    fn round(&mut self, info: &FsRoundInfo) -> PluginResult<FsRound> {
+        match self.round_inner(info) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let _ = self.chan.send_abort(&e.message);
+                Err(e)
+            }
+        }
+    }
+
+    fn persistent_inodes(&self) -> bool {
+        false
+    }
+
+    fn finish(&mut self, outcome: Outcome) -> PluginResult<()> {
+        let mut errors = Vec::new();
+        for s in self.snaps.iter_mut().flat_map(std::mem::take) {
+            if let Err(e) = delete_subvolume(&self.btrfs, &s) {
+                errors.push(e.message.to_string());
+            }
+        }
+        if outcome == Outcome::MIGRATED {
+            for r in &self.roots {
+                if let Err(e) = phaul_fs_mark::set_mark(r, phaul_fs_mark::MIGRATED_AWAY) {
+                    log::warn!("cannot mark {} as migrated away: {e}", r.display());
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(PluginError::failed(format!("removing the source's snapshots: {}", errors.join("; "))))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Destination
+
+struct Received {
+    /// The workload's subvolume-to-be (claimed as a directory; the final round puts the subvolume there).
+    target: Target,
+    /// Where `btrfs receive` puts the snapshots (next to the target, on the same filesystem).
+    incoming: Target,
+    /// The snapshots received so far that still exist (the latest is the next round's parent).
+    snapshots: Vec<PathBuf>,
+    /// The final round made the writable subvolume at the target.
+    made: bool,
+}
+
+struct BtrfsReceiver {
+    chan: Channel,
+    btrfs: PathBuf,
+    roots: Vec<Received>,
+    sources: Vec<String>,
+}
+
+fn refuse_and_release(roots: &[Received], extra: Option<&Target>) {
+    for r in roots {
+        let _ = r.incoming.roll_back();
+        let _ = r.target.roll_back();
+    }
+    if let Some(t) = extra {
+        let _ = t.roll_back();
+    }
+}
+
+fn receiver(args: &FsArgs) -> PluginResult<BtrfsReceiver> {
+    check_known(args, &["map", "allow", "btrfs", "io-timeout"], "destination")?;
+    let program = find_btrfs(args.option("btrfs"), "destination")?;
+    let placement = Placement::new(options(&args.options, "map"), options(&args.options, "allow"), "btrfs")
+        .map_err(|e| PluginError::invalid(e.0))?;
+    let timeout = seconds(args, "io-timeout", 300)?;
+    let chan = channel(args, timeout)?;
+    if args.roots.len() > usize::from(u16::MAX) {
+        return Err(PluginError::invalid(format!("the source names {} roots; at most 65535", args.roots.len())));
+    }
+    let token = phaul_fs_mark::new_token();
+    let hint = "map it elsewhere with phaul serve --fs-opt btrfs:map=SOURCE-DIR=DESTINATION-DIR";
+    let mut roots: Vec<Received> = Vec::new();
+    for (i, r) in args.roots.iter().enumerate() {
+        let Some(dst) = placement.target(r.as_str()) else {
+            refuse_and_release(&roots, None);
+            return Err(PluginError::invalid(format!(
+                "this destination does not accept the source's subvolume {r}: phaul serve receives only into places \
+                 its operator named (--fs-opt btrfs:map={r}=DESTINATION-DIR, or btrfs:allow=PARENT-DIR to receive \
+                 it at the same path)"
+            )));
+        };
+        if let Some(o) = roots.iter().find(|o| o.target.path.starts_with(&dst) || dst.starts_with(&o.target.path)) {
+            let clash = o.target.path.display().to_string();
+            refuse_and_release(&roots, None);
+            return Err(PluginError::invalid(format!(
+                "the source's subvolume {r} would be received into {}, which is {clash} or holds it or lies inside it; \
+                 each root must go to a place of its own",
+                dst.display()
+            )));
+        }
+        let parent = dst.parent().unwrap_or(Path::new("/")).to_path_buf();
+        if !on_btrfs(&parent) {
+            refuse_and_release(&roots, None);
+            return Err(PluginError::invalid(format!(
+                "cannot receive {r} into {}: {} is not on a btrfs filesystem on this host (btrfs receive needs \
+                 one); {hint}",
+                dst.display(),
+                parent.display()
+            )));
+        }
+        let mut target = phaul_fs_mark::claim(&dst, &token, hint).map_err(|e| {
+            refuse_and_release(&roots, None);
+            PluginError::invalid(e.0)
+        })?;
+        if target.claim == Claim::Leftover {
+            // A failed run's target: remove it (a subvolume it made, or its directory), then start afresh.
+            if is_subvolume(&target.path) {
+                let _ = delete_subvolume(&program, &target.path);
+            }
+            let _ = target.roll_back();
+            drop(target);
+            target = phaul_fs_mark::claim(&dst, &token, hint).map_err(|e| {
+                refuse_and_release(&roots, None);
+                PluginError::invalid(e.0)
+            })?;
+        }
+        if target.claim != Claim::Created {
+            let why = if target.claim == Claim::MigratedAway {
+                "it is the subvolume this workload left when it migrated away from this host, and btrfs receive \
+                 cannot update a subvolume in place: to migrate back, delete it (btrfs subvolume delete) or move it \
+                 away first"
+                    .to_string()
+            } else {
+                "it is an empty directory, and btrfs receive makes a new subvolume there: remove it first".to_string()
+            };
+            refuse_and_release(&roots, Some(&target));
+            return Err(PluginError::invalid(format!("cannot receive {r} into {}: {why}; {hint}", dst.display())));
+        }
+        let incoming_path = parent.join(format!(".phaul-incoming-{token}-{i}"));
+        let incoming = phaul_fs_mark::claim(&incoming_path, &token, hint).map_err(|e| {
+            refuse_and_release(&roots, Some(&target));
+            PluginError::invalid(e.0)
+        })?;
+        roots.push(Received { target, incoming, snapshots: Vec::new(), made: false });
+    }
+    Ok(BtrfsReceiver { chan, btrfs: program, roots, sources: args.roots.iter().map(|r| r.to_string()).collect() })
+}
+
+impl BtrfsReceiver {
+    fn session(&mut self, st: Start) -> PluginResult<Done> {
+        let Some(rec) = self.roots.get(st.index as usize).filter(|_| st.pass == PASS_SEND) else {
+            let _ = self.chan.relay(None, None);
+            let d = Done {
+                ok: false,
+                code: -1,
+                bytes: 0,
+                message: format!(
+                    "the source asked for root {} pass {}, which this receiver does not have",
+                    st.index, st.pass
+                ),
+            };
+            self.chan.send_done(&d).map_err(io_err("answering the source"))?;
+            return Ok(d);
+        };
+        let dir = rec.incoming.path.clone();
+        let before: Vec<PathBuf> = list(&dir);
+        // --chroot: what the stream names stays inside the incoming directory.
+        let mut cmd = Command::new(&self.btrfs);
+        cmd.arg("receive").arg("--chroot").arg(&dir);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let done = match cmd.spawn() {
+            Err(e) => {
+                let _ = self.chan.relay(None, None);
+                Done { ok: false, code: -1, bytes: 0, message: format!("cannot start {}: {e}", self.btrfs.display()) }
+            }
+            Ok(mut child) => {
+                let stdin = child.stdin.take().map(|s| Box::new(s) as Box<dyn Write + Send>);
+                let out = child.stdout.take().map(collect);
+                let err = child.stderr.take().map(collect);
+                let relayed = self.chan.relay(stdin, None);
+                if relayed.is_err() {
+                    let _ = child.kill();
+                }
+                let code = child.wait().ok().and_then(|s| s.code()).unwrap_or(-1);
+                let _ = out.map(|h| h.join());
+                let stderr = err.map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+                let relayed = relayed.map_err(io_err("the filesystem channel broke during btrfs receive"))?;
+                Done { ok: code == 0, code, bytes: relayed.received, message: tail(&stderr, 2000) }
+            }
+        };
+        let mut done = done;
+        if done.ok {
+            let new: Vec<PathBuf> = list(&dir).into_iter().filter(|p| !before.contains(p)).collect();
+            match new.as_slice() {
+                [one] if is_subvolume(one) => {
+                    let rec = &mut self.roots[st.index as usize];
+                    rec.snapshots.push(one.clone());
+                    // Only the latest is needed (the parent of the next stream).
+                    while rec.snapshots.len() > 1 {
+                        let old = rec.snapshots.remove(0);
+                        if let Err(e) = delete_subvolume(&self.btrfs, &old) {
+                            log::warn!("{}", e.message);
+                        }
+                    }
+                }
+                _ => {
+                    done = Done {
+                        ok: false,
+                        code: -1,
+                        bytes: done.bytes,
+                        message: format!("the stream did not make exactly one new subvolume in {}", dir.display()),
+                    }
+                }
+            }
+        }
+        self.chan.send_done(&done).map_err(io_err("answering the source"))?;
+        Ok(done)
+    }
+
+    /// After the final round: a writable snapshot of the last received one, at each target.
+    fn make_targets(&mut self) -> PluginResult<()> {
+        for rec in &mut self.roots {
+            let last = rec.snapshots.last().cloned().ok_or_else(|| {
+                PluginError::failed(format!("nothing was received for {}", rec.target.path.display()))
+            })?;
+            // The claimed, still empty directory makes way for the subvolume.
+            std::fs::remove_dir(&rec.target.path).map_err(io_err("making way for the received subvolume"))?;
+            btrfs(
+                &self.btrfs,
+                &["subvolume".as_ref(), "snapshot".as_ref(), last.as_os_str(), rec.target.path.as_os_str()],
+                &format!("making the writable subvolume {}", rec.target.path.display()),
+            )?;
+            rec.made = true;
+            rec.target.reassert().map_err(io_err("marking the received subvolume"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The entries of `dir`, sorted.
+fn list(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> =
+        std::fs::read_dir(dir).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    v.sort();
+    v
+}
+
+impl FsReceiver for BtrfsReceiver {
+    fn wait_round(&mut self, info: &FsRoundInfo) -> PluginResult<FsRound> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut bytes = 0;
+        let mut failure: Option<String> = None;
+        loop {
+            match self.chan.recv_next().map_err(io_err("waiting for the source's btrfs round"))? {
+                Next::Session(st) if st.round != info.number => {
+                    return Err(PluginError::failed(format!(
+                        "the source sent btrfs round {} while this side waits for round {}",
+                        st.round, info.number
+                    )))
+                }
+                Next::Session(st) => {
+                    seen.insert(st.index);
+                    let d = self.session(st)?;
+                    bytes += d.bytes;
+                    if !d.ok && failure.is_none() {
+                        failure = Some(format!("btrfs receive failed (exit {}): {}", d.code, d.message));
+                    }
+                }
+                Next::End { round, .. } if round != info.number => {
+                    return Err(PluginError::failed(format!(
+                        "the source ended btrfs round {round} while this side waits for round {}",
+                        info.number
+                    )))
+                }
+                Next::End { .. } => break,
+                Next::Abort(m) => return Err(PluginError::failed(format!("the source's btrfs round failed: {m}"))),
+            }
+        }
+        if failure.is_none() && seen.len() != self.roots.len() {
+            failure = Some(format!(
+                "the source ended btrfs round {} after {} of its {} roots",
+                info.number,
+                seen.len(),
+                self.roots.len()
+            ));
+        }
+        if let Some(f) = failure {
+            return Err(PluginError::failed(f));
+        }
+        if info.is_final {
+            self.make_targets()?;
+        }
+        Ok(FsRound::moved(bytes, 0))
+    }
+
+    fn prepared(&mut self) -> PluginResult<Vec<KeyValue>> {
+        let mut out = Vec::new();
+        for (s, r) in self.sources.iter().zip(&self.roots) {
+            out.push(KeyValue::new("root-map", format!("{s}={}", r.target.path.display())));
+        }
+        if let Some(r) = self.roots.first() {
+            out.push(KeyValue::new("root", r.target.path.display().to_string()));
+        }
+        Ok(out)
+    }
+
+    fn finish(&mut self, outcome: Outcome) -> PluginResult<()> {
+        let mut errors = Vec::new();
+        for rec in &mut self.roots {
+            for s in rec.snapshots.drain(..) {
+                if let Err(e) = delete_subvolume(&self.btrfs, &s) {
+                    errors.push(e.message.to_string());
+                }
+            }
+            if let Err(e) = rec.incoming.roll_back() {
+                errors.push(format!("{}: {e}", rec.incoming.path.display()));
+            }
+            let r = if outcome == Outcome::MIGRATED {
+                rec.target.keep()
+            } else {
+                if rec.made {
+                    // Ours (marked, made by the final round): delete the subvolume, then the claim is undone.
+                    if let Err(e) = delete_subvolume(&self.btrfs, &rec.target.path) {
+                        errors.push(e.message.to_string());
+                    }
+                    rec.made = false;
+                }
+                rec.target.roll_back()
+            };
+            if let Err(e) = r {
+                errors.push(format!("{}: {e}", rec.target.path.display()));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(PluginError::failed(format!("cleaning up what was received: {}", errors.join("; "))))
+        }
+    }
+}
+
+phaul_abi::export_fs_driver!(
+    name: "btrfs",
+    description: "btrfs subvolumes: a read-only snapshot per round, btrfs send -p into btrfs receive, the last one frozen",
+    sender: sender,
+    receiver: receiver,
+);
