@@ -18,8 +18,6 @@ use phaul_testbed::tree::compare_trees;
 use phaul_testbed::{pid_alive, write_plugins_toml, Lab, MigrateOptions, MigrationRun, Workload};
 use serde_json::Value;
 
-const MARK: &str = "trusted.phaul.owner";
-
 /// The differences found between the two trees, or why they could not be compared.
 type Comparison = Result<Vec<String>, String>;
 
@@ -84,24 +82,6 @@ impl FsLab {
             ..Default::default()
         }
     }
-}
-
-/// The value of phaul's mark on `p`, read with getfattr.
-fn mark(p: &Path) -> Option<String> {
-    let out = std::process::Command::new("getfattr")
-        .args(["--absolute-names", "--only-values", "-n", MARK])
-        .arg(p)
-        .output()
-        .ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 fn report(run: &MigrationRun) -> Value {

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use phaul_testbed::fault::wait_until;
@@ -350,4 +350,22 @@ impl Drop for CmdWorkload {
             let _ = reap_pid(p, Duration::from_millis(500));
         }
     }
+}
+
+/// The value of phaul's mark on `p`, read with getfattr.
+pub fn mark(p: &Path) -> Option<String> {
+    let out = std::process::Command::new("getfattr")
+        .args(["--absolute-names", "--only-values", "-n", "trusted.phaul.owner"])
+        .arg(p)
+        .output()
+        .ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
 }
