@@ -21,12 +21,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use phaul_testbed::storage::LoopBtrfs;
 use phaul_testbed::{pid_alive, reap_pid, write_plugins_toml, Lab, MigrateOptions};
 use serde_json::{json, Value};
 
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct FsConfig {
+    /// `rsync` or `btrfs`.
+    pub driver: String,
     pub files: usize,
     pub total_mib: u64,
     pub reps: u32,
@@ -99,13 +102,27 @@ fn bare_rsync(lab: &Lab, src: &Path, dst: &Path) -> Result<f64, String> {
 
 /// One phaul migration of a tree-writer over the tree with the rsync driver; (frozen fs round ms, its bytes,
 /// frozen ms, total ms, live rounds).
-fn phaul_rsync(cfg: &FsConfig, seed: u64) -> Result<Value, String> {
-    let lab = Lab::new("bench-rsync").map_err(|e| e.to_string())?;
-    let plugins = lab.path("plugins-rsync.toml");
-    write_plugins_toml(&plugins, &["pid", "rsync"]).map_err(|e| e.to_string())?;
-    let tree = lab.path("tree");
-    let tree_b = lab.path("tree-b");
-    std::fs::create_dir_all(&tree_b).map_err(err("tree-b"))?;
+fn phaul_run(cfg: &FsConfig, seed: u64) -> Result<Value, String> {
+    let lab = Lab::new(&format!("bench-{}", cfg.driver)).map_err(|e| e.to_string())?;
+    let plugins = lab.path("plugins-fs.toml");
+    write_plugins_toml(&plugins, &["pid", cfg.driver.as_str()]).map_err(|e| e.to_string())?;
+    // rsync: two directories; btrfs: two filesystems, the workload's subvolume on A's. Either way B's is bound
+    // over A's in the destination's mount namespace.
+    let mut filesystems = Vec::new();
+    let (tree, bind_from, bind_over) = if cfg.driver == "btrfs" {
+        let a = LoopBtrfs::new(&lab.path("a.img"), &lab.path("btrfs-a"), btrfs_mib(cfg)).map_err(|e| e.to_string())?;
+        let b = LoopBtrfs::new(&lab.path("b.img"), &lab.path("btrfs-b"), btrfs_mib(cfg)).map_err(|e| e.to_string())?;
+        let ct = a.create_subvolume("ct").map_err(|e| e.to_string())?;
+        let r = (ct, b.dir.clone(), a.dir.clone());
+        filesystems.push(a);
+        filesystems.push(b);
+        r
+    } else {
+        let tree = lab.path("tree");
+        let tree_b = lab.path("tree-b");
+        std::fs::create_dir_all(&tree_b).map_err(err("tree-b"))?;
+        (tree.clone(), tree_b, tree)
+    };
     make_tree(&tree, cfg, seed)?;
     let _ = Command::new("sync").status();
     // A container's tree is older than its migration: let the tree age past the driver's 2 s slack, so that
@@ -113,11 +130,12 @@ fn phaul_rsync(cfg: &FsConfig, seed: u64) -> Result<Value, String> {
     std::thread::sleep(Duration::from_secs(3));
     let dir = tree.display().to_string();
     let w = lab.start_workload("tree-writer", &["--dir", &dir]).map_err(|e| e.to_string())?;
-    let script = format!("mount --bind '{}' '{}' || exit 97; shift; exec \"$@\"", tree_b.display(), tree.display());
+    let script =
+        format!("mount --bind '{}' '{}' || exit 97; shift; exec \"$@\"", bind_from.display(), bind_over.display());
     let wrapper = ["--mount", "--propagation", "private", "--", "/bin/sh", "-c", &script, "sh"];
     let opts = MigrateOptions {
-        src_args: vec!["--fs".into(), "rsync".into(), "--htype-opt".into(), format!("root={dir}")],
-        dst_args: vec!["--fs-opt".into(), format!("rsync:allow={}", lab.scratch.path().display())],
+        src_args: vec!["--fs".into(), cfg.driver.clone(), "--htype-opt".into(), format!("root={dir}")],
+        dst_args: vec!["--fs-opt".into(), format!("{}:allow={}", cfg.driver, lab.scratch.path().display())],
         src_plugins: Some(plugins.clone()),
         dst_plugins: Some(plugins),
         dst_wrapper: Some((PathBuf::from("/usr/bin/unshare"), wrapper.iter().map(|s| s.to_string()).collect())),
@@ -131,6 +149,8 @@ fn phaul_rsync(cfg: &FsConfig, seed: u64) -> Result<Value, String> {
             let _ = reap_pid(p, Duration::from_secs(2));
         }
     }
+    drop(w);
+    drop(filesystems);
     if !run.succeeded() {
         return Err(format!("the migration failed:\n{}", run.describe()));
     }
@@ -147,8 +167,59 @@ fn phaul_rsync(cfg: &FsConfig, seed: u64) -> Result<Value, String> {
     }))
 }
 
+/// `btrfs send [-p PARENT] SNAP | btrfs receive DIR`; its wall time in ms.
+fn bare_btrfs_send(parent: Option<&Path>, snap: &Path, dir: &Path) -> Result<f64, String> {
+    let p = parent.map(|p| format!("-p '{}'", p.display())).unwrap_or_default();
+    let script = format!("btrfs send -q {p} '{}' | btrfs receive '{}'", snap.display(), dir.display());
+    let t = Instant::now();
+    let out = Command::new("/bin/bash").args(["-o", "pipefail", "-c", &script]).output().map_err(err("btrfs send"))?;
+    if !out.status.success() {
+        return Err(format!("{script}: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(t.elapsed().as_secs_f64() * 1000.0)
+}
+
+fn snapshot(src: &Path, snap: &Path) -> Result<(), String> {
+    let out = Command::new("btrfs")
+        .args(["subvolume", "snapshot", "-r"])
+        .arg(src)
+        .arg(snap)
+        .output()
+        .map_err(err("btrfs snapshot"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("btrfs subvolume snapshot: {}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// The size of each loop-device btrfs for a tree of `cfg.total_mib` (sparse files: only what is written counts).
+fn btrfs_mib(cfg: &FsConfig) -> u64 {
+    cfg.total_mib * 3 + 512
+}
+
+/// The bare btrfs methods: a full send of a snapshot, then 1 % rewritten and an incremental send.
+fn bare_btrfs(cfg: &FsConfig, seed: u64) -> Result<Value, String> {
+    let lab = Lab::new("bench-btrfs-bare").map_err(|e| e.to_string())?;
+    let a = LoopBtrfs::new(&lab.path("a.img"), &lab.path("btrfs-a"), btrfs_mib(cfg)).map_err(|e| e.to_string())?;
+    let b = LoopBtrfs::new(&lab.path("b.img"), &lab.path("btrfs-b"), btrfs_mib(cfg)).map_err(|e| e.to_string())?;
+    let ct = a.create_subvolume("ct").map_err(|e| e.to_string())?;
+    let files = make_tree(&ct, cfg, seed)?;
+    let _ = Command::new("sync").status();
+    let (s1, s2) = (a.dir.join("s1"), a.dir.join("s2"));
+    snapshot(&ct, &s1)?;
+    let full = bare_btrfs_send(None, &s1, &b.dir)?;
+    let n = rewrite_one_percent(&files, seed ^ 0xabcd)?;
+    snapshot(&ct, &s2)?;
+    let delta = bare_btrfs_send(Some(&s1), &s2, &b.dir)?;
+    Ok(json!({ "full_ms": full, "delta_ms": delta, "rewritten": n }))
+}
+
 /// The bare methods: a full copy, then 1 % rewritten and copied again.
 fn bare(cfg: &FsConfig, seed: u64) -> Result<Value, String> {
+    if cfg.driver == "btrfs" {
+        return bare_btrfs(cfg, seed);
+    }
     let lab = Lab::new("bench-rsync-bare").map_err(|e| e.to_string())?;
     let tree = lab.path("tree");
     let tree_b = lab.path("tree-b");
@@ -191,11 +262,12 @@ pub fn run(cfg: &FsConfig) -> Result<String, String> {
         for is_phaul in order {
             let _ = Command::new("sync").status();
             std::thread::sleep(Duration::from_millis(500));
-            let r = if is_phaul { phaul_rsync(cfg, seed) } else { bare(cfg, seed) };
+            let r = if is_phaul { phaul_run(cfg, seed) } else { bare(cfg, seed) };
             eprintln!(
-                "[bench] rep {} {}: {}",
+                "[bench] rep {} {} {}: {}",
                 rep + 1,
-                if is_phaul { "phaul-rsync" } else { "bare rsync" },
+                if is_phaul { "phaul" } else { "bare" },
+                cfg.driver,
                 match &r {
                     Ok(v) => v.to_string(),
                     Err(e) => format!("FAILED: {e}"),
@@ -215,8 +287,17 @@ pub fn run(cfg: &FsConfig) -> Result<String, String> {
         (Some(f), Some(c)) if c > 0.0 => Some(f / c),
         _ => None,
     };
+    let d = cfg.driver.as_str();
+    let (full_what, delta_what) = if d == "btrfs" {
+        ("one full `btrfs send` of a snapshot into `btrfs receive`", "a bare `btrfs send -p` after 1 % rewritten")
+    } else {
+        (
+            "one full `rsync -aHAXS` copy (what copying only while frozen adds)",
+            "a bare incremental rsync after 1 % rewritten",
+        )
+    };
     let mut md = String::new();
-    md.push_str("# The rsync driver's frozen round against copying the tree while frozen\n\n");
+    md.push_str(&format!("# The {d} driver's frozen round against a full copy by the same tool\n\n"));
     md.push_str(&format!(
         "Tree: {} files, {} MiB in all, plus the tree-writer workload's own files; {} repetition(s), medians; load \
          average before the run: {}.\n\n",
@@ -227,21 +308,21 @@ pub fn run(cfg: &FsConfig) -> Result<String, String> {
     ));
     md.push_str("| method | what is measured | ms |\n|---|---|---|\n");
     md.push_str(&format!(
-        "| phaul-rsync | the frozen filesystem round (after {} live round(s)) | {} |\n",
+        "| phaul-{d} | the frozen filesystem round (after {} live round(s)) | {} |\n",
         median(col(&phaul, "live_rounds")).map(|x| x as u64).unwrap_or(0),
         ms(final_ms)
     ));
     md.push_str(&format!(
-        "| phaul-rsync | the whole freeze (CRIU dump, final round, restore, commit) | {} |\n",
+        "| phaul-{d} | the whole freeze (CRIU dump, final round, restore, commit) | {} |\n",
         ms(median(col(&phaul, "frozen_ms")))
     ));
     md.push_str(&format!(
-        "| phaul-rsync | round 1 (the whole tree, the workload running) | {} |\n",
+        "| phaul-{d} | round 1 (the whole tree, the workload running) | {} |\n",
         ms(median(col(&phaul, "first_round_ms")))
     ));
-    md.push_str(&format!("| phaul-rsync | the whole migration | {} |\n", ms(median(col(&phaul, "total_ms")))));
-    md.push_str(&format!("| rsync-full | one full copy (what copying only while frozen adds) | {} |\n", ms(full_ms)));
-    md.push_str(&format!("| rsync-delta | a bare incremental rsync after 1 % rewritten | {} |\n", ms(delta_ms)));
+    md.push_str(&format!("| phaul-{d} | the whole migration | {} |\n", ms(median(col(&phaul, "total_ms")))));
+    md.push_str(&format!("| {d}-full | {full_what} | {} |\n", ms(full_ms)));
+    md.push_str(&format!("| {d}-delta | {delta_what} | {} |\n", ms(delta_ms)));
     md.push_str(&format!(
         "\n**Target: the frozen round costs at most 5 % of a full copy.** Measured ratio (frozen round ÷ full copy): \
          {} — {}.\n",
@@ -258,7 +339,7 @@ pub fn run(cfg: &FsConfig) -> Result<String, String> {
             md.push_str(&format!("- {}\n", f.lines().next().unwrap_or("")));
         }
     }
-    let j = json!({ "files": cfg.files, "total_mib": cfg.total_mib, "reps": cfg.reps, "phaul_rsync": phaul,
+    let j = json!({ "files": cfg.files, "total_mib": cfg.total_mib, "reps": cfg.reps, "driver": cfg.driver, "phaul": phaul,
                     "bare": bares, "failures": failures, "ratio_final_to_full": ratio });
     std::fs::write(cfg.out.join("results.md"), &md).map_err(err("writing results.md"))?;
     std::fs::write(cfg.out.join("results.json"), serde_json::to_string_pretty(&j).unwrap_or_default())

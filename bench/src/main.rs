@@ -49,9 +49,9 @@ struct Cli {
     /// --compare tls: the longest a packet may queue in the bucket (sets the queue length).
     #[arg(long, value_name = "TIME", default_value = "10ms", requires = "compare")]
     throttle_latency: String,
-    /// Instead of the main benchmark, the filesystem driver's frozen round against copying the whole tree while
-    /// frozen (`rsync`, the only driver so far); results in bench/results/fs-rsync.
-    #[arg(long, value_name = "DRIVER", conflicts_with = "compare", value_parser = ["rsync"])]
+    /// Instead of the main benchmark, a filesystem driver's frozen round against a full copy of the tree by the
+    /// same tool (`rsync` or `btrfs`); results in bench/results/fs-DRIVER.
+    #[arg(long, value_name = "DRIVER", conflicts_with = "compare", value_parser = ["rsync", "btrfs"])]
     fs: Option<String>,
     /// --fs: the number of files in the tree [default: 10000; --quick: 500].
     #[arg(long, requires = "fs")]
@@ -84,10 +84,11 @@ fn main() -> ExitCode {
     };
     if cli.fs.is_some() {
         let out = match (&cli.out, cli.quick) {
-            (None, false) => default_out_dir().join("fs-rsync"),
+            (None, false) => default_out_dir().join(format!("fs-{}", cli.fs.as_deref().unwrap_or("rsync"))),
             _ => out,
         };
         let cfg = FsConfig {
+            driver: cli.fs.clone().unwrap_or_default(),
             files: cli.files.unwrap_or(if cli.quick { 500 } else { 10_000 }),
             total_mib: cli.tree_mib.unwrap_or(if cli.quick { 16 } else { 1024 }),
             reps: if cli.quick { 1 } else { cli.reps },

@@ -127,7 +127,7 @@ fn quick_fs_rsync_comparison_measures_the_frozen_round_and_the_full_copy() {
     assert!(run.status.success(), "phaul-bench --fs rsync --quick failed:\n{}\n{}", run.stdout, run.stderr);
     let text = std::fs::read_to_string(out.path().join("results.json")).expect("results.json");
     let doc: Value = serde_json::from_str(&text).expect("valid JSON");
-    let p = &doc["phaul_rsync"][0];
+    let p = &doc["phaul"][0];
     assert!(p["final_round_ms"].as_f64().is_some_and(|v| v > 0.0), "{doc}");
     assert!(p["live_rounds"].as_u64().is_some_and(|n| n >= 1), "{doc}");
     assert!(doc["bare"][0]["full_ms"].as_f64().is_some_and(|v| v > 0.0), "{doc}");
