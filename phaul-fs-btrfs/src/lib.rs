@@ -24,6 +24,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use phaul_abi::{
@@ -31,6 +32,9 @@ use phaul_abi::{
 };
 use phaul_fs_mark::{Claim, Placement, Target};
 use phaul_fs_stream::{tail, Channel, Done, Next, Start};
+
+mod stream_check;
+use stream_check::{StreamCheck, Uuid};
 
 /// The one pass of a btrfs session: a send stream.
 const PASS_SEND: u8 = 1;
@@ -112,6 +116,41 @@ fn btrfs(program: &Path, args: &[&std::ffi::OsStr], what: &str) -> PluginResult<
     } else {
         Err(PluginError::failed(format!("{what} failed ({}): {}", out.status, tail(&out.stderr, 2000))))
     }
+}
+
+/// The subvolume id of `path`, which must be a subvolume's root itself (not a symbolic link to one).
+fn subvolume_id(program: &Path, path: &Path) -> PluginResult<u64> {
+    if !is_subvolume(path) {
+        return Err(PluginError::failed(format!("{} is not a subvolume (any more)", path.display())));
+    }
+    let out =
+        btrfs(program, &["inspect-internal".as_ref(), "rootid".as_ref(), path.as_os_str()], "reading a subvolume id")?;
+    out.trim().parse().map_err(|_| PluginError::failed(format!("btrfs printed no subvolume id for {}", path.display())))
+}
+
+/// The mount point `path` is under (the longest one in /proc/self/mountinfo that holds it): a mount's root is a
+/// subvolume, which `btrfs subvolume delete --subvolid` needs as its path.
+fn mount_point(path: &Path) -> PathBuf {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(m.replace("\\040", " ")))
+        .filter(|m| path.starts_with(m))
+        .max_by_key(|m| m.components().count())
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
+
+/// Deletes subvolume `id` of the filesystem `on` is on (by id: a path inside received data could have been
+/// renamed or redirected by what was received).
+fn delete_subvolume_id(program: &Path, on: &Path, id: u64) -> PluginResult<()> {
+    let on = &mount_point(on);
+    let id_text = id.to_string();
+    btrfs(
+        program,
+        &["subvolume".as_ref(), "delete".as_ref(), "--subvolid".as_ref(), id_text.as_ref(), on.as_os_str()],
+        &format!("deleting subvolume {id} under {}", on.display()),
+    )
+    .map(|_| ())
 }
 
 fn delete_subvolume(program: &Path, path: &Path) -> PluginResult<()> {
@@ -319,8 +358,11 @@ struct Received {
     target: Target,
     /// Where `btrfs receive` puts the snapshots (next to the target, on the same filesystem).
     incoming: Target,
-    /// The snapshots received so far that still exist (the latest is the next round's parent).
-    snapshots: Vec<PathBuf>,
+    /// The snapshots received so far that still exist, by path and subvolume id (the latest is the next
+    /// round's parent).
+    snapshots: Vec<(PathBuf, u64)>,
+    /// The UUID the latest received stream gave its subvolume: the only parent the next stream may name.
+    last_uuid: Option<Uuid>,
     /// The final round made the writable subvolume at the target.
     made: bool,
 }
@@ -416,7 +458,8 @@ fn receiver(args: &FsArgs) -> PluginResult<BtrfsReceiver> {
             refuse_and_release(&roots, Some(&target));
             PluginError::invalid(e.0)
         })?;
-        roots.push(Received { target, incoming, snapshots: Vec::new(), made: false });
+        let _ = std::fs::set_permissions(&incoming.path, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+        roots.push(Received { target, incoming, snapshots: Vec::new(), last_uuid: None, made: false });
     }
     Ok(BtrfsReceiver { chan, btrfs: program, roots, sources: args.roots.iter().map(|r| r.to_string()).collect() })
 }
@@ -439,17 +482,23 @@ impl BtrfsReceiver {
         };
         let dir = rec.incoming.path.clone();
         let before: Vec<PathBuf> = list(&dir);
-        // --chroot: what the stream names stays inside the incoming directory.
+        let check = Arc::new(Mutex::new(StreamCheck::new(rec.last_uuid)));
+        let refused: Arc<Mutex<Option<String>>> = Arc::default();
+        // --chroot: what the stream names stays inside the incoming directory (and the check refuses what
+        // --chroot does not cover).
         let mut cmd = Command::new(&self.btrfs);
         cmd.arg("receive").arg("--chroot").arg(&dir);
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let done = match cmd.spawn() {
+        let mut done = match cmd.spawn() {
             Err(e) => {
                 let _ = self.chan.relay(None, None);
                 Done { ok: false, code: -1, bytes: 0, message: format!("cannot start {}: {e}", self.btrfs.display()) }
             }
             Ok(mut child) => {
-                let stdin = child.stdin.take().map(|s| Box::new(s) as Box<dyn Write + Send>);
+                let stdin = child.stdin.take().map(|s| {
+                    Box::new(Checked { inner: s, check: check.clone(), refused: refused.clone() })
+                        as Box<dyn Write + Send>
+                });
                 let out = child.stdout.take().map(collect);
                 let err = child.stderr.take().map(collect);
                 let relayed = self.chan.relay(stdin, None);
@@ -463,28 +512,47 @@ impl BtrfsReceiver {
                 Done { ok: code == 0, code, bytes: relayed.received, message: tail(&stderr, 2000) }
             }
         };
-        let mut done = done;
-        if done.ok {
-            let new: Vec<PathBuf> = list(&dir).into_iter().filter(|p| !before.contains(p)).collect();
-            match new.as_slice() {
-                [one] if is_subvolume(one) => {
-                    let rec = &mut self.roots[st.index as usize];
-                    rec.snapshots.push(one.clone());
-                    // Only the latest is needed (the parent of the next stream).
-                    while rec.snapshots.len() > 1 {
-                        let old = rec.snapshots.remove(0);
-                        if let Err(e) = delete_subvolume(&self.btrfs, &old) {
-                            log::warn!("{}", e.message);
-                        }
+        let refusal = refused.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let (complete, own) = {
+            let c = check.lock().unwrap_or_else(|p| p.into_inner());
+            (c.complete(), c.own_uuid())
+        };
+        if let Some(why) = refusal {
+            done = Done { ok: false, code: -1, bytes: done.bytes, message: format!("the stream was refused: {why}") };
+        } else if done.ok && !complete {
+            done = Done { ok: false, code: -1, bytes: done.bytes, message: "the stream ended before its end".into() };
+        }
+        let new: Vec<PathBuf> = list(&dir).into_iter().filter(|p| !before.contains(p)).collect();
+        let rec = &mut self.roots[st.index as usize];
+        match (done.ok, new.as_slice()) {
+            (true, [one]) if is_subvolume(one) => {
+                let id = subvolume_id(&self.btrfs, one)?;
+                rec.snapshots.push((one.clone(), id));
+                rec.last_uuid = own;
+                // Only the latest is needed (the parent of the next stream).
+                while rec.snapshots.len() > 1 {
+                    let (_, old) = rec.snapshots.remove(0);
+                    if let Err(e) = delete_subvolume_id(&self.btrfs, &dir, old) {
+                        log::warn!("{}", e.message);
                     }
                 }
-                _ => {
+            }
+            _ => {
+                // Whatever this session left is removed (by id, whatever its name says).
+                for p in &new {
+                    if let Ok(id) = subvolume_id(&self.btrfs, p) {
+                        let _ = delete_subvolume_id(&self.btrfs, &dir, id);
+                    } else if std::fs::symlink_metadata(p).is_ok_and(|m| !m.is_dir()) {
+                        let _ = std::fs::remove_file(p);
+                    }
+                }
+                if done.ok {
                     done = Done {
                         ok: false,
                         code: -1,
                         bytes: done.bytes,
                         message: format!("the stream did not make exactly one new subvolume in {}", dir.display()),
-                    }
+                    };
                 }
             }
         }
@@ -495,9 +563,16 @@ impl BtrfsReceiver {
     /// After the final round: a writable snapshot of the last received one, at each target.
     fn make_targets(&mut self) -> PluginResult<()> {
         for rec in &mut self.roots {
-            let last = rec.snapshots.last().cloned().ok_or_else(|| {
+            let (last, id) = rec.snapshots.last().cloned().ok_or_else(|| {
                 PluginError::failed(format!("nothing was received for {}", rec.target.path.display()))
             })?;
+            // Still the subvolume that was received there.
+            if subvolume_id(&self.btrfs, &last)? != id {
+                return Err(PluginError::failed(format!(
+                    "{} is no longer the subvolume received there",
+                    last.display()
+                )));
+            }
             // The claimed, still empty directory makes way for the subvolume.
             std::fs::remove_dir(&rec.target.path).map_err(io_err("making way for the received subvolume"))?;
             btrfs(
@@ -509,6 +584,29 @@ impl BtrfsReceiver {
             rec.target.reassert().map_err(io_err("marking the received subvolume"))?;
         }
         Ok(())
+    }
+}
+
+/// `btrfs receive`'s stdin behind the stream check: a chunk is passed on only once everything it completes was
+/// accepted; the first refusal ends the stream there (receive then fails on a cut stream).
+struct Checked {
+    inner: std::process::ChildStdin,
+    check: Arc<Mutex<StreamCheck>>,
+    refused: Arc<Mutex<Option<String>>>,
+}
+
+impl Write for Checked {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Err(why) = self.check.lock().unwrap_or_else(|p| p.into_inner()).feed(buf) {
+            self.refused.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(why.clone());
+            return Err(std::io::Error::other(why));
+        }
+        self.inner.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -582,9 +680,17 @@ impl FsReceiver for BtrfsReceiver {
     fn finish(&mut self, outcome: Outcome) -> PluginResult<()> {
         let mut errors = Vec::new();
         for rec in &mut self.roots {
-            for s in rec.snapshots.drain(..) {
-                if let Err(e) = delete_subvolume(&self.btrfs, &s) {
+            for (_, id) in rec.snapshots.drain(..) {
+                if let Err(e) = delete_subvolume_id(&self.btrfs, &rec.incoming.path, id) {
                     errors.push(e.message.to_string());
+                }
+            }
+            // Anything else received there that is a subvolume (read-only: the directory could not go otherwise).
+            for p in list(&rec.incoming.path) {
+                if let Ok(id) = subvolume_id(&self.btrfs, &p) {
+                    if let Err(e) = delete_subvolume_id(&self.btrfs, &rec.incoming.path, id) {
+                        errors.push(e.message.to_string());
+                    }
                 }
             }
             if let Err(e) = rec.incoming.roll_back() {
