@@ -99,6 +99,11 @@ pub const TARGETS: &[Target] = &[
         run: image_stats,
     },
     Target {
+        name: "btrfs_stream",
+        decoder: "phaul_fs_stream::btrfs_send::StreamCheck (a btrfs send stream, before btrfs receive sees it)",
+        run: btrfs_stream,
+    },
+    Target {
         name: "image_tty",
         decoder: "phaul_core::hold::tty::write_back_tty_data's image reading (tty-data.img, tty-info.img, files.img)",
         run: image_tty,
@@ -326,6 +331,31 @@ pub fn fs_external(_: &Scratch, data: &[u8]) -> Outcome {
         if r.position() as usize >= data.len() {
             return Ok(());
         }
+    }
+}
+
+/// The parent UUID a `btrfs_stream` input names when its first byte is odd (the seeds' previous round).
+pub const BTRFS_PARENT: [u8; 16] = [9; 16];
+
+/// A btrfs send stream as the btrfs receiver checks it: byte 0 says whether a previous round's subvolume exists
+/// (odd: [`BTRFS_PARENT`]), byte 1 the size of the pieces the stream arrives in (1 to 256 bytes), the rest is the
+/// stream. Accepted and complete, it must have declared its subvolume; fed again whole, it must get the same verdict.
+pub fn btrfs_stream(_: &Scratch, data: &[u8]) -> Outcome {
+    use phaul_fs_stream::btrfs_send::StreamCheck;
+    let (head, stream) = data.split_at(data.len().min(2));
+    let parent = (head.first().copied().unwrap_or(0) & 1 == 1).then_some(BTRFS_PARENT);
+    let piece = usize::from(head.get(1).copied().unwrap_or(0)) + 1;
+    let mut pieces = StreamCheck::new(parent);
+    let by_pieces = stream.chunks(piece).try_for_each(|c| pieces.feed(c));
+    let mut whole = StreamCheck::new(parent);
+    let at_once = whole.feed(stream);
+    assert_eq!(by_pieces.is_ok(), at_once.is_ok(), "the verdict depends on how the stream was cut");
+    by_pieces?;
+    if pieces.complete() {
+        assert!(pieces.own_uuid().is_some(), "a complete stream without its subvolume");
+        Ok(())
+    } else {
+        Err("the stream did not end".into())
     }
 }
 

@@ -236,6 +236,30 @@ fn tty_file(id: u32, tty_info_id: u32, flags: u32) -> FileEntry {
     FileEntry { r#type: FdTypes::Tty as i32, id, tty: Some(TtyFileEntry { id, tty_info_id, flags }) }
 }
 
+/// One btrfs send-stream command: its number and its attributes (type, value).
+type SendCommand = (u16, Vec<(u16, Vec<u8>)>);
+
+/// A btrfs send stream (version 1) of `cmds` (command, attributes), with the `btrfs_stream` target's two
+/// leading bytes: whether a parent exists and the piece size.
+fn btrfs_stream(parent: bool, piece: u8, cmds: &[SendCommand]) -> Vec<u8> {
+    let mut out = vec![u8::from(parent), piece];
+    out.extend_from_slice(b"btrfs-stream\0");
+    out.extend_from_slice(&1u32.to_le_bytes());
+    for (c, attrs) in cmds {
+        let mut payload = Vec::new();
+        for (t, v) in attrs {
+            payload.extend_from_slice(&t.to_le_bytes());
+            payload.extend_from_slice(&(v.len() as u16).to_le_bytes());
+            payload.extend_from_slice(v);
+        }
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&c.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&payload);
+    }
+    out
+}
+
 /// Every generated seed.
 pub fn all() -> Vec<Seed> {
     let mut seeds = Vec::new();
@@ -285,6 +309,24 @@ pub fn all() -> Vec<Seed> {
     let repo_plugins = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins.toml"))
         .expect("reading the repository's plugins.toml");
     add("plugins_toml", "repository-plugins.toml", repo_plugins);
+
+    // btrfs send streams (protocol facts: command 1 SUBVOL, 2 SNAPSHOT, 3 MKFILE, 9 RENAME, 15 WRITE, 16 CLONE,
+    // 21 END; attribute 1 UUID, 15 PATH, 16 PATH_TO, 18 FILE_OFFSET, 19 DATA, 20 CLONE_UUID, 22 CLONE_PATH).
+    let own = vec![7u8; 16];
+    let parent = crate::BTRFS_PARENT.to_vec();
+    let subvol = (1u16, vec![(15u16, b"snap".to_vec()), (1, own.clone())]);
+    let snapshot = (2u16, vec![(15u16, b"snap2".to_vec()), (1, own.clone()), (20, parent.clone())]);
+    let mkfile = (3u16, vec![(15u16, b"dir/file".to_vec())]);
+    let write = (15u16, vec![(15u16, b"dir/file".to_vec()), (18, 0u64.to_le_bytes().to_vec()), (19, b"data".to_vec())]);
+    let clone = (16u16, vec![(15u16, b"b".to_vec()), (20, parent.clone()), (22, b"a".to_vec())]);
+    let end = (21u16, vec![]);
+    add("btrfs_stream", "full", btrfs_stream(false, 6, &[subvol.clone(), mkfile.clone(), write, end.clone()]));
+    add("btrfs_stream", "incremental", btrfs_stream(true, 255, &[snapshot.clone(), clone, end.clone()]));
+    let escape = (9u16, vec![(15u16, b"a".to_vec()), (16, b"../S".to_vec())]);
+    add("btrfs_stream", "bad-dotdot", btrfs_stream(false, 0, &[subvol.clone(), escape, end.clone()]));
+    let foreign = (16u16, vec![(15u16, b"b".to_vec()), (20, vec![1; 16]), (22, b"x".to_vec())]);
+    add("btrfs_stream", "bad-foreign-clone", btrfs_stream(true, 3, &[snapshot, foreign, end.clone()]));
+    add("btrfs_stream", "bad-before-subvolume", btrfs_stream(false, 16, &[mkfile, subvol, end]));
     let packaged = concat!(
         "[[plugin]]\n",
         "path = \"/usr/lib/phaul/plugins/libphaul_htype_pid.so\"\n\n",

@@ -33,8 +33,7 @@ use phaul_abi::{
 use phaul_fs_mark::{Claim, Placement, Target};
 use phaul_fs_stream::{tail, Channel, Done, Next, Start};
 
-mod stream_check;
-use stream_check::{StreamCheck, Uuid};
+use phaul_fs_stream::btrfs_send::{StreamCheck, Uuid};
 
 /// The one pass of a btrfs session: a send stream.
 const PASS_SEND: u8 = 1;

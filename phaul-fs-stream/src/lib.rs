@@ -20,6 +20,8 @@
 //! receiver runs is decided by the receiver alone: START names only the round, the root's index among the roots
 //! both sides were given, and a pass number whose meaning the driver fixes.
 
+pub mod btrfs_send;
+
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};

@@ -1,4 +1,5 @@
-//! A check of the `btrfs send` stream a source sends, before `btrfs receive` (run as root) sees any of it.
+//! A check of the `btrfs send` stream a source sends, before `btrfs receive` (run as root) sees any of it (used by
+//! `phaul-fs-btrfs`; here rather than in the plugin so that the fuzz targets can link it).
 //!
 //! `btrfs receive --chroot` keeps ordinary paths inside the incoming directory, but it looks clone and snapshot
 //! sources up by UUID on the whole filesystem and runs commands sent before the subvolume begins relative to the
