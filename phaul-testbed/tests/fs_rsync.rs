@@ -121,7 +121,6 @@ fn rsync_moves_the_tree_exactly_and_the_workload_goes_on_writing_in_b() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGCONT);
         }
     }));
-    opts.src_args.extend(["--fs-opt".into(), "rsync=/tmp/rsync-trace".into()]);
     let m = migrate_and_check(&fl.lab, &mut w, opts);
     match compared.lock().unwrap_or_else(|p| p.into_inner()).take() {
         Some(Ok(d)) => assert!(d.is_empty(), "B's tree differs from A's at the freeze:\n{}", d.join("\n")),
