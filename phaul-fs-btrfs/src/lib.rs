@@ -25,13 +25,13 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use phaul_abi::{
     options, FsArgs, FsReceiver, FsRound, FsRoundInfo, FsSender, Host, KeyValue, Outcome, PluginError, PluginResult,
 };
 use phaul_fs_mark::{Claim, Placement, Target};
-use phaul_fs_stream::{tail, Channel, Done, Next, Start};
+use phaul_fs_stream::kit::{self, check_known, collect, io_err, receive_round, seconds, SessionReceiver};
+use phaul_fs_stream::{tail, Channel, Done, Start};
 
 use phaul_fs_stream::btrfs_send::{StreamCheck, Uuid};
 
@@ -39,59 +39,6 @@ use phaul_fs_stream::btrfs_send::{StreamCheck, Uuid};
 const PASS_SEND: u8 = 1;
 /// A subvolume's root directory has this inode number on btrfs.
 const SUBVOLUME_ROOT_INO: u64 = 256;
-
-fn io_err(what: &str) -> impl Fn(std::io::Error) -> PluginError + '_ {
-    move |e| PluginError::failed(format!("{what}: {e}"))
-}
-
-fn find_btrfs(opt: Option<&str>, side: &str) -> PluginResult<PathBuf> {
-    if let Some(p) = opt {
-        let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(PluginError::not_found(format!("--fs-opt btrfs={}: no such program on the {side}", p.display())))
-        };
-    }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into());
-    std::env::split_paths(&path).map(|d| d.join("btrfs")).find(|p| p.is_file()).ok_or_else(|| {
-        PluginError::not_found(format!(
-            "the btrfs filesystem driver needs the btrfs program, which is not installed on the {side} (apt-get \
-             install btrfs-progs, or --fs-opt btrfs=PATH)"
-        ))
-    })
-}
-
-fn check_known(args: &FsArgs, known: &[&str], side: &str) -> PluginResult<()> {
-    match args.options.iter().find(|kv| !known.contains(&kv.key.as_str()) && !phaul_abi::is_peer_option(&kv.key)) {
-        Some(kv) => Err(PluginError::invalid(format!(
-            "the btrfs filesystem driver has no {side} option '{}'; it knows {}",
-            kv.key,
-            known.join(", ")
-        ))),
-        None => Ok(()),
-    }
-}
-
-fn seconds(args: &FsArgs, key: &str, default: u64) -> PluginResult<Duration> {
-    match args.option(key) {
-        None => Ok(Duration::from_secs(default)),
-        Some(v) => v
-            .parse::<u64>()
-            .ok()
-            .filter(|s| *s > 0 && *s < 1 << 31)
-            .map(Duration::from_secs)
-            .ok_or_else(|| PluginError::invalid(format!("--fs-opt {key}={v}: give a whole number of seconds"))),
-    }
-}
-
-fn channel(args: &FsArgs, timeout: Duration) -> PluginResult<Channel> {
-    let fd = args.data_fd().ok_or_else(|| {
-        PluginError::invalid("the btrfs filesystem driver needs phaul's filesystem channel (--fdfs, or phaul's own)")
-    })?;
-    let owned = phaul_abi::dup_fd(fd).map_err(|e| PluginError::failed(format!("the filesystem channel: {e}")))?;
-    Ok(Channel::new(owned, Some(timeout)))
-}
 
 /// Whether `path` is on a btrfs filesystem.
 fn on_btrfs(path: &Path) -> bool {
@@ -161,28 +108,6 @@ fn delete_subvolume(program: &Path, path: &Path) -> PluginResult<()> {
     .map(|_| ())
 }
 
-/// Collects a child's pipe in a thread (its last 256 KiB).
-fn collect(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    v.extend_from_slice(&buf[..n]);
-                    if v.len() > 512 * 1024 {
-                        v.drain(..v.len() - 256 * 1024);
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-        v
-    })
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // Source
 
@@ -198,8 +123,8 @@ struct BtrfsSender {
 }
 
 fn sender(args: &FsArgs) -> PluginResult<BtrfsSender> {
-    check_known(args, &["btrfs", "io-timeout"], "source")?;
-    let program = find_btrfs(args.option("btrfs"), "source")?;
+    check_known(args, &["btrfs", "io-timeout"], "btrfs", "source")?;
+    let program = kit::find_program(args.option("btrfs"), "btrfs", "btrfs", "source", "btrfs-progs")?;
     if args.roots.is_empty() {
         return Err(PluginError::invalid(
             "the btrfs filesystem driver has nothing to send: the host type names no root (for the pid host type, \
@@ -226,7 +151,7 @@ fn sender(args: &FsArgs) -> PluginResult<BtrfsSender> {
     let n = roots.len();
     Ok(BtrfsSender {
         host: Host::new(args.host, "btrfs"),
-        chan: channel(args, timeout)?,
+        chan: kit::channel(args, "btrfs", timeout)?,
         btrfs: program,
         roots,
         token: phaul_fs_mark::new_token(),
@@ -384,12 +309,12 @@ fn refuse_and_release(roots: &[Received], extra: Option<&Target>) {
 }
 
 fn receiver(args: &FsArgs) -> PluginResult<BtrfsReceiver> {
-    check_known(args, &["map", "allow", "btrfs", "io-timeout"], "destination")?;
-    let program = find_btrfs(args.option("btrfs"), "destination")?;
+    check_known(args, &["map", "allow", "btrfs", "io-timeout"], "btrfs", "destination")?;
+    let program = kit::find_program(args.option("btrfs"), "btrfs", "btrfs", "destination", "btrfs-progs")?;
     let placement = Placement::new(options(&args.options, "map"), options(&args.options, "allow"), "btrfs")
         .map_err(|e| PluginError::invalid(e.0))?;
     let timeout = seconds(args, "io-timeout", 300)?;
-    let chan = channel(args, timeout)?;
+    let chan = kit::channel(args, "btrfs", timeout)?;
     if args.roots.len() > usize::from(u16::MAX) {
         return Err(PluginError::invalid(format!("the source names {} roots; at most 65535", args.roots.len())));
     }
@@ -464,7 +389,7 @@ fn receiver(args: &FsArgs) -> PluginResult<BtrfsReceiver> {
 }
 
 impl BtrfsReceiver {
-    fn session(&mut self, st: Start) -> PluginResult<Done> {
+    fn receive_session(&mut self, st: Start) -> PluginResult<Done> {
         let Some(rec) = self.roots.get(st.index as usize).filter(|_| st.pass == PASS_SEND) else {
             let _ = self.chan.relay(None, None);
             let d = Done {
@@ -617,48 +542,20 @@ fn list(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+impl SessionReceiver for BtrfsReceiver {
+    fn channel(&mut self) -> &mut Channel {
+        &mut self.chan
+    }
+
+    fn session(&mut self, st: Start, _is_final: bool) -> PluginResult<Done> {
+        self.receive_session(st)
+    }
+}
+
 impl FsReceiver for BtrfsReceiver {
     fn wait_round(&mut self, info: &FsRoundInfo) -> PluginResult<FsRound> {
-        let mut seen = std::collections::BTreeSet::new();
-        let mut bytes = 0;
-        let mut failure: Option<String> = None;
-        loop {
-            match self.chan.recv_next().map_err(io_err("waiting for the source's btrfs round"))? {
-                Next::Session(st) if st.round != info.number => {
-                    return Err(PluginError::failed(format!(
-                        "the source sent btrfs round {} while this side waits for round {}",
-                        st.round, info.number
-                    )))
-                }
-                Next::Session(st) => {
-                    seen.insert(st.index);
-                    let d = self.session(st)?;
-                    bytes += d.bytes;
-                    if !d.ok && failure.is_none() {
-                        failure = Some(format!("btrfs receive failed (exit {}): {}", d.code, d.message));
-                    }
-                }
-                Next::End { round, .. } if round != info.number => {
-                    return Err(PluginError::failed(format!(
-                        "the source ended btrfs round {round} while this side waits for round {}",
-                        info.number
-                    )))
-                }
-                Next::End { .. } => break,
-                Next::Abort(m) => return Err(PluginError::failed(format!("the source's btrfs round failed: {m}"))),
-            }
-        }
-        if failure.is_none() && seen.len() != self.roots.len() {
-            failure = Some(format!(
-                "the source ended btrfs round {} after {} of its {} roots",
-                info.number,
-                seen.len(),
-                self.roots.len()
-            ));
-        }
-        if let Some(f) = failure {
-            return Err(PluginError::failed(f));
-        }
+        let roots = self.roots.len();
+        let bytes = receive_round(self, info, roots, PASS_SEND, "btrfs", "btrfs receive failed")?;
         if info.is_final {
             self.make_targets()?;
         }

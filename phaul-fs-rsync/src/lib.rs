@@ -35,7 +35,8 @@ use phaul_abi::{
     options, FsArgs, FsReceiver, FsRound, FsRoundInfo, FsSender, Host, KeyValue, Outcome, PluginError, PluginResult,
 };
 use phaul_fs_mark::Target;
-use phaul_fs_stream::{tail, Channel, Done, Next, Start};
+use phaul_fs_stream::kit::{self, check_known, collect, io_err, receive_round, seconds, SessionReceiver};
+use phaul_fs_stream::{tail, Channel, Done, Start};
 
 /// Pass 1: the whole tree, with deletions.
 const PASS_TREE: u8 = 1;
@@ -56,60 +57,6 @@ const MARK_FILTER: &str = "--filter=-x trusted.phaul.*";
 
 /// Slack under the migration's start when choosing pass 2's files (coarse timestamps, clock steps).
 const TOUCHED_SLACK: Duration = Duration::from_secs(2);
-
-fn find_rsync(opt: Option<&str>, side: &str) -> PluginResult<PathBuf> {
-    if let Some(p) = opt {
-        let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(PluginError::not_found(format!("--fs-opt rsync={}: no such program on the {side}", p.display())))
-        };
-    }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    std::env::split_paths(&path).map(|d| d.join("rsync")).find(|p| p.is_file()).ok_or_else(|| {
-        PluginError::not_found(format!(
-            "the rsync filesystem driver needs rsync, which is not installed on the {side} (apt-get install rsync, \
-             or --fs-opt rsync=PATH)"
-        ))
-    })
-}
-
-fn seconds(args: &FsArgs, key: &str, default: u64) -> PluginResult<Duration> {
-    match args.option(key) {
-        None => Ok(Duration::from_secs(default)),
-        Some(v) => v
-            .parse()
-            .ok()
-            .filter(|s| *s > 0)
-            .map(Duration::from_secs)
-            .ok_or_else(|| PluginError::invalid(format!("--fs-opt {key}={v}: give a whole number of seconds"))),
-    }
-}
-
-fn check_known(args: &FsArgs, known: &[&str], side: &str) -> PluginResult<()> {
-    // The source's options, as a receiver sees them (`peer.KEY`), are not this side's to check.
-    match args.options.iter().find(|kv| !known.contains(&kv.key.as_str()) && !phaul_abi::is_peer_option(&kv.key)) {
-        Some(kv) => Err(PluginError::invalid(format!(
-            "the rsync filesystem driver has no {side} option '{}'; it knows {}",
-            kv.key,
-            known.join(", ")
-        ))),
-        None => Ok(()),
-    }
-}
-
-fn channel(args: &FsArgs, timeout: Duration) -> PluginResult<Channel> {
-    let fd = args.data_fd().ok_or_else(|| {
-        PluginError::invalid("the rsync filesystem driver needs phaul's filesystem channel (--fdfs, or phaul's own)")
-    })?;
-    let owned = phaul_abi::dup_fd(fd).map_err(|e| PluginError::failed(format!("the filesystem channel: {e}")))?;
-    Ok(Channel::new(owned, Some(timeout)))
-}
-
-fn io_err(what: &str) -> impl Fn(std::io::Error) -> PluginError + '_ {
-    move |e| PluginError::failed(format!("{what}: {e}"))
-}
 
 /// A number after `label` in rsync's `--stats` output (`Total bytes sent: 1,234`).
 fn stat(stats: &str, label: &str) -> Option<u64> {
@@ -136,8 +83,8 @@ struct RsyncSender {
 }
 
 fn sender(args: &FsArgs) -> PluginResult<RsyncSender> {
-    check_known(args, &["rsync", "io-timeout", "exact-final"], "source")?;
-    let rsync = find_rsync(args.option("rsync"), "source")?;
+    check_known(args, &["rsync", "io-timeout", "exact-final"], "rsync", "source")?;
+    let rsync = kit::find_program(args.option("rsync"), "rsync", "rsync", "source", "rsync")?;
     let exact_final = match args.option("exact-final") {
         None | Some("yes") => true,
         Some("no") => false,
@@ -178,7 +125,7 @@ fn sender(args: &FsArgs) -> PluginResult<RsyncSender> {
     let timeout = seconds(args, "io-timeout", 300)?;
     Ok(RsyncSender {
         host: Host::new(args.host, "rsync"),
-        chan: channel(args, timeout)?,
+        chan: kit::channel(args, "rsync", timeout)?,
         rsync,
         roots,
         work,
@@ -257,32 +204,6 @@ impl Read for FifoReader {
             }
         }
     }
-}
-
-/// The most of a child's output kept (its end: the last lines say why it failed).
-const OUTPUT_KEPT: usize = 256 * 1024;
-
-/// Collects a child's pipe in a thread, keeping its last [`OUTPUT_KEPT`] bytes (a peer can make rsync print a
-/// lot).
-fn collect(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    v.extend_from_slice(&buf[..n]);
-                    if v.len() > 2 * OUTPUT_KEPT {
-                        v.drain(..v.len() - OUTPUT_KEPT);
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-        v
-    })
 }
 
 /// Regular files under `root` (relative paths) whose content or inode changed at or after `since`.
@@ -562,8 +483,8 @@ fn server_args(rsync: &Path, work: &Path, pass: u8) -> PluginResult<Vec<String>>
 }
 
 fn receiver(args: &FsArgs) -> PluginResult<RsyncReceiver> {
-    check_known(args, &["map", "allow", "rsync", "io-timeout"], "destination")?;
-    let rsync = find_rsync(args.option("rsync"), "destination")?;
+    check_known(args, &["map", "allow", "rsync", "io-timeout"], "rsync", "destination")?;
+    let rsync = kit::find_program(args.option("rsync"), "rsync", "rsync", "destination", "rsync")?;
     let placement =
         phaul_fs_mark::Placement::new(options(&args.options, "map"), options(&args.options, "allow"), "rsync")
             .map_err(|e| PluginError::invalid(e.0))?;
@@ -574,7 +495,7 @@ fn receiver(args: &FsArgs) -> PluginResult<RsyncReceiver> {
     let server = [server_args(&rsync, &work, PASS_TREE)?, server_args(&rsync, &work, PASS_TOUCHED)?];
     // Everything that can fail without touching a target comes first, so that a refusal leaves no mark behind.
     let timeout = seconds(args, "io-timeout", 300)?;
-    let chan = channel(args, timeout)?;
+    let chan = kit::channel(args, "rsync", timeout)?;
     if args.roots.len() > usize::from(u16::MAX) {
         return Err(PluginError::invalid(format!("the source names {} roots; at most 65535", args.roots.len())));
     }
@@ -618,7 +539,7 @@ fn receiver(args: &FsArgs) -> PluginResult<RsyncReceiver> {
 }
 
 impl RsyncReceiver {
-    fn session(&mut self, st: Start, is_final: bool) -> PluginResult<Done> {
+    fn receive_session(&mut self, st: Start, is_final: bool) -> PluginResult<Done> {
         let target = self.targets.get(st.index as usize).map(|t| t.path.clone());
         let argv = match (st.pass, target) {
             (PASS_TREE | PASS_TOUCHED, Some(t)) => {
@@ -681,52 +602,21 @@ impl RsyncReceiver {
     }
 }
 
+impl SessionReceiver for RsyncReceiver {
+    fn channel(&mut self) -> &mut Channel {
+        &mut self.chan
+    }
+
+    fn session(&mut self, st: Start, is_final: bool) -> PluginResult<Done> {
+        self.receive_session(st, is_final)
+    }
+}
+
 impl FsReceiver for RsyncReceiver {
     fn wait_round(&mut self, info: &FsRoundInfo) -> PluginResult<FsRound> {
-        let mut seen = std::collections::BTreeSet::new();
-        let mut bytes = 0;
-        let mut failure: Option<String> = None;
-        loop {
-            match self.chan.recv_next().map_err(io_err("waiting for the source's rsync round"))? {
-                Next::Session(st) if st.round != info.number => {
-                    return Err(PluginError::failed(format!(
-                        "the source sent rsync round {} while this side waits for round {}",
-                        st.round, info.number
-                    )))
-                }
-                Next::Session(st) => {
-                    if st.pass == PASS_TREE {
-                        seen.insert(st.index);
-                    }
-                    let d = self.session(st, info.is_final)?;
-                    bytes += d.bytes;
-                    if !d.ok && failure.is_none() {
-                        failure = Some(format!("rsync failed receiving (exit {}): {}", d.code, d.message));
-                    }
-                }
-                Next::End { round, .. } if round != info.number => {
-                    return Err(PluginError::failed(format!(
-                        "the source ended rsync round {round} while this side waits for round {}",
-                        info.number
-                    )))
-                }
-                Next::End { .. } => break,
-                Next::Abort(m) => return Err(PluginError::failed(format!("the source's rsync round failed: {m}"))),
-            }
-        }
-        // A round is complete only when every root had its tree pass.
-        if failure.is_none() && seen.len() != self.targets.len() {
-            failure = Some(format!(
-                "the source ended rsync round {} after {} of its {} roots",
-                info.number,
-                seen.len(),
-                self.targets.len()
-            ));
-        }
-        match failure {
-            Some(f) => Err(PluginError::failed(f)),
-            None => Ok(FsRound::moved(bytes, 0)),
-        }
+        let roots = self.targets.len();
+        let bytes = receive_round(self, info, roots, PASS_TREE, "rsync", "rsync failed receiving")?;
+        Ok(FsRound::moved(bytes, 0))
     }
 
     fn prepared(&mut self) -> PluginResult<Vec<KeyValue>> {

@@ -21,6 +21,7 @@
 //! both sides were given, and a pass number whose meaning the driver fixes.
 
 pub mod btrfs_send;
+pub mod kit;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
