@@ -22,6 +22,7 @@
 
 pub mod btrfs_send;
 pub mod kit;
+pub mod zfs_send;
 
 use std::fs::File;
 use std::io::{self, Read, Write};

@@ -29,6 +29,7 @@ pub const PLUGIN_FILES: &[(&str, &str)] = &[
     ("external", "libphaul_fs_external.so"),
     ("rsync", "libphaul_fs_rsync.so"),
     ("btrfs", "libphaul_fs_btrfs.so"),
+    ("zfs", "libphaul_fs_zfs.so"),
     // A test fixture (phaul-testbed/fixtures/plugin-restartable), listed only where a test asks for it.
     ("cmd", "libphaul_fixture_plugin_restartable.so"),
     // Another (phaul-testbed/fixtures/plugin-selfrestore): a host type that runs `criu restore` itself.
@@ -338,6 +339,19 @@ impl Lab {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = self.path("state").join(format!("{kind}-{}-{n}", std::process::id()));
         Workload::start(self.a(), &self.workload_bin, kind, args, &dir)
+    }
+
+    /// [`Lab::start_workload`] through a command prefix (see [`Workload::start_prefixed`]).
+    pub fn start_workload_prefixed(
+        &self,
+        prefix: &[String],
+        kind: &str,
+        args: &[&str],
+    ) -> Result<Workload, TestbedError> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = self.path("state").join(format!("{kind}-p{}-{n}", std::process::id()));
+        Workload::start_prefixed(self.a(), prefix, &self.workload_bin, kind, args, &dir, crate::START_TIMEOUT)
     }
 
     /// `phaul ARGS` in `host`, or `WRAPPER WRAPPER-ARGS -- phaul ARGS` when a wrapper is given.

@@ -134,11 +134,33 @@ impl Workload {
         state_dir: &Path,
         timeout: Duration,
     ) -> Result<Workload, TestbedError> {
+        Self::start_prefixed(host, &[], workload_bin, kind, args, state_dir, timeout)
+    }
+
+    /// [`Workload::start_with_timeout`] through a command prefix that execs what follows it (such as
+    /// `nsenter --mount --target PID --`), so that the workload runs with the prefix's view of the host.
+    pub fn start_prefixed(
+        host: &Host,
+        prefix: &[String],
+        workload_bin: &Path,
+        kind: &str,
+        args: &[&str],
+        state_dir: &Path,
+        timeout: Duration,
+    ) -> Result<Workload, TestbedError> {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| TestbedError::io(format!("creating state dir {}", state_dir.display()), e))?;
         let mut cmd_args: Vec<&std::ffi::OsStr> = vec![kind.as_ref(), "--state-dir".as_ref(), state_dir.as_os_str()];
         cmd_args.extend(args.iter().map(std::ffi::OsStr::new));
-        let mut cmd = host.command(workload_bin, cmd_args);
+        let mut cmd = match prefix.split_first() {
+            None => host.command(workload_bin, cmd_args),
+            Some((program, rest)) => {
+                let mut all: Vec<&std::ffi::OsStr> = rest.iter().map(std::ffi::OsStr::new).collect();
+                all.push(workload_bin.as_os_str());
+                all.extend(cmd_args);
+                host.command(program, all)
+            }
+        };
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let command = describe_command(&cmd);
         let mut launcher = cmd.spawn().map_err(|source| TestbedError::Spawn { command: command.clone(), source })?;

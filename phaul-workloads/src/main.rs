@@ -101,6 +101,9 @@ enum Kind {
         /// While this file exists the workload changes nothing.
         #[arg(long)]
         pause_file: Option<PathBuf>,
+        /// Lay out no file with an extended attribute or an ACL (for filesystems without them, such as zfs-fuse).
+        #[arg(long)]
+        no_xattrs: bool,
     },
     /// Two threads ping-ponging a counter over a unix socketpair.
     UnixPair {
@@ -190,7 +193,7 @@ enum Spec {
     Pipes,
     Threads(usize),
     FileAppend(PathBuf),
-    TreeWriter { dir: PathBuf, pause: Option<PathBuf> },
+    TreeWriter { dir: PathBuf, pause: Option<PathBuf>, xattrs: bool },
     UnixPair,
     TcpServer(SocketAddr),
     Counter,
@@ -220,11 +223,11 @@ fn plan(cli: Cli) -> Result<Plan, String> {
         Kind::Pipes { common } => ("pipes", common, Spec::Pipes),
         Kind::Threads { common, threads } => ("threads", common, Spec::Threads(usize::from(threads))),
         Kind::FileAppend { common, file } => ("file-append", common, Spec::FileAppend(absolute_file(&file)?)),
-        Kind::TreeWriter { common, dir, pause_file } => {
+        Kind::TreeWriter { common, dir, pause_file, no_xattrs } => {
             std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             let dir = dir.canonicalize().map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
             let pause = pause_file.as_deref().map(absolute_file).transpose()?;
-            ("tree-writer", common, Spec::TreeWriter { dir, pause })
+            ("tree-writer", common, Spec::TreeWriter { dir, pause, xattrs: !no_xattrs })
         }
         Kind::UnixPair { common } => ("unix-pair", common, Spec::UnixPair),
         Kind::TcpServer { common, listen } => ("tcp-server", common, Spec::TcpServer(listen)),
@@ -309,7 +312,7 @@ fn child(plan: &Plan) -> Result<Infallible, String> {
         Spec::Pipes => Box::new(Pipes::start()?),
         Spec::Threads(n) => Box::new(Threads::start(*n)?),
         Spec::FileAppend(path) => Box::new(FileAppend::open(path)?),
-        Spec::TreeWriter { dir, pause } => Box::new(TreeWriter::open(dir, pause.as_deref())?),
+        Spec::TreeWriter { dir, pause, xattrs } => Box::new(TreeWriter::open(dir, pause.as_deref(), *xattrs)?),
         Spec::UnixPair => Box::new(UnixPair::start()?),
         Spec::TcpServer(addr) => Box::new(TcpServer::start(*addr)?),
         Spec::Counter => Box::new(Counter),

@@ -286,17 +286,28 @@ impl CmdWorkload {
     /// Writes the workload's files and starts it in host A.
     pub fn start(lab: &Lab, name: &str) -> CmdWorkload {
         let dir = lab.path(name);
-        std::fs::create_dir_all(&dir).expect("state dir");
-        std::fs::write(dir.join("counter.sh"), COUNTER).expect("counter.sh");
-        std::fs::write(dir.join("command"), "exec /bin/sh ./counter.sh\n").expect("command");
+        CmdWorkload::start_in(lab, &dir, &dir, &[])
+    }
+
+    /// Starts it in host A at `dir` through a command `prefix` that execs what follows (`nsenter --mount ...
+    /// --`, say); `view` is where this process sees `dir`. The workload's `dir` is then `view`.
+    #[allow(dead_code)]
+    pub fn start_in(lab: &Lab, dir: &Path, view: &Path, prefix: &[String]) -> CmdWorkload {
+        std::fs::create_dir_all(view).expect("state dir");
+        std::fs::write(view.join("counter.sh"), COUNTER).expect("counter.sh");
+        std::fs::write(view.join("command"), "exec /bin/sh ./counter.sh\n").expect("command");
         let script = format!(
             "cd '{}' && exec /bin/sh ./counter.sh </dev/null >/dev/null 2>&1 &\necho $! > '{}/pid'",
             dir.display(),
             dir.display()
         );
-        let out = lab.a().run("/bin/sh", ["-c", &script]).expect("start the counter in A");
+        let mut args: Vec<String> = prefix.iter().skip(1).cloned().collect();
+        args.extend(["/bin/sh".into(), "-c".into(), script]);
+        let program = prefix.first().cloned().unwrap_or_else(|| "/bin/sh".into());
+        let args = if prefix.is_empty() { args[1..].to_vec() } else { args };
+        let out = lab.a().run(program, args).expect("start the counter in A");
         assert!(out.status.success(), "the counter did not start: {out:?}");
-        let mut w = CmdWorkload { dir, pids: Vec::new() };
+        let mut w = CmdWorkload { dir: view.to_path_buf(), pids: Vec::new() };
         let pid = w.pid().expect("the counter's pid");
         w.pids.push(pid);
         assert!(wait_until(Duration::from_secs(10), || w.count() > 0), "the counter never counted");

@@ -1,7 +1,8 @@
 //! `tree-writer`: a workload that keeps changing a directory tree, for the filesystem drivers' tests.
 //!
 //! At start it lays out `static/` (a plain file, a file with mode 0640 owned by 1234:5678, a hard-link pair, a
-//! symlink, a 1 MiB sparse file, a file with a user xattr and one with an ACL, a character device) and `fixed/`
+//! symlink, a 1 MiB sparse file, a file with a user xattr and one with an ACL unless told not to, a character
+//! device) and `fixed/`
 //! (eight 4 KiB files). Every tick it creates `data/nN`, renames `data/n(N-5)` to `data/r(N-5)`, deletes
 //! `data/r(N-10)`, rewrites `fixed/s(N mod 8)` in place with the same size, and appends `N` to `open.log`, which
 //! it keeps open (its check verifies that file's content). While the file named by `--pause-file` exists it
@@ -55,7 +56,7 @@ fn io(what: &Path) -> impl Fn(std::io::Error) -> String + '_ {
 }
 
 impl TreeWriter {
-    pub fn open(dir: &Path, pause: Option<&Path>) -> Result<TreeWriter, String> {
+    pub fn open(dir: &Path, pause: Option<&Path>, xattrs: bool) -> Result<TreeWriter, String> {
         for sub in ["static", "fixed", "data"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(io(&dir.join(sub)))?;
         }
@@ -74,10 +75,12 @@ impl TreeWriter {
         let mut f = File::create(&sparse).map_err(io(&sparse))?;
         f.seek(SeekFrom::Start(1 << 20)).map_err(io(&sparse))?;
         f.write_all(&pattern(7, 4096)).map_err(io(&sparse))?;
-        std::fs::write(st.join("xattr"), b"has user.phaul-test\n").map_err(io(&st))?;
-        run("setfattr", &["-n", "user.phaul-test", "-v", "carried", &st.join("xattr").display().to_string()])?;
-        std::fs::write(st.join("acl"), b"has an ACL\n").map_err(io(&st))?;
-        run("setfacl", &["-m", "u:4321:r", &st.join("acl").display().to_string()])?;
+        if xattrs {
+            std::fs::write(st.join("xattr"), b"has user.phaul-test\n").map_err(io(&st))?;
+            run("setfattr", &["-n", "user.phaul-test", "-v", "carried", &st.join("xattr").display().to_string()])?;
+            std::fs::write(st.join("acl"), b"has an ACL\n").map_err(io(&st))?;
+            run("setfacl", &["-m", "u:4321:r", &st.join("acl").display().to_string()])?;
+        }
         let dev = st.join("null");
         let _ = std::fs::remove_file(&dev);
         nix::sys::stat::mknod(
