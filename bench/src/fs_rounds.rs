@@ -1,5 +1,6 @@
-//! `--fs rsync`: what the rsync filesystem driver's frozen round costs, side by side with copying the tree while
-//! frozen.
+//! `--fs rsync|btrfs|zfs`: what a filesystem driver's frozen round costs, side by side with copying the tree while
+//! frozen by the same tool (described below for rsync; btrfs and zfs compare with a full and an incremental
+//! `btrfs send`/`zfs send` of a snapshot, between two loop-device btrfs filesystems or two zfs-fuse hosts).
 //!
 //! The tree: FILES files of equal size, TOTAL MiB together, plus what the `tree-writer` workload keeps changing.
 //! Three methods, in one run, rotated per repetition:
@@ -21,14 +22,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use phaul_testbed::storage::LoopBtrfs;
+use phaul_testbed::storage::{LoopBtrfs, ZfsHost};
 use phaul_testbed::{pid_alive, reap_pid, write_plugins_toml, Lab, MigrateOptions};
 use serde_json::{json, Value};
 
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct FsConfig {
-    /// `rsync` or `btrfs`.
+    /// `rsync`, `btrfs` or `zfs`.
     pub driver: String,
     pub files: usize,
     pub total_mib: u64,
@@ -103,6 +104,9 @@ fn bare_rsync(lab: &Lab, src: &Path, dst: &Path) -> Result<f64, String> {
 /// One phaul migration of a tree-writer over the tree with the rsync driver; (frozen fs round ms, its bytes,
 /// frozen ms, total ms, live rounds).
 fn phaul_run(cfg: &FsConfig, seed: u64) -> Result<Value, String> {
+    if cfg.driver == "zfs" {
+        return phaul_run_zfs(cfg, seed);
+    }
     let lab = Lab::new(&format!("bench-{}", cfg.driver)).map_err(|e| e.to_string())?;
     let plugins = lab.path("plugins-fs.toml");
     write_plugins_toml(&plugins, &["pid", cfg.driver.as_str()]).map_err(|e| e.to_string())?;
@@ -143,6 +147,16 @@ fn phaul_run(cfg: &FsConfig, seed: u64) -> Result<Value, String> {
         ..Default::default()
     };
     let run = lab.migrate(w.pid(), opts).map_err(|e| e.to_string())?;
+    finish_run(run, w, filesystems)
+}
+
+/// Ends what a phaul run left (its restored workload, the source's, then the filesystems) and reads its
+/// report.
+fn finish_run<F>(
+    run: phaul_testbed::MigrationRun,
+    w: phaul_testbed::Workload,
+    filesystems: F,
+) -> Result<Value, String> {
     if let Some(p) = run.restored_pid {
         if pid_alive(p) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
@@ -165,6 +179,76 @@ fn phaul_run(cfg: &FsConfig, seed: u64) -> Result<Value, String> {
         "live_rounds": rounds.len().saturating_sub(1),
         "first_round_ms": rounds.first().map(|x| x["duration_ms"].clone()),
     }))
+}
+
+/// Two ZFS hosts (zfs-fuse daemons in their own mount namespaces, pools `tank` at the same path) with the
+/// workload's dataset `tank/ct` on A's and the tree in it.
+fn zfs_hosts(lab: &Lab, cfg: &FsConfig, seed: u64) -> Result<(ZfsHost, ZfsHost, PathBuf, Vec<PathBuf>), String> {
+    let mnt = lab.path("tank");
+    let size = btrfs_mib(cfg);
+    let a = ZfsHost::new(&lab.path("a.img"), "tank", &mnt, size).map_err(|e| e.to_string())?;
+    let b = ZfsHost::new(&lab.path("b.img"), "tank", &mnt, size).map_err(|e| e.to_string())?;
+    a.zfs(&["create", "tank/ct"]).map_err(|e| e.to_string())?;
+    let ct = mnt.join("ct");
+    let files = make_tree(&a.view(&ct), cfg, seed)?;
+    Ok((a, b, ct, files))
+}
+
+/// One phaul migration of a tree-writer over the tree in a ZFS dataset with the zfs driver.
+fn phaul_run_zfs(cfg: &FsConfig, seed: u64) -> Result<Value, String> {
+    let lab = Lab::new("bench-zfs").map_err(|e| e.to_string())?;
+    let plugins = lab.path("plugins-fs.toml");
+    write_plugins_toml(&plugins, &["pid", "zfs"]).map_err(|e| e.to_string())?;
+    let (a, b, ct, _) = zfs_hosts(&lab, cfg, seed)?;
+    let dir = ct.display().to_string();
+    let (p, mut prefix) = a.wrapper();
+    prefix.insert(0, p.display().to_string());
+    prefix.push("--".into());
+    let w = lab
+        .start_workload_prefixed(&prefix, "tree-writer", &["--dir", &dir, "--no-xattrs"])
+        .map_err(|e| e.to_string())?;
+    let mnt = ct.parent().unwrap_or(Path::new("/")).display().to_string();
+    let opts = MigrateOptions {
+        src_args: vec!["--fs".into(), "zfs".into(), "--htype-opt".into(), format!("root={dir}")],
+        dst_args: vec!["--fs-opt".into(), format!("zfs:allow={mnt}")],
+        src_plugins: Some(plugins.clone()),
+        dst_plugins: Some(plugins),
+        src_wrapper: Some(a.wrapper()),
+        dst_wrapper: Some(b.wrapper()),
+        timeout: Some(Duration::from_secs(900)),
+        ..Default::default()
+    };
+    let run = lab.migrate(w.pid(), opts).map_err(|e| e.to_string())?;
+    finish_run(run, w, (a, b))
+}
+
+/// `zfs send [-i BASE] SNAP` in host A into `zfs recv -u tank/ct` in host B; its wall time in ms.
+fn bare_zfs_send(a: &ZfsHost, b: &ZfsHost, base: Option<&str>, snap: &str) -> Result<f64, String> {
+    let i = base.map(|b| format!("-i {b}")).unwrap_or_default();
+    let script = format!(
+        "nsenter --mount --target {} zfs send {i} {snap} | nsenter --mount --target {} zfs recv -u -F tank/ct",
+        a.pid(),
+        b.pid()
+    );
+    let t = Instant::now();
+    let out = Command::new("/bin/bash").args(["-o", "pipefail", "-c", &script]).output().map_err(err("zfs send"))?;
+    if !out.status.success() {
+        return Err(format!("{script}: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(t.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// The bare zfs methods: a full send of a snapshot, then 1 % rewritten and an incremental send.
+fn bare_zfs(cfg: &FsConfig, seed: u64) -> Result<Value, String> {
+    let lab = Lab::new("bench-zfs-bare").map_err(|e| e.to_string())?;
+    let (a, b, _, files) = zfs_hosts(&lab, cfg, seed)?;
+    let views: Vec<PathBuf> = files;
+    a.zfs(&["snapshot", "tank/ct@s1"]).map_err(|e| e.to_string())?;
+    let full = bare_zfs_send(&a, &b, None, "tank/ct@s1")?;
+    let n = rewrite_one_percent(&views, seed ^ 0xabcd)?;
+    a.zfs(&["snapshot", "tank/ct@s2"]).map_err(|e| e.to_string())?;
+    let delta = bare_zfs_send(&a, &b, Some("tank/ct@s1"), "tank/ct@s2")?;
+    Ok(json!({ "full_ms": full, "delta_ms": delta, "rewritten": n }))
 }
 
 /// `btrfs send [-p PARENT] SNAP | btrfs receive DIR`; its wall time in ms.
@@ -219,6 +303,9 @@ fn bare_btrfs(cfg: &FsConfig, seed: u64) -> Result<Value, String> {
 fn bare(cfg: &FsConfig, seed: u64) -> Result<Value, String> {
     if cfg.driver == "btrfs" {
         return bare_btrfs(cfg, seed);
+    }
+    if cfg.driver == "zfs" {
+        return bare_zfs(cfg, seed);
     }
     let lab = Lab::new("bench-rsync-bare").map_err(|e| e.to_string())?;
     let tree = lab.path("tree");
@@ -290,6 +377,8 @@ pub fn run(cfg: &FsConfig) -> Result<String, String> {
     let d = cfg.driver.as_str();
     let (full_what, delta_what) = if d == "btrfs" {
         ("one full `btrfs send` of a snapshot into `btrfs receive`", "a bare `btrfs send -p` after 1 % rewritten")
+    } else if d == "zfs" {
+        ("one full `zfs send` of a snapshot into `zfs recv` (zfs-fuse)", "a bare `zfs send -i` after 1 % rewritten")
     } else {
         (
             "one full `rsync -aHAXS` copy (what copying only while frozen adds)",
@@ -341,6 +430,28 @@ pub fn run(cfg: &FsConfig) -> Result<String, String> {
     }
     let j = json!({ "files": cfg.files, "total_mib": cfg.total_mib, "reps": cfg.reps, "driver": cfg.driver, "phaul": phaul,
                     "bare": bares, "failures": failures, "ratio_final_to_full": ratio });
+    use crate::plot::{bar_chart, Bar, Style};
+    let bars = [
+        (format!("phaul-{d}: frozen round"), final_ms, Style::Phaul),
+        (format!("phaul-{d}: whole freeze"), median(col(&phaul, "frozen_ms")), Style::Phaul),
+        (format!("{d}: bare delta"), delta_ms, Style::Raw),
+        (format!("{d}: full copy"), full_ms, Style::Criu),
+    ];
+    let bars: Vec<Bar> =
+        bars.into_iter().filter_map(|(label, v, style)| v.map(|value| Bar { label, value, style })).collect();
+    let png = cfg.out.join("frozen-round.png");
+    match bar_chart(&png, &format!("{d}: the frozen round against a full copy (ms, log scale)"), "ms", &bars) {
+        Ok(()) => md.push_str(
+            "
+![frozen round vs full copy](frozen-round.png)
+",
+        ),
+        Err(e) => md.push_str(&format!(
+            "
+(no plot: {})\n",
+            e.0
+        )),
+    }
     std::fs::write(cfg.out.join("results.md"), &md).map_err(err("writing results.md"))?;
     std::fs::write(cfg.out.join("results.json"), serde_json::to_string_pretty(&j).unwrap_or_default())
         .map_err(err("writing results.json"))?;

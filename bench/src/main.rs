@@ -50,8 +50,8 @@ struct Cli {
     #[arg(long, value_name = "TIME", default_value = "10ms", requires = "compare")]
     throttle_latency: String,
     /// Instead of the main benchmark, a filesystem driver's frozen round against a full copy of the tree by the
-    /// same tool (`rsync` or `btrfs`); results in bench/results/fs-DRIVER.
-    #[arg(long, value_name = "DRIVER", conflicts_with = "compare", value_parser = ["rsync", "btrfs"])]
+    /// same tool (`rsync`, `btrfs` or `zfs`); results in bench/results/fs-DRIVER.
+    #[arg(long, value_name = "DRIVER", conflicts_with = "compare", value_parser = ["rsync", "btrfs", "zfs"])]
     fs: Option<String>,
     /// --fs: the number of files in the tree [default: 10000; --quick: 500].
     #[arg(long, requires = "fs")]

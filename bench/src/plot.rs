@@ -176,3 +176,64 @@ pub fn line_chart(path: &Path, title: &str, y_label: &str, series: &[Series]) ->
     root.present().map_err(|e| draw_err(path, e))?;
     Ok(())
 }
+
+/// One bar of a [`bar_chart`]: its label, its value (ms) and how it is drawn.
+#[derive(Debug, Clone)]
+pub struct Bar {
+    pub label: String,
+    pub value: f64,
+    pub style: Style,
+}
+
+/// Draws `bars` side by side on a log-scale y axis (the values span orders of magnitude) into the PNG `path`,
+/// each with its value written above it.
+pub fn bar_chart(path: &Path, title: &str, y_label: &str, bars: &[Bar]) -> Result<()> {
+    ensure_font()?;
+    let bars: Vec<&Bar> = bars.iter().filter(|b| b.value > 0.0).collect();
+    if bars.is_empty() {
+        return Err(BenchError(format!("nothing to plot in {}", path.display())));
+    }
+    let top = bars.iter().map(|b| b.value).fold(1.0f64, f64::max) * 4.0;
+    let bottom = bars.iter().map(|b| b.value).fold(f64::MAX, f64::min).min(10.0) / 2.0;
+    let n = bars.len();
+    let root = BitMapBackend::new(path, (1100, 680)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| draw_err(path, e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FONT, 24))
+        .margin(18)
+        .x_label_area_size(55)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0.0..n as f64, (bottom..top).log_scale())
+        .map_err(|e| draw_err(path, e))?;
+    let labels: Vec<String> = bars.iter().map(|b| b.label.clone()).collect();
+    chart
+        .configure_mesh()
+        .y_desc(y_label)
+        .x_labels(n * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = (x - 0.5).round();
+            if (x - 0.5 - i).abs() < 1e-6 && i >= 0.0 {
+                labels.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 18))
+        .disable_x_mesh()
+        .draw()
+        .map_err(|e| draw_err(path, e))?;
+    for (i, b) in bars.iter().enumerate() {
+        let (x0, x1) = (i as f64 + 0.2, i as f64 + 0.8);
+        chart
+            .draw_series(std::iter::once(Rectangle::new([(x0, bottom), (x1, b.value)], b.style.color().filled())))
+            .map_err(|e| draw_err(path, e))?;
+        let label = if b.value >= 100.0 { format!("{:.0} ms", b.value) } else { format!("{:.1} ms", b.value) };
+        chart
+            .draw_series(std::iter::once(Text::new(label, (x0, b.value * 1.25), (FONT, 16).into_font())))
+            .map_err(|e| draw_err(path, e))?;
+    }
+    root.present().map_err(|e| draw_err(path, e))?;
+    Ok(())
+}

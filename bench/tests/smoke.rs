@@ -119,12 +119,21 @@ fn quick_handover_comparison_writes_its_table() {
 
 #[test]
 fn quick_fs_rsync_comparison_measures_the_frozen_round_and_the_full_copy() {
+    quick_fs("rsync");
+}
+
+#[test]
+fn quick_fs_zfs_comparison_measures_the_frozen_round_and_the_full_copy_and_plots_them() {
+    quick_fs("zfs");
+}
+
+fn quick_fs(driver: &str) {
     let out = tempfile::tempdir().expect("tempdir");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_phaul-bench"));
-    cmd.args(["--fs", "rsync", "--quick", "--out"]).arg(out.path());
-    let run =
-        phaul_testbed::run_collect(cmd, Duration::from_secs(600), "phaul-bench --fs rsync --quick").expect("runs");
-    assert!(run.status.success(), "phaul-bench --fs rsync --quick failed:\n{}\n{}", run.stdout, run.stderr);
+    cmd.args(["--fs", driver, "--quick", "--out"]).arg(out.path());
+    let what = format!("phaul-bench --fs {driver} --quick");
+    let run = phaul_testbed::run_collect(cmd, Duration::from_secs(600), &what).expect("runs");
+    assert!(run.status.success(), "{what} failed:\n{}\n{}", run.stdout, run.stderr);
     let text = std::fs::read_to_string(out.path().join("results.json")).expect("results.json");
     let doc: Value = serde_json::from_str(&text).expect("valid JSON");
     let p = &doc["phaul"][0];
@@ -133,5 +142,7 @@ fn quick_fs_rsync_comparison_measures_the_frozen_round_and_the_full_copy() {
     assert!(doc["bare"][0]["full_ms"].as_f64().is_some_and(|v| v > 0.0), "{doc}");
     assert!(doc["ratio_final_to_full"].as_f64().is_some(), "{doc}");
     let md = std::fs::read_to_string(out.path().join("results.md")).expect("results.md");
-    assert!(md.contains("| rsync-full |"), "{md}");
+    assert!(md.contains(&format!("| {driver}-full |")), "{md}");
+    let png = std::fs::read(out.path().join("frozen-round.png")).expect("frozen-round.png");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "frozen-round.png is not a chart");
 }

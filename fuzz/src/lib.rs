@@ -104,6 +104,11 @@ pub const TARGETS: &[Target] = &[
         run: btrfs_stream,
     },
     Target {
+        name: "zfs_begin",
+        decoder: "phaul_fs_stream::zfs_send::Gate (a zfs send stream's begin record, before zfs recv sees it)",
+        run: zfs_begin,
+    },
+    Target {
         name: "image_tty",
         decoder: "phaul_core::hold::tty::write_back_tty_data's image reading (tty-data.img, tty-info.img, files.img)",
         run: image_tty,
@@ -356,6 +361,49 @@ pub fn btrfs_stream(_: &Scratch, data: &[u8]) -> Outcome {
         Ok(())
     } else {
         Err("the stream did not end".into())
+    }
+}
+
+/// The GUID a `zfs_begin` input expects its stream to start from when its first byte is odd (the seeds' previous
+/// round); 0 (a full stream) otherwise.
+pub const ZFS_BASE: u64 = 0x5eed_0000_0000_0001;
+
+/// A zfs send stream as the zfs receiver's gate checks it: byte 0 says whether a previous round's snapshot exists
+/// (odd: [`ZFS_BASE`]), byte 1 the size of the pieces the stream arrives in (1 to 256 bytes), the rest is the
+/// stream. The gate passes nothing before the begin record is accepted, then everything, unchanged and in order;
+/// an accepted record starts from the GUID expected and names a plain snapshot.
+pub fn zfs_begin(_: &Scratch, data: &[u8]) -> Outcome {
+    use phaul_fs_stream::zfs_send::{plain_name, Gate, BEGIN_LEN};
+    let (head, stream) = data.split_at(data.len().min(2));
+    let base = if head.first().copied().unwrap_or(0) & 1 == 1 { ZFS_BASE } else { 0 };
+    let piece = usize::from(head.get(1).copied().unwrap_or(0)) + 1;
+    let mut gate = Gate::new(base);
+    let mut passed = Vec::new();
+    let mut verdict = Ok(());
+    for c in stream.chunks(piece) {
+        match gate.feed(c) {
+            Ok(out) => passed.extend_from_slice(&out),
+            Err(e) => {
+                verdict = Err(e);
+                break;
+            }
+        }
+        assert!(gate.begin().is_some() || passed.is_empty(), "bytes passed before the begin record was checked");
+    }
+    let mut whole = Gate::new(base);
+    assert_eq!(whole.feed(stream).is_ok(), verdict.is_ok(), "the verdict depends on how the stream was cut");
+    verdict?;
+    match gate.begin() {
+        Some(b) => {
+            assert_eq!(passed, stream, "the gate changed what it passed on");
+            assert_eq!(b.from_guid, base, "accepted from another snapshot");
+            assert!(b.to_guid != 0 && plain_name(&b.snapshot), "accepted {b:?}");
+            Ok(())
+        }
+        None => {
+            assert!(stream.len() < BEGIN_LEN, "a whole begin record left unchecked");
+            Err("the stream ended within its begin record".into())
+        }
     }
 }
 

@@ -327,6 +327,33 @@ pub fn all() -> Vec<Seed> {
     let foreign = (16u16, vec![(15u16, b"b".to_vec()), (20, vec![1; 16]), (22, b"x".to_vec())]);
     add("btrfs_stream", "bad-foreign-clone", btrfs_stream(true, 3, &[snapshot, foreign, end.clone()]));
     add("btrfs_stream", "bad-before-subvolume", btrfs_stream(false, 16, &[mkfile, subvol, end]));
+    // zfs send begin records (protocol facts: u32 type 0 BEGIN, u32 payload length, u64 magic 0x2F5BACBAC at 8,
+    // u64 version info at 16 (low bits 1 single, 2 compound), u32 object set type 2 (ZFS) at 32, u32 flags at 36
+    // (bit 0 clone), u64 to-GUID at 40, u64 from-GUID at 48, the snapshot's name at 56, 312 bytes in all).
+    let begin = |big: bool, version: u64, flags: u32, from: u64, name: &str| {
+        let mut r = vec![0u8; 312];
+        let w64 = |v: u64| if big { v.to_be_bytes() } else { v.to_le_bytes() };
+        let w32 = |v: u32| if big { v.to_be_bytes() } else { v.to_le_bytes() };
+        r[8..16].copy_from_slice(&w64(0x2_F5BA_CBAC));
+        r[16..24].copy_from_slice(&w64(version));
+        r[32..36].copy_from_slice(&w32(2));
+        r[36..40].copy_from_slice(&w32(flags));
+        r[40..48].copy_from_slice(&w64(0xabcdef));
+        r[48..56].copy_from_slice(&w64(from));
+        r[56..56 + name.len()].copy_from_slice(name.as_bytes());
+        r
+    };
+    let zfs = |base: bool, piece: u8, rec: Vec<u8>| {
+        let mut v = vec![u8::from(base), piece];
+        v.extend(rec);
+        v.extend_from_slice(b"...records that follow the begin record...");
+        v
+    };
+    add("zfs_begin", "full", zfs(false, 40, begin(false, 1, 0, 0, "tank/ct@phaul-1-ab-2-r1")));
+    add("zfs_begin", "incremental-big-endian", zfs(true, 255, begin(true, 1, 0, crate::ZFS_BASE, "tank/ct@r2")));
+    add("zfs_begin", "bad-compound", zfs(false, 7, begin(false, 2, 0, 0, "tank/ct@r1")));
+    add("zfs_begin", "bad-clone", zfs(false, 0, begin(false, 1, 1, 0, "tank/ct@r1")));
+    add("zfs_begin", "bad-other-base", zfs(true, 100, begin(false, 1, 0, 77, "tank/ct@r2")));
     let packaged = concat!(
         "[[plugin]]\n",
         "path = \"/usr/lib/phaul/plugins/libphaul_htype_pid.so\"\n\n",

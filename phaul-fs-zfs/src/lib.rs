@@ -250,7 +250,9 @@ impl ZfsSender {
                 tail(&stderr, 2000)
             )));
         }
-        while self.snaps[i].len() > 1 {
+        // The previous snapshot is not needed any more; in the frozen round it waits for finish (each destroy is
+        // a transaction group, downtime spent on nothing the workload needs).
+        while self.snaps[i].len() > 1 && !info.is_final {
             let old = self.snaps[i].remove(0);
             if let Err(e) = destroy(&self.zfs, &old) {
                 log::warn!("{}", e.message);
@@ -574,7 +576,8 @@ impl ZfsReceiver {
                 Some((b, Some(g))) if g == b.to_guid => {
                     let rec = &mut self.roots[st.index as usize];
                     rec.snapshots.push((b.snapshot.clone(), g));
-                    while rec.snapshots.len() > 1 {
+                    // As on the source, the frozen round leaves the older snapshot to finish.
+                    while rec.snapshots.len() > 1 && !st.is_final {
                         let (old, _) = rec.snapshots.remove(0);
                         if let Err(e) = destroy(&self.zfs, &format!("{dataset}@{old}")) {
                             log::warn!("{}", e.message);
