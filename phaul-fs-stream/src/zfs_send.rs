@@ -12,7 +12,8 @@
 //! comes: `zfs recv` reads one stream to its END record.
 //!
 //! Begin record layout (protocol facts from ZFS's `zfs_ioctl.h`): `u32 type` (0 = BEGIN), `u32 payload length`,
-//! `u64 magic` (0x2F5BACBAC), `u64 version info` (low 2 bits: 1 single, 2 compound), `u64 creation time`,
+//! `u64 magic` (0x2F5BACBAC), `u64 version info` (low 2 bits: 1 single, 2 compound; bits 2 to 31: feature flags,
+//! of which dedup is bit 2 and dedup properties bit 3), `u64 creation time`,
 //! `u32 objset type` (2 = ZFS filesystem), `u32 flags` (bit 0: clone), `u64 to-GUID`, `u64 from-GUID`,
 //! `char to-name[256]`; 312 bytes in all, as the sender's byte order writes them.
 
@@ -23,6 +24,9 @@ const HDR_SINGLE: u64 = 1;
 const OBJSET_ZFS: u32 = 2;
 const FLAG_CLONE: u32 = 1;
 const NAME_LEN: usize = 256;
+/// Feature bits of the version info a receiver refuses: the two dedup features (bits 2 and 3, records that refer
+/// to earlier blocks of the stream) and everything above the 30 bits ZFS defines.
+const FEATURES_REFUSED: u64 = (0b11 << 2) | !((1u64 << 32) - 1);
 
 /// What a checked begin record says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,10 +66,24 @@ pub fn check_begin(rec: &[u8], expect_from: u64) -> Result<Begin, String> {
     if u32_at(0) != 0 {
         return Err("its first record is not a BEGIN record".into());
     }
-    if u64_at(16) & 3 != HDR_SINGLE || u32_at(4) != 0 {
+    let version = u64_at(16);
+    if version & 3 != HDR_SINGLE {
         return Err("it is a replication (compound) stream, which carries properties and other datasets; phaul sends \
                     one snapshot at a time"
             .into());
+    }
+    if u32_at(4) != 0 {
+        return Err(
+            "its begin record carries a payload (a resumed, raw, redacted or property-carrying stream); phaul \
+                    sends plain snapshots"
+                .into(),
+        );
+    }
+    if version & FEATURES_REFUSED != 0 {
+        return Err(format!(
+            "it asks for features phaul's plain zfs send does not use (version info {version:#x}: deduplicated \
+             records or unknown flags)"
+        ));
     }
     if u32_at(32) != OBJSET_ZFS {
         return Err(format!("it is not the stream of a ZFS filesystem (object set type {})", u32_at(32)));
@@ -177,6 +195,10 @@ mod tests {
         assert!(check_begin(&unterminated, 0).is_err());
         assert!(check_begin(&[0u8; 100], 0).is_err());
         assert!(check_begin(&[0u8; BEGIN_LEN], 0).unwrap_err().contains("magic"));
+        assert!(check_begin(&record(false, 1 | 1 << 2, 0, 0, "t@a"), 0).unwrap_err().contains("features"));
+        assert!(check_begin(&record(false, 1 | 1 << 40, 0, 0, "t@a"), 0).unwrap_err().contains("features"));
+        // Features a plain send of an ordinary dataset sets (large dnodes, bit 21 of the flags) pass.
+        assert!(check_begin(&record(false, 1 | 1 << 23, 0, 0, "t@a"), 0).is_ok());
     }
 
     #[test]

@@ -25,6 +25,11 @@
 //! migration back to a host that still has the dataset the workload left is refused with what to do.
 //!
 //! `zfs recv` keeps object numbers, so inode numbers survive: `persistent_inodes` is true.
+//!
+//! Trust: the begin-record check keeps a source from asking for properties, clones or another base, but the rest
+//! of the stream is parsed by ZFS's own receive code (in the kernel, with OpenZFS), which is not written to
+//! withstand hostile streams. Use this driver only between hosts that trust each other (phaul's mutual TLS
+//! authenticates the peer; it does not make its stream harmless).
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
@@ -50,6 +55,7 @@ const PACKAGE: &str = "zfsutils-linux (or zfs-fuse)";
 fn zfs(program: &Path, args: &[&str], what: &str) -> PluginResult<String> {
     let out = Command::new(program)
         .args(args)
+        .env("LC_ALL", "C")
         .stdin(Stdio::null())
         .output()
         .map_err(|e| PluginError::failed(format!("{what}: cannot run {}: {e}", program.display())))?;
@@ -64,6 +70,7 @@ fn zfs(program: &Path, args: &[&str], what: &str) -> PluginResult<String> {
 fn property(program: &Path, dataset: &str, prop: &str) -> PluginResult<Option<String>> {
     let out = Command::new(program)
         .args(["get", "-H", "-p", "-o", "value", prop, dataset])
+        .env("LC_ALL", "C")
         .stdin(Stdio::null())
         .output()
         .map_err(|e| {
@@ -78,6 +85,32 @@ fn property(program: &Path, dataset: &str, prop: &str) -> PluginResult<Option<St
     } else {
         Err(PluginError::failed(format!("reading {prop} of {dataset} failed: {}", tail(&out.stderr, 2000))))
     }
+}
+
+/// phaul's mark on `dataset`, set on the dataset itself (a value inherited from a parent is no mark): `None` when
+/// the dataset does not exist, `Some(None)` when it carries no mark.
+fn mark(program: &Path, dataset: &str) -> PluginResult<Option<Option<String>>> {
+    if property(program, dataset, "type")?.is_none() {
+        return Ok(None);
+    }
+    let out =
+        zfs(program, &["get", "-H", "-o", "value,source", OWNER, dataset], &format!("reading {OWNER} of {dataset}"))?;
+    let line = out.lines().next().unwrap_or("");
+    Ok(Some(match line.split_once('\t') {
+        Some((value, "local")) => Some(value.to_string()),
+        _ => None,
+    }))
+}
+
+/// The mark of a dataset phaul is receiving into: `receiving TOKEN` until the final round mounted it, then
+/// `mounted TOKEN` (a mounted dataset may hold a restored workload: never removed as a mere leftover).
+const RECEIVING: &str = "receiving ";
+const MOUNTED: &str = "mounted ";
+
+/// Whether some directory on the way to `path`, or `path` itself, is a symbolic link (a mount there would land
+/// wherever it points).
+fn symlink_on_the_way(path: &Path) -> bool {
+    path.ancestors().any(|a| std::fs::symlink_metadata(a).is_ok_and(|m| m.file_type().is_symlink()))
 }
 
 /// The mounted ZFS filesystem whose mount point is `dir`.
@@ -106,7 +139,7 @@ fn destroy_dataset(program: &Path, dataset: &str) -> PluginResult<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         match zfs(program, &["destroy", "-r", "-f", dataset], &format!("destroying {dataset}")) {
-            Err(e) if e.message.contains("busy") && std::time::Instant::now() < deadline => {
+            Err(e) if e.message.contains("dataset is busy") && std::time::Instant::now() < deadline => {
                 let _ = zfs(program, &["umount", "-f", dataset], "unmounting");
                 std::thread::sleep(std::time::Duration::from_millis(200));
             }
@@ -188,6 +221,16 @@ fn sender(args: &FsArgs) -> PluginResult<ZfsSender> {
                 p.display()
             )));
         };
+        let below =
+            zfs(&program, &["list", "-H", "-o", "name", "-r", "-t", "filesystem,volume", &ds], "listing datasets")?;
+        let below: Vec<&str> = below.lines().filter(|l| *l != ds).collect();
+        if !below.is_empty() {
+            return Err(PluginError::invalid(format!(
+                "the root {} is the dataset {ds}, which has datasets below it ({}): zfs send moves one dataset, so                  their files would not arrive; name each as a root of its own, or use --fs rsync",
+                p.display(),
+                below.join(", ")
+            )));
+        }
         sweep_dead_runs(&program, &ds);
         roots.push((real, ds));
     }
@@ -396,9 +439,15 @@ impl ZfsReceiver {
                  the same path)"
             )));
         };
-        if !plain_path(&dir) {
+        if !plain_path(&dir) || dir.to_string_lossy().chars().any(|c| c.is_control() || c == '\\') {
             return Err(PluginError::invalid(format!(
-                "cannot receive {r} into {}: the path must be absolute, without '.' or '..'",
+                "cannot receive {r} into {}: the path must be absolute, without '.' or '..', control characters or                  backslashes",
+                dir.display()
+            )));
+        }
+        if symlink_on_the_way(&dir) {
+            return Err(PluginError::invalid(format!(
+                "cannot receive {r} into {}: a symbolic link is on the way, and phaul mounts only where the path                  itself leads; {hint}",
                 dir.display()
             )));
         }
@@ -444,14 +493,9 @@ impl ZfsReceiver {
         // From here on, dropping `rec` releases the claim.
         let mut rec =
             Received { dir: dir.clone(), dataset: dataset.clone(), dir_existed: dir.exists(), snapshots: vec![] };
-        match property(&self.zfs, &dataset, OWNER)? {
-            None => {}
-            Some(m) if m.starts_with("receiving ") => {
-                // A failed run's leftover (no live run of this process claims it): destroy it, start afresh.
-                log::info!("destroying {dataset}, left by a failed migration ({m})");
-                destroy_dataset(&self.zfs, &dataset)?;
-            }
-            Some(m) if m == phaul_fs_mark::MIGRATED_AWAY => {
+        let existing = mark(&self.zfs, &dataset)?;
+        if let Some(Some(m)) = &existing {
+            if m == phaul_fs_mark::MIGRATED_AWAY {
                 return Err(PluginError::invalid(format!(
                     "cannot receive {r} into {dataset}: it is the dataset this workload left when it migrated away \
                      from this host, and phaul does not overwrite it (it may be the only older copy of the data): to \
@@ -459,12 +503,24 @@ impl ZfsReceiver {
                      {parent}/OTHER-NAME) first; {hint}"
                 )));
             }
-            Some(_) => {
+            if let Some(token) = m.strip_prefix(MOUNTED) {
                 return Err(PluginError::invalid(format!(
-                    "cannot receive {r} into {dataset}: that dataset exists and phaul did not make it; destroy or \
-                     rename it, or {hint}"
+                    "cannot receive {r} into {dataset}: a phaul run ({token}) mounted it and did not finish, so a \
+                     restored workload may be running in it; see whether one is, then destroy the dataset by hand \
+                     (zfs destroy -r {dataset}) or clear the mark (zfs inherit {OWNER} {dataset})"
                 )));
             }
+            if !m.starts_with(RECEIVING) {
+                return Err(PluginError::invalid(format!(
+                    "cannot receive {r} into {dataset}: it carries the mark {OWNER}={m:?}, which is not this \
+                     version of phaul's; {hint}"
+                )));
+            }
+        } else if existing.is_some() {
+            return Err(PluginError::invalid(format!(
+                "cannot receive {r} into {dataset}: that dataset exists and phaul did not make it; destroy or \
+                 rename it, or {hint}"
+            )));
         }
         if is_mount_point(&dir) {
             return Err(PluginError::invalid(format!(
@@ -485,8 +541,11 @@ impl ZfsReceiver {
                 dir.display()
             )));
         }
-        let mark = format!("{OWNER}=receiving {}", self.token);
-        let mut create: Vec<String> = vec!["create".into(), "-o".into(), "canmount=noauto".into(), "-o".into(), mark];
+        if let Some(Some(m)) = existing {
+            self.take_leftover(&dataset, &m, r)?;
+        }
+        let marked = format!("{OWNER}={RECEIVING}{}", self.token);
+        let mut create: Vec<String> = vec!["create".into(), "-o".into(), "canmount=noauto".into(), "-o".into(), marked];
         if own_mountpoint {
             create.extend(["-o".into(), format!("mountpoint={}", dir.display())]);
         }
@@ -498,21 +557,54 @@ impl ZfsReceiver {
         Ok(())
     }
 
+    /// Destroys `dataset`, a failed receiving run's leftover marked `m`, if nothing says it is in use: it is not
+    /// mounted, has no dataset below it, the phaul process that made it is gone, and the mark is still `m` just
+    /// before (another process may have taken it meanwhile).
+    fn take_leftover(&self, dataset: &str, m: &str, r: &str) -> PluginResult<()> {
+        let token = m.strip_prefix(RECEIVING).unwrap_or(m);
+        let refuse = |why: String| {
+            PluginError::invalid(format!(
+                "cannot receive {r} into {dataset}: a phaul run ({token}) was receiving into it, and {why}; if that \
+                 run is over, destroy the dataset (zfs destroy -r {dataset}) and try again"
+            ))
+        };
+        if let Some(pid) = token.split('-').next().and_then(|p| p.parse::<u32>().ok()) {
+            if pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists() {
+                return Err(refuse(format!("its process (pid {pid}) still exists")));
+            }
+        }
+        if property(&self.zfs, dataset, "mounted")?.as_deref() == Some("yes") {
+            return Err(refuse("it is mounted".into()));
+        }
+        let below = zfs(&self.zfs, &["list", "-H", "-o", "name", "-r", "-t", "filesystem,volume", dataset], "listing")?;
+        if below.lines().any(|l| l != dataset) {
+            return Err(refuse("datasets phaul did not receive are below it".into()));
+        }
+        if mark(&self.zfs, dataset)?.flatten().as_deref() != Some(m) {
+            return Err(refuse("its mark changed while this run looked at it".into()));
+        }
+        log::info!("destroying {dataset}, left by a failed migration ({m})");
+        destroy_dataset(&self.zfs, dataset)
+    }
+
     /// Whether `dataset` still carries this run's mark (the only condition under which phaul destroys it).
     fn ours(&self, dataset: &str) -> bool {
-        property(&self.zfs, dataset, OWNER).ok().flatten().is_some_and(|m| m == format!("receiving {}", self.token))
+        let m = mark(&self.zfs, dataset).ok().flatten().flatten();
+        m.is_some_and(|m| m == format!("{RECEIVING}{}", self.token) || m == format!("{MOUNTED}{}", self.token))
     }
 
     fn roll_back_all(&mut self) -> Vec<String> {
         let mut errors = Vec::new();
         for rec in std::mem::take(&mut self.roots) {
             if self.ours(&rec.dataset) {
-                if let Err(e) = destroy_dataset(&self.zfs, &rec.dataset) {
-                    errors.push(e.message.to_string());
+                match destroy_dataset(&self.zfs, &rec.dataset) {
+                    // The empty mount point zfs made goes too (only a directory, only through plain paths).
+                    Ok(()) if !rec.dir_existed && !symlink_on_the_way(&rec.dir) => {
+                        let _ = std::fs::remove_dir(&rec.dir);
+                    }
+                    Ok(()) => {}
+                    Err(e) => errors.push(e.message.to_string()),
                 }
-            }
-            if !rec.dir_existed {
-                let _ = std::fs::remove_dir(&rec.dir);
             }
         }
         errors
@@ -604,6 +696,19 @@ impl ZfsReceiver {
             if !self.ours(&rec.dataset) {
                 return Err(PluginError::failed(format!("{} no longer carries this run's mark", rec.dataset)));
             }
+            // The path may have changed since the claim: still no symbolic link on the way, nothing in the way.
+            if symlink_on_the_way(&rec.dir)
+                || is_mount_point(&rec.dir)
+                || std::fs::read_dir(&rec.dir).is_ok_and(|mut d| d.next().is_some())
+            {
+                return Err(PluginError::failed(format!(
+                    "{} changed while the dataset was received (a symbolic link, a mount or files are there now); \
+                     phaul does not mount over it",
+                    rec.dir.display()
+                )));
+            }
+            let mounted = format!("{OWNER}={MOUNTED}{}", self.token);
+            zfs(&self.zfs, &["set", &mounted, &rec.dataset], &format!("marking {} as mounted", rec.dataset))?;
             zfs(&self.zfs, &["set", "canmount=on", &rec.dataset], &format!("letting {} be mounted", rec.dataset))?;
             zfs(&self.zfs, &["mount", &rec.dataset], &format!("mounting {} at {}", rec.dataset, rec.dir.display()))?;
         }

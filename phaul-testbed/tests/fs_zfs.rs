@@ -239,6 +239,16 @@ fn a_plain_directory_a_foreign_dataset_a_missing_zfs_and_a_return_trip_are_refus
     assert_still_on_source(&zl.lab, &w, &run);
     assert!(run.src_stderr.contains("is not the mount point of a mounted ZFS filesystem"), "{}", run.describe());
     assert!(run.src_stderr.contains("--fs rsync"), "the refusal does not say what to do:\n{}", run.describe());
+    // A dataset with a dataset below it: zfs send would leave the child's files behind, so it is refused.
+    zl.a.zfs(&["create", "tank/outer"]).expect("outer");
+    zl.a.zfs(&["create", "tank/outer/inner"]).expect("inner");
+    let mut opts = zl.options();
+    let outer = zl.mnt.join("outer").display().to_string();
+    opts.src_args = vec!["--fs".into(), "zfs".into(), "--htype-opt".into(), format!("root={outer}")];
+    let run = zl.lab.migrate(w.pid(), opts).expect("run");
+    assert_still_on_source(&zl.lab, &w, &run);
+    assert!(run.src_stderr.contains("has datasets below it (tank/outer/inner)"), "{}", run.describe());
+    zl.a.destroy("tank/outer").expect("removing tank/outer");
     drop(w);
 
     // B has a dataset of that name that phaul did not make: refused, and left alone.
@@ -406,4 +416,26 @@ fn restart_mode_with_zfs_moves_the_dataset_and_starts_the_workload_on_it_in_b() 
     on_b.pids.clear(); // killed through `w`
     drop(w);
     zl.assert_clean(&run, true);
+}
+
+#[test]
+fn a_destination_killed_after_it_mounted_leaves_a_dataset_no_later_run_removes_on_its_own() {
+    let zl = ZfsLab::new("zfs-kill-mounted", 512);
+    let mut w = zl.start();
+    let mut opts = zl.options();
+    // B mounted its dataset and restored the workload into it, and dies before its reply.
+    kill_at(&mut opts, "dst:send:RestoreReply", Side::Dst, zl.lab.path("fault"));
+    let run = zl.lab.migrate(w.pid(), opts).expect("run");
+    assert!(zl.lab.path("fault").exists(), "the destination never restored:\n{}", run.describe());
+    assert_still_on_source(&zl.lab, &w, &run);
+    assert!(ZfsLab::owner(&zl.b, "tank/ct").starts_with("mounted "), "{:?}", zl.b.all());
+    // A mounted leftover may hold a restored workload: the next run refuses it and says what to check.
+    let again = zl.lab.migrate(w.pid(), zl.options()).expect("run");
+    assert_still_on_source(&zl.lab, &w, &again);
+    assert!(again.dst_stderr.contains("mounted it and did not finish"), "{}", again.describe());
+    assert!(zl.b.all().expect("B").contains(&"tank/ct".to_string()), "the mounted leftover was removed");
+    // Once the operator has looked and destroyed it, the migration goes through.
+    zl.b.destroy("tank/ct").expect("the operator destroys the leftover");
+    let done = migrate_and_check(&zl.lab, &mut w, zl.options());
+    zl.assert_clean(&done.run, true);
 }
