@@ -30,6 +30,7 @@ pub const PLUGIN_FILES: &[(&str, &str)] = &[
     ("rsync", "libphaul_fs_rsync.so"),
     ("btrfs", "libphaul_fs_btrfs.so"),
     ("zfs", "libphaul_fs_zfs.so"),
+    ("lvm", "libphaul_fs_lvm.so"),
     // A test fixture (phaul-testbed/fixtures/plugin-restartable), listed only where a test asks for it.
     ("cmd", "libphaul_fixture_plugin_restartable.so"),
     // Another (phaul-testbed/fixtures/plugin-selfrestore): a host type that runs `criu restore` itself.
