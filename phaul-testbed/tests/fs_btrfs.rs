@@ -252,3 +252,45 @@ fn a_destination_killed_in_the_frozen_round_leaves_the_workload_running_on_a() {
     assert_eq!(subvolumes(&bl.a), vec!["ct".to_string()], "the source's snapshots stay:\n{}", run.describe());
     assert!(bl.ct().join("bulk/blob").exists(), "A's subvolume was damaged");
 }
+
+#[test]
+fn restart_mode_with_btrfs_moves_the_subvolume_and_starts_the_workload_on_it_in_b() {
+    // The `cmd` fixture host type (a shell counter stopped and started by signals and `sh -c`) with its state
+    // directory, the subvolume, as the filesystem root.
+    let bl = BtrfsLab::new("btrfs-restart", 512);
+    let plugins = bl.lab.path("plugins-cmd-btrfs.toml");
+    write_plugins_toml(&plugins, &["cmd", "btrfs"]).expect("plugins.toml");
+    let ct = bl.ct();
+    let mut w = CmdWorkload::start_in(&bl.lab, &ct, &ct, &[]);
+    let old = w.pids[0];
+    let mut opts = bl.options();
+    opts.src_plugins = Some(plugins.clone());
+    opts.dst_plugins = Some(plugins);
+    opts.target = Some(("cmd".into(), "counter".into()));
+    opts.src_args = vec![
+        "--mode".into(),
+        "restart".into(),
+        "--htype-opt".into(),
+        format!("dir={}", ct.display()),
+        "--fs".into(),
+        "btrfs".into(),
+    ];
+    let run = bl.lab.migrate(old, opts).expect("run");
+    assert!(run.succeeded(), "restart mode with btrfs failed:\n{}", run.describe());
+    let before = w.count();
+    // On B the counter runs in the destination's mount namespace, on B's subvolume.
+    let mut on_b = CmdWorkload { dir: bl.b.dir.join("ct"), pids: Vec::new() };
+    let new =
+        on_b.wait_new_pid(old, Duration::from_secs(10)).unwrap_or_else(|| panic!("no new pid:\n{}", run.describe()));
+    w.pids.push(new);
+    on_b.assert_counts_in(new, bl.lab.b().netns_inode().expect("netns of B"), before, "in host B on B's subvolume");
+    assert!(!pid_alive(old), "the workload still runs on A");
+    assert_eq!(w.count(), before, "A's files changed after the stop");
+    assert_eq!(mark(&bl.ct()).as_deref(), Some("migrated-away"));
+    assert_eq!(mark(&bl.b.dir.join("ct")), None);
+    let r = report(&run);
+    assert_eq!(r["mode"], "restart", "{r}");
+    on_b.pids.clear(); // killed through `w`
+    drop(w);
+    bl.assert_no_snapshots(&run, true);
+}
