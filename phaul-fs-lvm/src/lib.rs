@@ -220,6 +220,20 @@ fn sender(args: &FsArgs) -> PluginResult<LvmSender> {
                 if row[4].is_empty() { "plain" } else { row[4].as_str() }
             )));
         }
+        // A thin volume with an external origin reads what it never wrote from that origin, which thin_dump does
+        // not show: its copy would lack the origin's data.
+        if let Some(origin) = tools.lv(&vg, &lv, "origin")?.and_then(|r| r.into_iter().next()).filter(|o| !o.is_empty())
+        {
+            let seg = tools.lv(&vg, &origin, "segtype")?.and_then(|r| r.into_iter().next()).unwrap_or_default();
+            if seg != "thin" {
+                return Err(PluginError::invalid(format!(
+                    "the root {} is on {vg}/{lv}, a thin volume with the external origin {vg}/{origin}: blocks it \
+                     never wrote come from that origin, which the lvm driver does not send; use --fs rsync, or \
+                     make the volume self-contained first",
+                    root.display()
+                )));
+            }
+        }
         let size: u64 = row[6].parse().map_err(|_| PluginError::failed(format!("lvs gave {vg}/{lv} no size")))?;
         vols.push(Volume { root, vg, lv, pool: row[5].clone(), size, snaps: Vec::new() });
     }
@@ -662,14 +676,28 @@ struct LvmReceiver {
     vg: String,
     pool: String,
     mount: bool,
+    /// How the received filesystem is mounted (`fstype=`, `mount-options=`): the peer wrote every block of it.
+    fstype: String,
+    mount_options: String,
     max_pool: f64,
     token: String,
     roots: Vec<Incoming>,
     sources: Vec<String>,
 }
 
-const DESTINATION_OPTIONS: &[&str] =
-    &["vg", "pool", "map", "allow", "mount", "lvm", "lvm-config", "io-timeout", "max-pool-percent"];
+const DESTINATION_OPTIONS: &[&str] = &[
+    "vg",
+    "pool",
+    "map",
+    "allow",
+    "mount",
+    "fstype",
+    "mount-options",
+    "lvm",
+    "lvm-config",
+    "io-timeout",
+    "max-pool-percent",
+];
 
 fn release_dirs(roots: &[Incoming]) {
     for r in roots.iter().filter(|r| r.created_dir) {
@@ -686,6 +714,19 @@ fn receiver(args: &FsArgs) -> PluginResult<LvmReceiver> {
         Some("no") => false,
         Some(v) => return Err(PluginError::invalid(format!("--fs-opt lvm:mount={v}: give yes or no"))),
     };
+    // The filesystem the source wrote block by block is parsed by this kernel: its type is the operator's, not
+    // guessed from the blocks, and device nodes and set-uid files in it do nothing unless the operator says so.
+    let fstype = args.option("fstype").unwrap_or("ext4").to_string();
+    let mount_options = args.option("mount-options").unwrap_or("nodev,nosuid").to_string();
+    if !lvm::valid_name(&fstype) {
+        return Err(PluginError::invalid(format!("--fs-opt lvm:fstype={fstype}: not a filesystem type")));
+    }
+    if mount_options.is_empty() || mount_options.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(PluginError::invalid(format!(
+            "--fs-opt lvm:mount-options={mount_options}: give mount(8) options separated by commas, such as \
+             nodev,nosuid"
+        )));
+    }
     let vg = args.option("vg").ok_or_else(|| {
         PluginError::invalid(
             "the lvm filesystem driver on this destination needs the volume group to receive into: phaul serve \
@@ -727,6 +768,16 @@ fn receiver(args: &FsArgs) -> PluginResult<LvmReceiver> {
             usage.data_percent, usage.metadata_percent
         )));
     }
+    // Round 1 writes only what the source maps and relies on the rest of a new volume reading as zeros, which a
+    // pool guarantees only when it zeroes newly provisioned blocks (lv_attr's 8th letter, 'z').
+    let attr = tools.lv(vg, &pool, "lv_attr")?.and_then(|r| r.into_iter().next()).unwrap_or_default();
+    if attr.chars().nth(7) != Some('z') {
+        return Err(PluginError::invalid(format!(
+            "the thin pool {vg}/{pool} on this destination does not zero newly provisioned blocks (lv_attr {attr}), \
+             so the parts of a received volume the source never wrote would show whatever the pool held before: \
+             turn zeroing on (lvchange -Zy {vg}/{pool}) or pick another pool (--fs-opt lvm:pool=POOL)"
+        )));
+    }
     let placement = Placement::new(options(&args.options, "map"), options(&args.options, "allow"), "lvm")
         .map_err(|e| PluginError::invalid(e.0))?;
     let timeout = seconds(args, "io-timeout", 300)?;
@@ -764,13 +815,15 @@ fn receiver(args: &FsArgs) -> PluginResult<LvmReceiver> {
                 format!("two of the source's roots would be mounted at or inside {}", dst.display()),
             );
         }
-        if let Some(parent) = dst.parent() {
-            if parent.canonicalize().is_ok_and(|real| real != parent) {
-                return refuse(
-                    &roots,
-                    format!("cannot mount {r} at {}: a symbolic link is on the way; {hint}", dst.display()),
-                );
-            }
+        if symlink_on_the_way(&dst) || dst.to_string_lossy().chars().any(|c| c.is_control()) {
+            return refuse(
+                &roots,
+                format!(
+                    "cannot mount {r} at {}: a symbolic link (or a control character) is on the way, and phaul \
+                     mounts only where the path itself leads; {hint}",
+                    dst.display()
+                ),
+            );
         }
         let created_dir = match std::fs::symlink_metadata(&dst) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -824,12 +877,24 @@ fn receiver(args: &FsArgs) -> PluginResult<LvmReceiver> {
         vg: vg.to_string(),
         pool,
         mount,
+        fstype,
+        mount_options,
         max_pool,
         token,
         roots,
         sources: args.roots.iter().map(|r| r.to_string()).collect(),
     })
 }
+
+/// Whether some directory on the way to `path`, or `path` itself, is a symbolic link (a mount there would land
+/// wherever it points).
+fn symlink_on_the_way(path: &Path) -> bool {
+    path.ancestors().any(|a| std::fs::symlink_metadata(a).is_ok_and(|m| m.file_type().is_symlink()))
+}
+
+/// The tag a received volume gets just before it is mounted: `phaul_mounted_TOKEN`. A volume with it may hold
+/// a restored workload: no later run removes it as a leftover.
+const MOUNTED_TAG: &str = "phaul_mounted_";
 
 /// What a receiving session works with (shared with the writer the channel feeds).
 struct Session {
@@ -882,6 +947,13 @@ fn check_name(tools: &Tools, vg: &str, name: &str) -> Result<Option<String>, Str
              (lvrename {full} NEW) first, or receive into another volume group (phaul serve --fs-opt lvm:vg=VG)"
         ));
     }
+    if let Some(t) = tags.iter().find(|t| t.starts_with(MOUNTED_TAG)) {
+        return Err(format!(
+            "{full} was mounted by a phaul run that did not finish (tag {t}), so a restored workload may be running \
+             on it; see whether one is, then remove it by hand (umount it, lvremove {full}) or drop the tag \
+             (lvchange --deltag {t} {full})"
+        ));
+    }
     match tags.iter().find(|t| t.starts_with(RECEIVING_TAG)) {
         Some(t) if live_run(t) => Err(format!(
             "{full} is being received by another migration into this host now (tag {t}); if no phaul serve runs any \
@@ -916,7 +988,10 @@ impl Session {
         }
         let u = self.tools.pool_usage(&vg, &self.pool).map_err(|e| e.message.to_string())?;
         let used = u.size.saturating_sub(u.free());
-        let after = if u.size == 0 { 100.0 } else { (used + h.planned) as f64 * 100.0 / u.size as f64 };
+        if h.planned > h.size {
+            return Err(format!("the source plans {} bytes for a volume of {} bytes", h.planned, h.size));
+        }
+        let after = if u.size == 0 { 100.0 } else { used.saturating_add(h.planned) as f64 * 100.0 / u.size as f64 };
         if after >= self.max_pool {
             return Err(format!(
                 "the thin pool {vg}/{} on this destination has {:.1} MiB free ({:.1}% used), and {full} needs about \
@@ -983,7 +1058,14 @@ impl Session {
     }
 
     fn wrote(&mut self, n: u64) -> Result<(), String> {
-        self.written += n;
+        self.written = self.written.saturating_add(n);
+        if self.written > self.planned {
+            return Err(format!(
+                "the source sent {} bytes in a round it announced as {} bytes; stopping (the pool is not the peer's \
+                 to fill)",
+                self.written, self.planned
+            ));
+        }
         self.since_watch += n;
         self.host.progress(&self.what, self.written, self.planned);
         if self.since_watch >= WATCH_EVERY {
@@ -1061,7 +1143,8 @@ impl Sink for Session {
             return Err("the source sent blocks in the session that plans its volume".into());
         }
         if self.fresh && self.full {
-            return Ok(());
+            // Nothing to write (a new volume reads as zeros), but it counts against what the round announced.
+            return self.wrote(len);
         }
         let zeros = vec![0u8; CHUNK];
         let mut at = 0;
@@ -1193,17 +1276,29 @@ impl LvmReceiver {
                 .made
                 .as_ref()
                 .ok_or_else(|| PluginError::failed(format!("nothing was received for {}", r.target.display())))?;
-            if lvm::is_mount_point(&info, &r.target) {
+            // The path may have changed since the claim: no symbolic link on the way, nothing mounted or put there.
+            if lvm::is_mount_point(&info, &r.target)
+                || symlink_on_the_way(&r.target)
+                || std::fs::read_dir(&r.target).is_ok_and(|mut d| d.next().is_some())
+            {
                 return Err(PluginError::failed(format!(
-                    "something was mounted at {} meanwhile; the received volume {}/{} is not mounted over it",
+                    "{} changed while the volume was received (a mount, a symbolic link or files are there now); the \
+                     received volume {}/{} is not mounted over it",
                     r.target.display(),
                     self.vg,
                     m.name
                 )));
             }
+            let full = format!("{}/{}", self.vg, m.name);
+            let mounted_tag = format!("{MOUNTED_TAG}{}", self.token);
+            self.tools.lvm("lvchange", &["--addtag", &mounted_tag, &full], &format!("tagging {full} as mounted"))?;
             let dev = m.path.to_string_lossy();
             let target = r.target.to_string_lossy();
-            lvm::run(Path::new("mount"), &[&dev, &target], &format!("mounting the received volume at {target}"))?;
+            lvm::run(
+                Path::new("mount"),
+                &["-t", &self.fstype, "-o", &self.mount_options, &dev, &target],
+                &format!("mounting the received volume at {target}"),
+            )?;
             r.mounted = true;
         }
         Ok(())
@@ -1258,9 +1353,10 @@ impl FsReceiver for LvmReceiver {
             };
             let full = format!("{}/{}", self.vg, m.name);
             if outcome == Outcome::MIGRATED {
+                let mounted_tag = format!("{MOUNTED_TAG}{}", self.token);
                 if let Err(e) = self.tools.lvm(
                     "lvchange",
-                    &["--deltag", &tag, "--addtag", MIGRATED_TAG, &full],
+                    &["--deltag", &tag, "--deltag", &mounted_tag, "--addtag", MIGRATED_TAG, &full],
                     &format!("tagging {full} as received"),
                 ) {
                     errors.push(e.message.to_string());
@@ -1287,7 +1383,11 @@ impl FsReceiver for LvmReceiver {
                 let _ = std::fs::remove_dir(&r.target);
             }
         }
-        live_tokens().lock().unwrap_or_else(|p| p.into_inner()).remove(&self.token);
+        if errors.is_empty() {
+            // Only a run that ended cleanly lets go of its token: a volume still tagged with it stays this
+            // process's (never a leftover to remove).
+            live_tokens().lock().unwrap_or_else(|p| p.into_inner()).remove(&self.token);
+        }
         if errors.is_empty() {
             Ok(())
         } else {

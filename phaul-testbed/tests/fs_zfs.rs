@@ -268,6 +268,13 @@ fn a_plain_directory_a_foreign_dataset_a_missing_zfs_and_a_return_trip_are_refus
     assert_still_on_source(&zl.lab, &w, &run);
     assert!(run.src_stderr.contains("/nonexistent/zfs"), "{}", run.describe());
     zl.assert_clean(&run, false);
+    // The same on the destination.
+    let mut opts = zl.options();
+    opts.dst_args.extend(["--fs-opt".into(), "zfs:zfs=/nonexistent/zfs".into()]);
+    let run = zl.lab.migrate(w.pid(), opts).expect("run");
+    assert_still_on_source(&zl.lab, &w, &run);
+    assert!(format!("{}{}", run.src_stderr, run.dst_stderr).contains("/nonexistent/zfs"), "{}", run.describe());
+    zl.assert_clean(&run, false);
 
     // There and back: the way back finds the dataset the workload left, and says how to proceed.
     let there = migrate_and_check(&zl.lab, &mut w, zl.options());
