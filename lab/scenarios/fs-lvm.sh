@@ -12,6 +12,8 @@
 #   small     B's pool (vgb/small, 16 MiB) cannot hold A's 40 MiB volume: refused by round 1's plan (no block sent)
 #             with a message naming the pool, the workload runs on in A, nothing of phaul's is left in either VG.
 #   nozero    B's pool does not zero new blocks (-Zn): refused as the destination is set up.
+#   restart   --mode restart with the cmd fixture host type (a shell counter): stopped on A, the frozen round, started
+#             on B on B's volume, where it counts on; A's files stay as they were at the stop.
 #   killed    phaul serve is killed (SIGKILL, by pid) as round 2 starts: the workload runs on in A, A's snapshots
 #             are gone; B keeps the half-received volume, tagged phaul_receiving_<dead pid>...; a second
 #             migration (phaul's default mode: pre-copy here) removes that leftover and succeeds.
@@ -164,3 +166,35 @@ probe "$RESTORED_PID" "$WORKLOAD_STATE" 120 || fail "killed-again: the restored 
 grep -q "leftover" "$LAB_WORK/killed-again/serve.log" || fail "killed-again: serve did not remove the leftover"
 [ "$(snapshots_left vga)" = 0 ] && [ "$(snapshots_left vgb)" = 0 ] || fail "killed-again: snapshots left"
 log "final: A: $(vols vga | xargs); B: $(vols vgb | xargs)"
+
+# ---- restart: --mode restart with the cmd fixture host type (a shell counter in /mnt/ct4) ----------------------
+new_volume ct4 64 /mnt/ct4
+cat > /mnt/ct4/counter.sh <<'EOF'
+n=$(cat count 2>/dev/null || echo 0)
+trap 'exit 0' TERM
+while :; do n=$((n + 1)); echo "$n" > count.new && mv count.new count; sleep 0.05; done
+EOF
+echo 'exec /bin/sh ./counter.sh' > /mnt/ct4/command
+in_a bash -c 'cd /mnt/ct4 && { /bin/sh ./counter.sh < /dev/null > /dev/null 2>&1 & echo $! > /mnt/ct4/pid; }'
+old=$(cat /mnt/ct4/pid)
+wait_for 10 test -s /mnt/ct4/count || fail "restart: the counter does not count"
+cat > "$LAB_WORK/plugins-cmd.toml" <<'EOF'
+[[plugin]]
+path = "/usr/local/lib/phaul/libphaul_fixture_plugin_restartable.so"
+
+[[plugin]]
+path = "/usr/local/lib/phaul/libphaul_fs_lvm.so"
+EOF
+SERVE_OPTS=(--fs-opt lvm:vg=vgb --fs-opt lvm:pool=pool --fs-opt lvm:allow=/mnt)
+PHAUL_PLUGINS=$LAB_WORK/plugins-cmd.toml LAB_TARGET="cmd counter" \
+  migrate restart "$old" --mode restart --htype-opt dir=/mnt/ct4 --fs lvm --timeout 120 ||
+  fail "restart: phaul migrate exited $MIGRATE_STATUS (serve $SERVE_STATUS)"
+expect_json "$MIGRATE_REPORT" '.mode == "restart" and .fs_round_list[-1].frozen'
+wait_for 20 pid_gone "$old" || fail "restart: the counter still runs on A"
+before=$(cat /mnt/ct4/count)
+wait_for 20 _in_b_ns sh -c "[ \$(cat /mnt/ct4/count) -gt $before ]" || fail "restart: the counter does not go on in B"
+[ "$(cat /mnt/ct4/count)" = "$before" ] || fail "restart: A's files changed after the stop"
+log "restart: the counter stopped at $before on A and counts on in B ($(_in_b_ns cat /mnt/ct4/count))"
+kill -9 "$(_in_b_ns cat /mnt/ct4/pid)" 2>/dev/null
+[ "$(snapshots_left vga)" = 0 ] && [ "$(snapshots_left vgb)" = 0 ] || fail "restart: snapshots left"
+

@@ -171,7 +171,10 @@ migrate() {
   mkdir -p "$_mw/src-img" "$_mw/dst-img"
   rm -f "$_mw/rpid"
   _serve_common=(phaul --log-file "$_mw/serve.log" -v serve --img-path "$_mw/dst-img" --rpid-dir "$_mw")
-  _migrate_common=(phaul --log-file "$_mw/migrate.log" -v migrate pid "$_m_pid" --json --img-path "$_mw/src-img"
+  # LAB_TARGET: what to migrate instead of `pid PID` (e.g. "cmd counter" for a fixture host type).
+  _target=(pid "$_m_pid")
+  [ -n "${LAB_TARGET:-}" ] && read -ra _target <<< "$LAB_TARGET"
+  _migrate_common=(phaul --log-file "$_mw/migrate.log" -v migrate "${_target[@]}" --json --img-path "$_mw/src-img"
                    --dst-rpid rpid)
   case "${LAB_TRANSPORT:-fds}" in
     fds)
