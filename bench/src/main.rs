@@ -53,6 +53,10 @@ struct Cli {
     /// same tool (`rsync`, `btrfs` or `zfs`); results in bench/results/fs-DRIVER.
     #[arg(long, value_name = "DRIVER", conflicts_with = "compare", value_parser = ["rsync", "btrfs", "zfs"])]
     fs: Option<String>,
+    /// Only draws a bar chart (log scale) into --out from a JSON file: {"title": ..., "bars": [{"label": ...,
+    /// "value": MS, "style": "phaul"|"criu"|"raw"}]} (bench/fs-lvm/run uses it for the lab's figures).
+    #[arg(long, value_name = "JSON", conflicts_with_all = ["compare", "fs"])]
+    bar_chart: Option<PathBuf>,
     /// --fs: the number of files in the tree [default: 10000; --quick: 500].
     #[arg(long, requires = "fs")]
     files: Option<usize>,
@@ -65,8 +69,42 @@ struct Cli {
     out: Option<PathBuf>,
 }
 
+/// `--bar-chart SPEC --out PNG`.
+fn draw_bar_chart(spec: &std::path::Path, png: &std::path::Path) -> Result<(), String> {
+    use phaul_bench::plot::{bar_chart, Bar, Style};
+    let text = std::fs::read_to_string(spec).map_err(|e| format!("reading {}: {e}", spec.display()))?;
+    let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", spec.display()))?;
+    let bars: Vec<Bar> = doc["bars"]
+        .as_array()
+        .ok_or_else(|| format!("{} has no \"bars\" list", spec.display()))?
+        .iter()
+        .filter_map(|b| {
+            let style = match b["style"].as_str() {
+                Some("criu") => Style::Criu,
+                Some("raw") => Style::Raw,
+                _ => Style::Phaul,
+            };
+            Some(Bar { label: b["label"].as_str()?.to_string(), value: b["value"].as_f64()?, style })
+        })
+        .collect();
+    bar_chart(png, doc["title"].as_str().unwrap_or(""), "ms", &bars).map_err(|e| e.0)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(spec) = &cli.bar_chart {
+        let Some(png) = &cli.out else {
+            eprintln!("phaul-bench: --bar-chart needs --out FILE.png");
+            return ExitCode::from(2);
+        };
+        return match draw_bar_chart(spec, png) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("phaul-bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // In quick mode without --out, the results go to a temporary directory that is kept (and printed).
     let out = match (&cli.out, cli.quick) {
         (Some(o), _) => o.clone(),

@@ -20,7 +20,7 @@
 //!
 //! btrfs receive recreates every file, so inode numbers do not survive: `persistent_inodes` is false.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -30,7 +30,7 @@ use phaul_abi::{
     options, FsArgs, FsReceiver, FsRound, FsRoundInfo, FsSender, Host, KeyValue, Outcome, PluginError, PluginResult,
 };
 use phaul_fs_mark::{Claim, Placement, Target};
-use phaul_fs_stream::kit::{self, check_known, collect, io_err, receive_round, seconds, SessionReceiver};
+use phaul_fs_stream::kit::{self, check_known, io_err, receive_round, seconds, SessionReceiver};
 use phaul_fs_stream::{tail, Channel, Done, Start};
 
 use phaul_fs_stream::btrfs_send::{StreamCheck, Uuid};
@@ -182,23 +182,8 @@ impl BtrfsSender {
         if let Some(p) = &parent {
             cmd.arg("-p").arg(p);
         }
-        cmd.arg(&snap).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let (relayed, status, stderr) = match cmd.spawn() {
-            Ok(mut child) => {
-                let out = child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>);
-                let err = child.stderr.take().map(collect);
-                let relayed = self.chan.relay(None, out);
-                if relayed.is_err() {
-                    let _ = child.kill();
-                }
-                let status = child.wait().ok().and_then(|s| s.code()).unwrap_or(-1);
-                (relayed, status, err.map(|h| h.join().unwrap_or_default()).unwrap_or_default())
-            }
-            Err(e) => {
-                let relayed = self.chan.relay(None, None);
-                (relayed, -1, format!("cannot start {}: {e}", self.btrfs.display()).into_bytes())
-            }
-        };
+        cmd.arg(&snap);
+        let kit::ToolRun { relayed, code: status, stderr } = kit::send_from(&mut self.chan, cmd);
         let relayed = relayed.map_err(io_err("the filesystem channel broke during btrfs send"))?;
         let done = self.chan.recv_done().map_err(io_err("reading the destination's btrfs verdict"))?;
         if !done.ok {
@@ -412,30 +397,13 @@ impl BtrfsReceiver {
         // --chroot does not cover).
         let mut cmd = Command::new(&self.btrfs);
         cmd.arg("receive").arg("--chroot").arg(&dir);
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut done = match cmd.spawn() {
-            Err(e) => {
-                let _ = self.chan.relay(None, None);
-                Done { ok: false, code: -1, bytes: 0, message: format!("cannot start {}: {e}", self.btrfs.display()) }
-            }
-            Ok(mut child) => {
-                let stdin = child.stdin.take().map(|s| {
-                    Box::new(Checked { inner: s, check: check.clone(), refused: refused.clone() })
-                        as Box<dyn Write + Send>
-                });
-                let out = child.stdout.take().map(collect);
-                let err = child.stderr.take().map(collect);
-                let relayed = self.chan.relay(stdin, None);
-                if relayed.is_err() {
-                    let _ = child.kill();
-                }
-                let code = child.wait().ok().and_then(|s| s.code()).unwrap_or(-1);
-                let _ = out.map(|h| h.join());
-                let stderr = err.map(|h| h.join().unwrap_or_default()).unwrap_or_default();
-                let relayed = relayed.map_err(io_err("the filesystem channel broke during btrfs receive"))?;
-                Done { ok: code == 0, code, bytes: relayed.received, message: tail(&stderr, 2000) }
-            }
-        };
+        let (c, r) = (check.clone(), refused.clone());
+        let run = kit::receive_into(&mut self.chan, cmd, move |stdin| {
+            Box::new(Checked { inner: stdin, check: c, refused: r }) as Box<dyn Write + Send>
+        });
+        let relayed = run.relayed.map_err(io_err("the filesystem channel broke during btrfs receive"))?;
+        let mut done =
+            Done { ok: run.code == 0, code: run.code, bytes: relayed.received, message: tail(&run.stderr, 2000) };
         let refusal = refused.lock().unwrap_or_else(|p| p.into_inner()).take();
         let (complete, own) = {
             let c = check.lock().unwrap_or_else(|p| p.into_inner());

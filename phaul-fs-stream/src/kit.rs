@@ -156,3 +156,65 @@ pub fn receive_round<R: SessionReceiver>(
         None => Ok(bytes),
     }
 }
+
+/// What a tool run for one session gave: the relay's byte counts (or how the channel broke), the tool's exit code
+/// (-1 when it could not start or was killed) and the end of its stderr.
+pub struct ToolRun {
+    pub relayed: std::io::Result<crate::Relayed>,
+    pub code: i32,
+    pub stderr: Vec<u8>,
+}
+
+/// Runs `cmd` for the sending side of a session: its stdout goes into the channel (stdin closed, stderr kept);
+/// killed if the channel breaks.
+pub fn send_from(chan: &mut Channel, mut cmd: std::process::Command) -> ToolRun {
+    use std::process::Stdio;
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    match cmd.spawn() {
+        Ok(mut child) => {
+            let out = child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>);
+            let err = child.stderr.take().map(collect);
+            let relayed = chan.relay(None, out);
+            if relayed.is_err() {
+                let _ = child.kill();
+            }
+            let code = child.wait().ok().and_then(|s| s.code()).unwrap_or(-1);
+            ToolRun { relayed, code, stderr: err.map(|h| h.join().unwrap_or_default()).unwrap_or_default() }
+        }
+        Err(e) => {
+            let relayed = chan.relay(None, None);
+            ToolRun { relayed, code: -1, stderr: format!("cannot start {program}: {e}").into_bytes() }
+        }
+    }
+}
+
+/// Runs `cmd` for the receiving side of a session: what arrives goes into its stdin through `gate` (a check the
+/// bytes pass first), its stdout is drained, its stderr kept; killed if the channel breaks.
+pub fn receive_into(
+    chan: &mut Channel,
+    mut cmd: std::process::Command,
+    gate: impl FnOnce(std::process::ChildStdin) -> Box<dyn std::io::Write + Send>,
+) -> ToolRun {
+    use std::process::Stdio;
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    match cmd.spawn() {
+        Ok(mut child) => {
+            let stdin = child.stdin.take().map(gate);
+            let out = child.stdout.take().map(collect);
+            let err = child.stderr.take().map(collect);
+            let relayed = chan.relay(stdin, None);
+            if relayed.is_err() {
+                let _ = child.kill();
+            }
+            let code = child.wait().ok().and_then(|s| s.code()).unwrap_or(-1);
+            let _ = out.map(|h| h.join());
+            ToolRun { relayed, code, stderr: err.map(|h| h.join().unwrap_or_default()).unwrap_or_default() }
+        }
+        Err(e) => {
+            let relayed = chan.relay(None, None);
+            ToolRun { relayed, code: -1, stderr: format!("cannot start {program}: {e}").into_bytes() }
+        }
+    }
+}

@@ -32,7 +32,7 @@
 //! authenticates the peer; it does not make its stream harmless).
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -41,7 +41,7 @@ use phaul_abi::{
     options, FsArgs, FsReceiver, FsRound, FsRoundInfo, FsSender, Host, KeyValue, Outcome, PluginError, PluginResult,
 };
 use phaul_fs_mark::Placement;
-use phaul_fs_stream::kit::{self, check_known, collect, io_err, receive_round, seconds, SessionReceiver};
+use phaul_fs_stream::kit::{self, check_known, io_err, receive_round, seconds, SessionReceiver};
 use phaul_fs_stream::zfs_send::{plain_name, Gate};
 use phaul_fs_stream::{tail, Channel, Done, Start};
 
@@ -129,8 +129,18 @@ fn is_mount_point(path: &Path) -> bool {
     text.lines().filter_map(|l| l.split(' ').nth(4)).any(|m| Path::new(&m.replace("\\040", " ")) == path)
 }
 
+/// Destroys a snapshot. A `zfs send` of it that was just killed (the channel broke) may keep it busy for a
+/// moment, so a busy snapshot is tried again for up to five seconds.
 fn destroy(program: &Path, what: &str) -> PluginResult<()> {
-    zfs(program, &["destroy", what], &format!("destroying {what}")).map(|_| ())
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match zfs(program, &["destroy", what], &format!("destroying {what}")) {
+            Err(e) if e.message.contains("dataset is busy") && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            r => return r.map(|_| ()),
+        }
+    }
 }
 
 /// Destroys `dataset` with its snapshots, unmounting it first. zfs-fuse may answer "dataset is busy" while its
@@ -260,23 +270,8 @@ impl ZfsSender {
         if let Some(b) = &base {
             cmd.arg("-i").arg(b);
         }
-        cmd.arg(&snap).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let (relayed, status, stderr) = match cmd.spawn() {
-            Ok(mut child) => {
-                let out = child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>);
-                let err = child.stderr.take().map(collect);
-                let relayed = self.chan.relay(None, out);
-                if relayed.is_err() {
-                    let _ = child.kill();
-                }
-                let status = child.wait().ok().and_then(|s| s.code()).unwrap_or(-1);
-                (relayed, status, err.map(|h| h.join().unwrap_or_default()).unwrap_or_default())
-            }
-            Err(e) => {
-                let relayed = self.chan.relay(None, None);
-                (relayed, -1, format!("cannot start {}: {e}", self.zfs.display()).into_bytes())
-            }
-        };
+        cmd.arg(&snap);
+        let kit::ToolRun { relayed, code: status, stderr } = kit::send_from(&mut self.chan, cmd);
         let relayed = relayed.map_err(io_err("the filesystem channel broke during zfs send"))?;
         let done = self.chan.recv_done().map_err(io_err("reading the destination's zfs verdict"))?;
         if !done.ok {
@@ -630,29 +625,14 @@ impl ZfsReceiver {
         let gate = Arc::new(Mutex::new(Gate::new(base)));
         let refused: Arc<Mutex<Option<String>>> = Arc::default();
         let mut cmd = Command::new(&self.zfs);
-        cmd.args(["recv", "-u", "-F", &dataset]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut done = match cmd.spawn() {
-            Err(e) => {
-                let _ = self.chan.relay(None, None);
-                Done { ok: false, code: -1, bytes: 0, message: format!("cannot start {}: {e}", self.zfs.display()) }
-            }
-            Ok(mut child) => {
-                let stdin = child.stdin.take().map(|s| {
-                    Box::new(Gated { inner: s, gate: gate.clone(), refused: refused.clone() }) as Box<dyn Write + Send>
-                });
-                let out = child.stdout.take().map(collect);
-                let err = child.stderr.take().map(collect);
-                let relayed = self.chan.relay(stdin, None);
-                if relayed.is_err() {
-                    let _ = child.kill();
-                }
-                let code = child.wait().ok().and_then(|s| s.code()).unwrap_or(-1);
-                let _ = out.map(|h| h.join());
-                let stderr = err.map(|h| h.join().unwrap_or_default()).unwrap_or_default();
-                let relayed = relayed.map_err(io_err("the filesystem channel broke during zfs recv"))?;
-                Done { ok: code == 0, code, bytes: relayed.received, message: tail(&stderr, 2000) }
-            }
-        };
+        cmd.args(["recv", "-u", "-F", &dataset]);
+        let (g, r) = (gate.clone(), refused.clone());
+        let run = kit::receive_into(&mut self.chan, cmd, move |stdin| {
+            Box::new(Gated { inner: stdin, gate: g, refused: r }) as Box<dyn Write + Send>
+        });
+        let relayed = run.relayed.map_err(io_err("the filesystem channel broke during zfs recv"))?;
+        let mut done =
+            Done { ok: run.code == 0, code: run.code, bytes: relayed.received, message: tail(&run.stderr, 2000) };
         let refusal = refused.lock().unwrap_or_else(|p| p.into_inner()).take();
         let begin = gate.lock().unwrap_or_else(|p| p.into_inner()).begin().cloned();
         if let Some(why) = refusal {

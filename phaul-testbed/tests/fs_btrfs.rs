@@ -5,15 +5,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use phaul_testbed::fault::{kill_at, wait_until, FaultRecord, Side, FAULT_AT_ENV, FAULT_FILE_ENV};
+use phaul_testbed::fault::{kill_at, wait_until, Side};
 use phaul_testbed::storage::LoopBtrfs;
-use phaul_testbed::tree::compare_trees;
 use phaul_testbed::{pid_alive, write_plugins_toml, Lab, MigrateOptions, MigrationRun, Workload};
 use serde_json::Value;
 
@@ -101,40 +99,15 @@ fn report(run: &MigrationRun) -> Value {
     run.report.clone().unwrap_or_else(|| panic!("no JSON report:\n{}", run.describe()))
 }
 
-/// The differences found between the two trees, or why they could not be compared.
-type Comparison = Result<Vec<String>, String>;
-
 #[test]
 fn btrfs_sends_snapshots_in_rounds_and_b_ends_with_a_writable_subvolume_equal_to_a_at_the_freeze() {
     let bl = BtrfsLab::new("btrfs-ok", 512);
     let mut w = bl.start();
     assert!(wait_until(Duration::from_secs(10), || w.state().is_ok_and(|s| s["tree_ops"].as_u64() > Some(12))));
     let mut opts = bl.options();
-    let hook = bl.lab.path("fault-restored");
-    opts.dst_env = vec![
-        (FAULT_AT_ENV.into(), "dst:send:RestoreReply".into()),
-        (FAULT_FILE_ENV.into(), hook.display().to_string()),
-    ];
-    let compared: Arc<Mutex<Option<Comparison>>> = Arc::new(Mutex::new(None));
-    let (a, b, out) = (bl.ct(), bl.b.dir.join("ct"), Arc::clone(&compared));
-    opts.while_running_both = Some(Box::new(move |pids| {
-        let mut stopped = None;
-        wait_until(Duration::from_secs(120), || {
-            stopped = std::fs::read_to_string(&hook).ok().and_then(|t| FaultRecord::parse(&t).ok()).map(|f| f.pid);
-            stopped.is_some() || !pid_alive(pids.dst as i32)
-        });
-        let r = compare_trees(&a, &b, &|_: &Path| false).map_err(|e| e.to_string());
-        *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-        if let Some(p) = stopped {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGCONT);
-        }
-    }));
+    let compared = compare_at_restore_reply(&mut opts, bl.lab.path("fault-restored"), bl.ct(), bl.b.dir.join("ct"));
     let m = migrate_and_check(&bl.lab, &mut w, opts);
-    match compared.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        Some(Ok(d)) => assert!(d.is_empty(), "B's subvolume differs from A's at the freeze:\n{}", d.join("\n")),
-        Some(Err(e)) => panic!("cannot compare the trees: {e}"),
-        None => panic!("the destination never reached its restore reply:\n{}", m.run.describe()),
-    }
+    assert_trees_equal(&compared, &m.run);
     // The workload writes on in B's subvolume, which is writable and unmarked; A's stays, marked.
     let b_ct = bl.b.dir.join("ct");
     let ops = u64_of(&m.after, "tree_ops");

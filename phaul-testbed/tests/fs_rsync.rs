@@ -9,17 +9,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use phaul_testbed::fault::{kill_at, wait_until, FaultRecord, Side, FAULT_AT_ENV, FAULT_FILE_ENV};
-use phaul_testbed::tree::compare_trees;
+use phaul_testbed::fault::{kill_at, wait_until, Side};
 use phaul_testbed::{pid_alive, write_plugins_toml, Lab, MigrateOptions, MigrationRun, Workload};
 use serde_json::Value;
-
-/// The differences found between the two trees, or why they could not be compared.
-type Comparison = Result<Vec<String>, String>;
 
 /// A lab with the pid host type and the rsync driver, the workload's tree in A (with 8 MiB of bulk data so that
 /// the first round is long enough to need a second) and B's empty directory.
@@ -88,12 +83,6 @@ fn report(run: &MigrationRun) -> Value {
     run.report.clone().unwrap_or_else(|| panic!("no JSON report:\n{}", run.describe()))
 }
 
-/// `open.log` is appended to while both copies run (the restored one after the commit): compared only while both
-/// are still.
-fn skip_nothing(_: &Path) -> bool {
-    false
-}
-
 #[test]
 fn rsync_moves_the_tree_exactly_and_the_workload_goes_on_writing_in_b() {
     let fl = FsLab::new("rsync-ok");
@@ -102,31 +91,10 @@ fn rsync_moves_the_tree_exactly_and_the_workload_goes_on_writing_in_b() {
     let mut opts = fl.options();
     // Stop the destination just before it reports the restore: the source is frozen and the restored copy is
     // held, so both trees stand still and must be equal, entry by entry.
-    let hook = fl.lab.path("fault-restored");
-    opts.dst_env = vec![
-        (FAULT_AT_ENV.into(), "dst:send:RestoreReply".into()),
-        (FAULT_FILE_ENV.into(), hook.display().to_string()),
-    ];
-    let compared: Arc<Mutex<Option<Comparison>>> = Arc::new(Mutex::new(None));
-    let (a, b, out) = (fl.tree.clone(), fl.tree_b.clone(), Arc::clone(&compared));
-    opts.while_running_both = Some(Box::new(move |pids| {
-        let mut stopped = None;
-        wait_until(Duration::from_secs(120), || {
-            stopped = std::fs::read_to_string(&hook).ok().and_then(|t| FaultRecord::parse(&t).ok()).map(|f| f.pid);
-            stopped.is_some() || !pid_alive(pids.dst as i32)
-        });
-        let r = compare_trees(&a, &b, &skip_nothing).map_err(|e| e.to_string());
-        *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-        if let Some(p) = stopped {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGCONT);
-        }
-    }));
+    let compared =
+        compare_at_restore_reply(&mut opts, fl.lab.path("fault-restored"), fl.tree.clone(), fl.tree_b.clone());
     let m = migrate_and_check(&fl.lab, &mut w, opts);
-    match compared.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        Some(Ok(d)) => assert!(d.is_empty(), "B's tree differs from A's at the freeze:\n{}", d.join("\n")),
-        Some(Err(e)) => panic!("cannot compare the trees: {e}"),
-        None => panic!("the destination never reached its restore reply:\n{}", m.run.describe()),
-    }
+    assert_trees_equal(&compared, &m.run);
 
     // The workload goes on in B, writing into B's tree; A's tree stays as it was at the freeze.
     let a_after = names(&fl.tree.join("data"));
@@ -368,7 +336,6 @@ fn a_source_killed_in_the_frozen_round_leaves_the_workload_running_on_the_source
 
 #[test]
 fn a_link_cut_during_a_round_leaves_the_workload_on_the_source_and_b_cleaned() {
-    use phaul_testbed::CutKind;
     let fl = FsLab::new("rsync-cut");
     let w = fl.start();
     let mut opts = fl.options();
@@ -377,42 +344,9 @@ fn a_link_cut_during_a_round_leaves_the_workload_on_the_source_and_b_cleaned() {
         args.extend(["--timeout".into(), "20".into()]);
     }
     opts.dst_args.extend(["--reconnect-window".into(), "5".into()]);
-    opts.tolerate_timeouts = true;
-    let hook = fl.lab.path("fault");
-    opts.dst_env = vec![
-        (FAULT_AT_ENV.into(), "dst:recv:FsRoundStart#2".into()),
-        (FAULT_FILE_ENV.into(), hook.display().to_string()),
-    ];
-    let b = fl.lab.b().clone();
-    let cut_done = Arc::new(Mutex::new(None::<Result<(), String>>));
-    let cut_out = Arc::clone(&cut_done);
-    opts.while_running_both = Some(Box::new(move |pids| {
-        let mut stopped = None;
-        wait_until(Duration::from_secs(120), || {
-            stopped = std::fs::read_to_string(&hook).ok().and_then(|t| FaultRecord::parse(&t).ok()).map(|f| f.pid);
-            stopped.is_some() || !pid_alive(pids.dst as i32)
-        });
-        let Some(p) = stopped else { return };
-        let mut cut = match b.cut_link(CutKind::Blackhole) {
-            Ok(c) => c,
-            Err(e) => {
-                *cut_out.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e.to_string()));
-                return;
-            }
-        };
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGCONT);
-        // The cut lasts until both sides gave up (bounded), then the link comes back.
-        wait_until(Duration::from_secs(90), || !pid_alive(pids.src as i32) && !pid_alive(pids.dst as i32));
-        let r = cut.restore().map_err(|e| e.to_string());
-        *cut_out.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-    }));
+    let cut = cut_link_at(&mut opts, &fl.lab, "dst:recv:FsRoundStart#2");
     let run = fl.lab.migrate(w.pid(), opts).expect("run");
-    match cut_done.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        Some(Ok(())) => {}
-        Some(Err(e)) => panic!("the link cut failed: {e}"),
-        None => panic!("the destination never reached its second round:\n{}", run.describe()),
-    }
-    assert!(!run.src_timed_out && !run.dst_timed_out, "a side did not give up in time:\n{}", run.describe());
+    assert_cut_done(&cut, &run);
     assert_still_on_source(&fl.lab, &w, &run);
     assert_eq!(mark(&fl.tree), None);
     assert!(

@@ -14,13 +14,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use phaul_testbed::fault::{kill_at, wait_until, FaultRecord, Side, FAULT_AT_ENV, FAULT_FILE_ENV};
+use phaul_testbed::fault::{kill_at, wait_until, Side};
 use phaul_testbed::storage::ZfsHost;
-use phaul_testbed::tree::compare_trees;
 use phaul_testbed::{pid_alive, write_plugins_toml, Lab, MigrateOptions, MigrationRun, Workload};
 use serde_json::Value;
 
@@ -113,39 +111,16 @@ fn report(run: &MigrationRun) -> Value {
     run.report.clone().unwrap_or_else(|| panic!("no JSON report:\n{}", run.describe()))
 }
 
-type Comparison = Result<Vec<String>, String>;
-
 #[test]
 fn zfs_sends_snapshots_in_rounds_and_b_ends_with_its_dataset_equal_to_a_at_the_freeze() {
     let zl = ZfsLab::new("zfs-ok", 512);
     let mut w = zl.start();
     assert!(wait_until(Duration::from_secs(10), || w.state().is_ok_and(|s| s["tree_ops"].as_u64() > Some(12))));
     let mut opts = zl.options();
-    let hook = zl.lab.path("fault-restored");
-    opts.dst_env = vec![
-        (FAULT_AT_ENV.into(), "dst:send:RestoreReply".into()),
-        (FAULT_FILE_ENV.into(), hook.display().to_string()),
-    ];
-    let compared: Arc<Mutex<Option<Comparison>>> = Arc::new(Mutex::new(None));
-    let (a, b, out) = (zl.a.view(&zl.ct()), zl.b.view(&zl.ct()), Arc::clone(&compared));
-    opts.while_running_both = Some(Box::new(move |pids| {
-        let mut stopped = None;
-        wait_until(Duration::from_secs(120), || {
-            stopped = std::fs::read_to_string(&hook).ok().and_then(|t| FaultRecord::parse(&t).ok()).map(|f| f.pid);
-            stopped.is_some() || !pid_alive(pids.dst as i32)
-        });
-        let r = compare_trees(&a, &b, &|_: &Path| false).map_err(|e| e.to_string());
-        *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-        if let Some(p) = stopped {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGCONT);
-        }
-    }));
+    let compared =
+        compare_at_restore_reply(&mut opts, zl.lab.path("fault-restored"), zl.a.view(&zl.ct()), zl.b.view(&zl.ct()));
     let m = migrate_and_check(&zl.lab, &mut w, opts);
-    match compared.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        Some(Ok(d)) => assert!(d.is_empty(), "B's dataset differs from A's at the freeze:\n{}", d.join("\n")),
-        Some(Err(e)) => panic!("cannot compare the trees: {e}"),
-        None => panic!("the destination never reached its restore reply:\n{}", m.run.describe()),
-    }
+    assert_trees_equal(&compared, &m.run);
     // The workload writes on in B's dataset; A's stays, marked.
     let ops = u64_of(&m.after, "tree_ops");
     let later = w
@@ -327,7 +302,6 @@ fn a_source_killed_after_b_restored_leaves_the_workload_on_a_and_b_destroys_its_
 
 #[test]
 fn a_link_cut_during_round_2_leaves_the_workload_on_a_and_b_cleaned() {
-    use phaul_testbed::CutKind;
     let zl = ZfsLab::new("zfs-cut", 512);
     let w = zl.start();
     let mut opts = zl.options();
@@ -336,41 +310,9 @@ fn a_link_cut_during_round_2_leaves_the_workload_on_a_and_b_cleaned() {
         args.extend(["--timeout".into(), "20".into()]);
     }
     opts.dst_args.extend(["--reconnect-window".into(), "5".into()]);
-    opts.tolerate_timeouts = true;
-    let hook = zl.lab.path("fault");
-    opts.dst_env = vec![
-        (FAULT_AT_ENV.into(), "dst:recv:FsRoundStart#2".into()),
-        (FAULT_FILE_ENV.into(), hook.display().to_string()),
-    ];
-    let b = zl.lab.b().clone();
-    let cut_done = Arc::new(Mutex::new(None::<Result<(), String>>));
-    let cut_out = Arc::clone(&cut_done);
-    opts.while_running_both = Some(Box::new(move |pids| {
-        let mut stopped = None;
-        wait_until(Duration::from_secs(120), || {
-            stopped = std::fs::read_to_string(&hook).ok().and_then(|t| FaultRecord::parse(&t).ok()).map(|f| f.pid);
-            stopped.is_some() || !pid_alive(pids.dst as i32)
-        });
-        let Some(p) = stopped else { return };
-        let mut cut = match b.cut_link(CutKind::Blackhole) {
-            Ok(c) => c,
-            Err(e) => {
-                *cut_out.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e.to_string()));
-                return;
-            }
-        };
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGCONT);
-        wait_until(Duration::from_secs(90), || !pid_alive(pids.src as i32) && !pid_alive(pids.dst as i32));
-        let r = cut.restore().map_err(|e| e.to_string());
-        *cut_out.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-    }));
+    let cut = cut_link_at(&mut opts, &zl.lab, "dst:recv:FsRoundStart#2");
     let run = zl.lab.migrate(w.pid(), opts).expect("run");
-    match cut_done.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        Some(Ok(())) => {}
-        Some(Err(e)) => panic!("the link cut failed: {e}"),
-        None => panic!("the destination never reached its second round:\n{}", run.describe()),
-    }
-    assert!(!run.src_timed_out && !run.dst_timed_out, "a side did not give up in time:\n{}", run.describe());
+    assert_cut_done(&cut, &run);
     assert_still_on_source(&zl.lab, &w, &run);
     assert_eq!(zl.a.all().expect("A"), ["tank", "tank/ct"], "the source's snapshots stay:\n{}", run.describe());
     assert!(

@@ -380,3 +380,98 @@ pub fn names(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// The differences found between two trees, or why they could not be compared.
+pub type Comparison = Result<Vec<String>, String>;
+
+/// Arms `opts` so that the destination stops at its restore reply (both copies held, so both trees stand still)
+/// and the trees `a` and `b` are compared there; the destination then goes on. Read the outcome with
+/// [`assert_trees_equal`] after the migration.
+#[allow(dead_code)]
+pub fn compare_at_restore_reply(
+    opts: &mut MigrateOptions,
+    hook: PathBuf,
+    a: PathBuf,
+    b: PathBuf,
+) -> std::sync::Arc<std::sync::Mutex<Option<Comparison>>> {
+    use phaul_testbed::fault::{FaultRecord, FAULT_AT_ENV, FAULT_FILE_ENV};
+    opts.dst_env = vec![
+        (FAULT_AT_ENV.into(), "dst:send:RestoreReply".into()),
+        (FAULT_FILE_ENV.into(), hook.display().to_string()),
+    ];
+    let compared = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let out = std::sync::Arc::clone(&compared);
+    opts.while_running_both = Some(Box::new(move |pids| {
+        let mut stopped = None;
+        wait_until(Duration::from_secs(120), || {
+            stopped = std::fs::read_to_string(&hook).ok().and_then(|t| FaultRecord::parse(&t).ok()).map(|f| f.pid);
+            stopped.is_some() || !pid_alive(pids.dst as i32)
+        });
+        let r = phaul_testbed::tree::compare_trees(&a, &b, &|_: &Path| false).map_err(|e| e.to_string());
+        *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        if let Some(p) = stopped {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGCONT);
+        }
+    }));
+    compared
+}
+
+/// Insists that [`compare_at_restore_reply`] ran and found the trees equal.
+#[allow(dead_code)]
+pub fn assert_trees_equal(compared: &std::sync::Mutex<Option<Comparison>>, run: &MigrationRun) {
+    match compared.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        Some(Ok(d)) => assert!(d.is_empty(), "B's tree differs from A's at the freeze:\n{}", d.join("\n")),
+        Some(Err(e)) => panic!("cannot compare the trees: {e}"),
+        None => panic!("the destination never reached its restore reply:\n{}", run.describe()),
+    }
+}
+
+/// Arms `opts` so that host B's link is blackholed once the destination reaches `point` (it waits there, then
+/// goes on into the cut), until both phaul processes gave up; the link then comes back. Read the outcome (the
+/// cut happened and was undone) with [`assert_cut_done`].
+#[allow(dead_code)]
+pub fn cut_link_at(
+    opts: &mut MigrateOptions,
+    lab: &Lab,
+    point: &str,
+) -> std::sync::Arc<std::sync::Mutex<Option<Result<(), String>>>> {
+    use phaul_testbed::fault::{FaultRecord, FAULT_AT_ENV, FAULT_FILE_ENV};
+    let hook = lab.path("fault");
+    opts.tolerate_timeouts = true;
+    opts.dst_env = vec![(FAULT_AT_ENV.into(), point.into()), (FAULT_FILE_ENV.into(), hook.display().to_string())];
+    let b = lab.b().clone();
+    let done = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let out = std::sync::Arc::clone(&done);
+    opts.while_running_both = Some(Box::new(move |pids| {
+        let mut stopped = None;
+        wait_until(Duration::from_secs(120), || {
+            stopped = std::fs::read_to_string(&hook).ok().and_then(|t| FaultRecord::parse(&t).ok()).map(|f| f.pid);
+            stopped.is_some() || !pid_alive(pids.dst as i32)
+        });
+        let Some(p) = stopped else { return };
+        let mut cut = match b.cut_link(phaul_testbed::CutKind::Blackhole) {
+            Ok(c) => c,
+            Err(e) => {
+                *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e.to_string()));
+                return;
+            }
+        };
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGCONT);
+        // The cut lasts until both sides gave up (bounded), then the link comes back.
+        wait_until(Duration::from_secs(90), || !pid_alive(pids.src as i32) && !pid_alive(pids.dst as i32));
+        let r = cut.restore().map_err(|e| e.to_string());
+        *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    }));
+    done
+}
+
+/// Insists that [`cut_link_at`]'s cut happened and the link came back, and that both sides gave up in time.
+#[allow(dead_code)]
+pub fn assert_cut_done(done: &std::sync::Mutex<Option<Result<(), String>>>, run: &MigrationRun) {
+    match done.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        Some(Ok(())) => {}
+        Some(Err(e)) => panic!("the link cut failed: {e}"),
+        None => panic!("the destination never reached the cut's point:\n{}", run.describe()),
+    }
+    assert!(!run.src_timed_out && !run.dst_timed_out, "a side did not give up in time:\n{}", run.describe());
+}
