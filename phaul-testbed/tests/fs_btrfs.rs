@@ -177,7 +177,7 @@ fn a_full_destination_fails_before_the_freeze_and_b_is_cleaned() {
 }
 
 #[test]
-fn a_root_that_is_not_a_subvolume_and_a_return_trip_are_refused_with_what_to_do() {
+fn a_root_that_is_not_a_subvolume_a_missing_btrfs_and_a_return_trip_are_refused_with_what_to_do() {
     let bl = BtrfsLab::new("btrfs-refused", 512);
     // A plain directory on btrfs.
     let plain = bl.a.dir.join("plain");
@@ -192,8 +192,19 @@ fn a_root_that_is_not_a_subvolume_and_a_return_trip_are_refused_with_what_to_do(
     assert!(run.src_stderr.contains("--fs rsync"), "the refusal does not say what to do:\n{}", run.describe());
     drop(w);
 
-    // There and back: the way back finds the subvolume the workload left, and says how to proceed.
+    // No btrfs program on either host (an operator's wrong path): named, before anything is taken.
     let mut w = bl.start();
+    for (flag, value) in [("src", "btrfs=/nonexistent/btrfs"), ("dst", "btrfs:btrfs=/nonexistent/btrfs")] {
+        let mut opts = bl.options();
+        let args = if flag == "src" { &mut opts.src_args } else { &mut opts.dst_args };
+        args.extend(["--fs-opt".into(), value.into()]);
+        let run = bl.lab.migrate(w.pid(), opts).expect("run");
+        assert_still_on_source(&bl.lab, &w, &run);
+        assert!(format!("{}{}", run.src_stderr, run.dst_stderr).contains("/nonexistent/btrfs"), "{}", run.describe());
+        bl.assert_no_snapshots(&run, false);
+    }
+
+    // There and back: the way back finds the subvolume the workload left, and says how to proceed.
     let there = migrate_and_check(&bl.lab, &mut w, bl.options());
     let mut back = bl.options();
     back.reverse = true;
