@@ -396,16 +396,28 @@ impl LvmSender {
         // Recorded at once, so that finish removes it whatever happens next.
         self.vols[i].snaps.push((name.clone(), u64::MAX));
         let full = format!("{vg}/{name}");
-        let row = self
-            .tools
-            .lv(&vg, &name, "thin_id,lv_active")?
-            .ok_or_else(|| PluginError::failed(format!("the snapshot {full} just taken is not there")))?;
-        if row[1] != "active" {
-            self.tools.lvm("lvchange", &["-ay", "-K", &full], &format!("activating the snapshot {full}"))?;
-        }
-        let id = row[0]
-            .parse::<u64>()
-            .map_err(|_| PluginError::failed(format!("lvs gave the snapshot {full} no thin device id")))?;
+        // The thin device id from the active snapshot's device-mapper table ("0 SECTORS thin POOL ID"): cheaper
+        // than a second lvm command, which counts in the frozen round. lvs when the table does not say.
+        let dm_name = format!("{}-{}", vg.replace('-', "--"), name.replace('-', "--"));
+        let from_table = self.dm(&["table", &dm_name], "reading the snapshot's table").ok().and_then(|t| {
+            let f: Vec<&str> = t.split_whitespace().collect();
+            (f.len() == 5 && f[2] == "thin").then(|| f[4].parse::<u64>().ok()).flatten()
+        });
+        let id = match from_table {
+            Some(id) => id,
+            None => {
+                let row = self
+                    .tools
+                    .lv(&vg, &name, "thin_id,lv_active")?
+                    .ok_or_else(|| PluginError::failed(format!("the snapshot {full} just taken is not there")))?;
+                if row[1] != "active" {
+                    self.tools.lvm("lvchange", &["-ay", "-K", &full], &format!("activating the snapshot {full}"))?;
+                }
+                row[0]
+                    .parse::<u64>()
+                    .map_err(|_| PluginError::failed(format!("lvs gave the snapshot {full} no thin device id")))?
+            }
+        };
         if let Some(s) = self.vols[i].snaps.last_mut() {
             s.1 = id;
         }
@@ -921,6 +933,9 @@ struct Session {
     written: u64,
     since_watch: u64,
     ended: bool,
+    /// The frozen round: its end does not look at the pool again (what it wrote is written; the look is an lvm
+    /// command the downtime would pay for).
+    is_final: bool,
 }
 
 /// Whether a volume tagged `tag` (`phaul_receiving_TOKEN`) belongs to a run that is still alive.
@@ -1165,7 +1180,9 @@ impl Sink for Session {
             return Ok(());
         }
         self.dev()?.sync_all().map_err(|e| format!("flushing the received volume: {e}"))?;
-        self.watch()?;
+        if !self.is_final {
+            self.watch()?;
+        }
         self.ended = true;
         Ok(())
     }
@@ -1236,6 +1253,7 @@ impl LvmReceiver {
             written: 0,
             since_watch: 0,
             ended: false,
+            is_final: st.is_final,
         }));
         let error: Arc<Mutex<Option<String>>> = Arc::default();
         let writer = SessionWriter { decoder: Decoder::new(), session: session.clone(), error: error.clone() };
