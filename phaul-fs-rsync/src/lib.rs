@@ -356,6 +356,21 @@ impl RsyncSender {
         let mut total = SessionStats::default();
         let mut sessions = 0u32;
         let roots = self.roots.clone();
+        let exact = info.is_final && self.exact_final && info.number > 1;
+        // The exact pass's lists: the workload is frozen in the final round, so they are walked while the tree
+        // pass runs (the walk is downtime otherwise).
+        let lists = exact.then(|| {
+            let roots = roots.clone();
+            std::thread::spawn(move || {
+                roots
+                    .iter()
+                    .map(|root| {
+                        let mut files = Vec::new();
+                        touched_since(root, since - TOUCHED_SLACK, &mut files).map(|()| files)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        });
         for (i, root) in roots.iter().enumerate() {
             let start = Start { round: info.number, index: i as u16, pass: PASS_TREE, is_final: info.is_final };
             let s = self.session(start, root, None)?;
@@ -366,11 +381,10 @@ impl RsyncSender {
             self.host.progress(&format!("rsync round {}", info.number), (i + 1) as u64, roots.len() as u64);
         }
         // The exact pass, only when an earlier round ran while the workload could still change files.
-        if info.is_final && self.exact_final && info.number > 1 {
-            for (i, root) in roots.iter().enumerate() {
-                let mut files = Vec::new();
-                touched_since(root, since - TOUCHED_SLACK, &mut files)
-                    .map_err(io_err(&format!("listing the files changed under {}", root.display())))?;
+        if let Some(lists) = lists {
+            let lists = lists.join().map_err(|_| PluginError::failed("listing the changed files panicked"))?;
+            for ((i, root), files) in roots.iter().enumerate().zip(lists) {
+                let files = files.map_err(io_err(&format!("listing the files changed under {}", root.display())))?;
                 if files.is_empty() {
                     continue;
                 }
