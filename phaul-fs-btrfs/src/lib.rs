@@ -23,7 +23,7 @@
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use phaul_abi::{
@@ -52,16 +52,7 @@ fn is_subvolume(path: &Path) -> bool {
 
 /// Runs `btrfs ARGS`; its stdout, or an error with its stderr.
 fn btrfs(program: &Path, args: &[&std::ffi::OsStr], what: &str) -> PluginResult<String> {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| PluginError::failed(format!("{what}: cannot run {}: {e}", program.display())))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(PluginError::failed(format!("{what} failed ({}): {}", out.status, tail(&out.stderr, 2000))))
-    }
+    kit::run_tool(program, args, &[], what)
 }
 
 /// The subvolume id of `path`, which must be a subvolume's root itself (not a symbolic link to one).
@@ -224,13 +215,8 @@ impl BtrfsSender {
 
 impl FsSender for BtrfsSender {
     fn round(&mut self, info: &FsRoundInfo) -> PluginResult<FsRound> {
-        match self.round_inner(info) {
-            Ok(r) => Ok(r),
-            Err(e) => {
-                let _ = self.chan.send_abort(&e.message);
-                Err(e)
-            }
-        }
+        let r = self.round_inner(info);
+        kit::abort_on_error(&mut self.chan, r)
     }
 
     fn persistent_inodes(&self) -> bool {

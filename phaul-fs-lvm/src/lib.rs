@@ -510,13 +510,8 @@ impl LvmSender {
 
 impl FsSender for LvmSender {
     fn round(&mut self, info: &FsRoundInfo) -> PluginResult<FsRound> {
-        match self.round_inner(info) {
-            Ok(r) => Ok(r),
-            Err(e) => {
-                let _ = self.chan.send_abort(&e.message);
-                Err(e)
-            }
-        }
+        let r = self.round_inner(info);
+        kit::abort_on_error(&mut self.chan, r)
     }
 
     fn persistent_inodes(&self) -> bool {

@@ -3,10 +3,8 @@
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use phaul_abi::{PluginError, PluginResult};
-use phaul_fs_stream::tail;
 
 /// The tag on a snapshot the source took for this run: `phaul_snapshot_TOKEN`.
 pub const SNAPSHOT_TAG: &str = "phaul_snapshot_";
@@ -28,23 +26,8 @@ pub struct Tools {
 
 /// Runs `program args`; its stdout, or an error saying `what` failed with the tool's stderr.
 pub fn run(program: &Path, args: &[&str], what: &str) -> PluginResult<String> {
-    let out = Command::new(program)
-        .args(args)
-        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| PluginError::failed(format!("{what}: cannot run {}: {e}", program.display())))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(PluginError::failed(format!(
-            "{what} failed ({} {}: {}): {}",
-            program.display(),
-            args.join(" "),
-            out.status,
-            tail(&out.stderr, 2000)
-        )))
-    }
+    let what = format!("{what} ({} {})", program.display(), args.join(" "));
+    phaul_fs_stream::kit::run_tool(program, args, &[("LVM_SUPPRESS_FD_WARNINGS", "1")], &what)
 }
 
 impl Tools {

@@ -416,14 +416,8 @@ impl RsyncSender {
 
 impl FsSender for RsyncSender {
     fn round(&mut self, info: &FsRoundInfo) -> PluginResult<FsRound> {
-        match self.round_inner(info) {
-            Ok(r) => Ok(r),
-            Err(e) => {
-                // Tell the receiver this round will not complete (it may already be gone).
-                let _ = self.chan.send_abort(&e.message);
-                Err(e)
-            }
-        }
+        let r = self.round_inner(info);
+        kit::abort_on_error(&mut self.chan, r)
     }
 
     fn persistent_inodes(&self) -> bool {

@@ -218,3 +218,33 @@ pub fn receive_into(
         }
     }
 }
+
+/// Runs `program args` to completion with `env` set (stdin closed): its stdout, or an error saying `what` failed,
+/// with the end of the tool's stderr.
+pub fn run_tool<S: AsRef<std::ffi::OsStr>>(
+    program: &std::path::Path,
+    args: &[S],
+    env: &[(&str, &str)],
+    what: &str,
+) -> PluginResult<String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| PluginError::failed(format!("{what}: cannot run {}: {e}", program.display())))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(PluginError::failed(format!("{what} failed ({}): {}", out.status, crate::tail(&out.stderr, 2000))))
+    }
+}
+
+/// A sender's round as the engine sees it: when it failed, the receiver is told first that this round will not
+/// complete (it may already be gone).
+pub fn abort_on_error<T>(chan: &mut Channel, round: PluginResult<T>) -> PluginResult<T> {
+    if let Err(e) = &round {
+        let _ = chan.send_abort(&e.message);
+    }
+    round
+}

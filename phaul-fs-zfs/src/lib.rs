@@ -53,17 +53,7 @@ const PACKAGE: &str = "zfsutils-linux (or zfs-fuse)";
 
 /// Runs `zfs ARGS`; its stdout, or an error with its stderr.
 fn zfs(program: &Path, args: &[&str], what: &str) -> PluginResult<String> {
-    let out = Command::new(program)
-        .args(args)
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| PluginError::failed(format!("{what}: cannot run {}: {e}", program.display())))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(PluginError::failed(format!("{what} failed ({}): {}", out.status, tail(&out.stderr, 2000))))
-    }
+    kit::run_tool(program, args, &[("LC_ALL", "C")], what)
 }
 
 /// A property of `dataset` (`None` when the dataset does not exist; `Some("-")` when the property is unset).
@@ -312,13 +302,8 @@ impl ZfsSender {
 
 impl FsSender for ZfsSender {
     fn round(&mut self, info: &FsRoundInfo) -> PluginResult<FsRound> {
-        match self.round_inner(info) {
-            Ok(r) => Ok(r),
-            Err(e) => {
-                let _ = self.chan.send_abort(&e.message);
-                Err(e)
-            }
-        }
+        let r = self.round_inner(info);
+        kit::abort_on_error(&mut self.chan, r)
     }
 
     fn persistent_inodes(&self) -> bool {
