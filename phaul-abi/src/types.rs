@@ -140,6 +140,18 @@ pub fn is_peer_option(key: &str) -> bool {
     key.starts_with(PEER_OPTION_PREFIX)
 }
 
+/// In a destination's [`crate::HostTypeArgs::more`] (interface revision 3 hosts from phaul 0.1 on): the index in
+/// `options` from which the options are this host's own (`phaul serve --htype-opt NAME:KEY=VALUE`); those before
+/// it are the source's. A host type that takes paths or names of this host from its options reads them from
+/// [`own_options`] only, so that a source cannot pick them.
+pub const OWN_OPTIONS_FROM: &str = "own-options-from";
+
+/// The options that are this host's own (see [`OWN_OPTIONS_FROM`]): all of them when `more` does not say.
+pub fn own_options<'a>(options: &'a [KeyValue], more: &[KeyValue]) -> &'a [KeyValue] {
+    let from = option(more, OWN_OPTIONS_FROM).and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
+    options.get(from..).unwrap_or(&[])
+}
+
 /// Looks up a key (the last one wins).
 pub fn option<'a>(list: &'a [KeyValue], key: &str) -> Option<&'a str> {
     list.iter().rev().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.as_str())

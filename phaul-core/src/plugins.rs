@@ -320,6 +320,21 @@ impl Registry {
         options: &[(String, String)],
         work_dir: &Path,
     ) -> Result<HostTypeBox, PluginLoadError> {
+        self.new_host_type_with(name, role, mode, id, options, &[], work_dir)
+    }
+
+    /// [`Registry::new_host_type`] with `more` arguments (see [`OWN_OPTIONS_FROM`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_host_type_with(
+        &self,
+        name: &str,
+        role: Role,
+        mode: Mode,
+        id: &str,
+        options: &[(String, String)],
+        more: &[(String, String)],
+        work_dir: &Path,
+    ) -> Result<HostTypeBox, PluginLoadError> {
         let p = self.find(PluginKind::HOST_TYPE, name)?;
         let args = HostTypeArgs {
             role,
@@ -328,7 +343,7 @@ impl Registry {
             options: to_rvec(options),
             work_dir: work_dir.to_string_lossy().as_ref().into(),
             host: services::host_services(),
-            more: RVec::new(),
+            more: to_rvec(more),
         };
         driver_result(name, "host type", (p.module.new_host_type())(name.into(), &args))
     }
@@ -547,6 +562,8 @@ fn checked_root_module(header: &'static abi_stable::library::LibHeader) -> Resul
     unsafe { header.init_root_module_with_unchecked_layout::<PluginModuleRef>() }.map_err(Unchecked::Library)
 }
 
+pub use phaul_abi::OWN_OPTIONS_FROM;
+
 /// Creating drivers: what the engine needs of the plugin host (a seam, so that engine tests can hand it drivers
 /// built in the test itself).
 pub trait Drivers: Send + Sync {
@@ -559,6 +576,20 @@ pub trait Drivers: Send + Sync {
         options: &[(String, String)],
         work_dir: &Path,
     ) -> Result<HostTypeBox, PluginLoadError>;
+    /// A destination's host type: `options` are the source's, then from index `own_from` this host's own.
+    #[allow(clippy::too_many_arguments)]
+    fn destination_host_type(
+        &self,
+        name: &str,
+        mode: Mode,
+        id: &str,
+        options: &[(String, String)],
+        own_from: usize,
+        work_dir: &Path,
+    ) -> Result<HostTypeBox, PluginLoadError> {
+        let _ = own_from;
+        self.host_type(name, Role::DESTINATION, mode, id, options, work_dir)
+    }
     fn fs_sender(
         &self,
         name: &str,
@@ -596,6 +627,18 @@ impl Drivers for Registry {
         work_dir: &Path,
     ) -> Result<HostTypeBox, PluginLoadError> {
         self.new_host_type(name, role, mode, id, options, work_dir)
+    }
+    fn destination_host_type(
+        &self,
+        name: &str,
+        mode: Mode,
+        id: &str,
+        options: &[(String, String)],
+        own_from: usize,
+        work_dir: &Path,
+    ) -> Result<HostTypeBox, PluginLoadError> {
+        let more = [(OWN_OPTIONS_FROM.to_string(), own_from.to_string())];
+        self.new_host_type_with(name, Role::DESTINATION, mode, id, options, &more, work_dir)
     }
     fn fs_sender(
         &self,

@@ -38,6 +38,7 @@ mod binary;
 mod cmd;
 mod error;
 pub mod fault;
+pub mod lxc;
 mod migration;
 mod netns;
 mod process;

@@ -25,6 +25,7 @@ pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(180);
 /// The driver libraries the workspace builds, by plugin name.
 pub const PLUGIN_FILES: &[(&str, &str)] = &[
     ("pid", "libphaul_htype_pid.so"),
+    ("lxc", "libphaul_htype_lxc.so"),
     ("shared", "libphaul_fs_shared.so"),
     ("external", "libphaul_fs_external.so"),
     ("rsync", "libphaul_fs_rsync.so"),
@@ -75,7 +76,7 @@ pub fn write_plugins_toml(path: &Path, names: &[&str]) -> Result<(), TestbedErro
     for (name, file) in PLUGIN_FILES.iter().filter(|(n, _)| names.contains(n)) {
         text.push_str(&format!("\n[[plugin]]\n# {name}\npath = \"{}\"\n", dir.join(file).display()));
     }
-    for htype in ["pid", "cmd", "selfpid"].into_iter().filter(|n| names.contains(n)) {
+    for htype in ["pid", "cmd", "selfpid", "lxc"].into_iter().filter(|n| names.contains(n)) {
         text.push_str(&format!("\n[host-type.{htype}]\nfs = \"shared\"\n"));
     }
     std::fs::write(path, text).map_err(|e| TestbedError::io(format!("writing {}", path.display()), e))

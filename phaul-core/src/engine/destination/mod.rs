@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use abi_stable::std_types::RResult;
-use phaul_abi::{CriuStage, FsReceiverBox, HostTypeBox, Outcome, PluginError, Role};
+use phaul_abi::{CriuStage, FsReceiverBox, HostTypeBox, Outcome, PluginError};
 use phaul_proto::criu::{CriuPageServerInfo, CriuReq, CriuReqType};
 use phaul_proto::wire::envelope::Body;
 use phaul_proto::wire::{self as w, Decision, Hello, HelloReply, SessionState};
@@ -992,8 +992,9 @@ impl Session<'_> {
         };
         let mut opts: Vec<(String, String)> =
             s.htype_options.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect();
+        let own_from = opts.len();
         opts.extend(local(&self.ctx.cfg.htype_options, &s.htype));
-        let htype = self.ctx.drivers.host_type(&s.htype, Role::DESTINATION, mode, &s.id, &opts, &dir)?;
+        let htype = self.ctx.drivers.destination_host_type(&s.htype, mode, &s.id, &opts, own_from, &dir)?;
         if self.restart && !htype.can_restart() {
             return Err(Failed::from(format!(
                 "the '{}' host type on this destination cannot start a workload, so it cannot take a restart-mode migration",
@@ -1030,7 +1031,11 @@ impl Session<'_> {
             self.write_journal(DestinationState::CommitReceived, "Start received: starting the workload here")?;
             fault::at("dst", "step", "starting");
             let h = self.htype.clone().ok_or_else(|| Failed::from("the source sent Start before Setup"))?;
+            let extra = self.dir()?.join("extra");
             let mut h = lock(&h);
+            if extra.is_dir() {
+                plugin(h.install_extra_files(extra.to_string_lossy().as_ref().into()), "host type", &self.htype_name)?;
+            }
             plugin(h.mount_root(self.prepared.clone().into()), "host type", &self.htype_name)?;
             plugin(h.start(), "host type", &self.htype_name)
         })();

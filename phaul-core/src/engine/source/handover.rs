@@ -302,13 +302,7 @@ fn transfer(
     run.progress.phase("sending images");
     let imgs = files::image_files(dir)?;
     run.send_files(live, round, w::files::Target::Images, imgs).map_err(|e| widen(run, e, "the images were sent"))?;
-    let extra = plugin(live.htype.extra_files(), "host type", &run.cfg.htype)?;
-    if !extra.is_empty() {
-        let list: Vec<(PathBuf, String)> =
-            extra.iter().map(|e| (PathBuf::from(e.path.as_str()), e.name.to_string())).collect();
-        let hdrs = files::headers_for(&list)?;
-        run.send_files(live, round, w::files::Target::Extra, hdrs)?;
-    }
+    run.send_extra_files(live, round)?;
     check_freeze(run, "the images were sent")?;
     Ok(())
 }
@@ -1159,13 +1153,7 @@ fn sequential_frozen(
     let bytes: u64 = imgs.iter().map(|(_, h)| h.size).sum();
     run.send_files(live, round, w::files::Target::Images, imgs).map_err(|e| widen(run, e, "the images were sent"))?;
     run.report.channels.memory_pages += bytes;
-    let extra = plugin(live.htype.extra_files(), "host type", &run.cfg.htype)?;
-    if !extra.is_empty() {
-        let list: Vec<(PathBuf, String)> =
-            extra.iter().map(|e| (PathBuf::from(e.path.as_str()), e.name.to_string())).collect();
-        let hdrs = files::headers_for(&list)?;
-        run.send_files(live, round, w::files::Target::Extra, hdrs)?;
-    }
+    run.send_extra_files(live, round)?;
     check_freeze(run, "the images were sent")?;
     sync_dir(&dir)?;
     run.record(SourceState::ImagesOnly, "the tree ends; the source's copy is its image set", |j| j.hold = None)?;

@@ -1177,6 +1177,19 @@ impl<'c> SourceRun<'c> {
         }
     }
 
+    /// The files the host type wants beside the images (a container's configuration), sent to the destination's
+    /// extra-files directory.
+    pub fn send_extra_files(&mut self, live: &mut Live, round: u32) -> Result<(), MigrateError> {
+        let extra = plugin(live.htype.extra_files(), "host type", &self.cfg.htype)?;
+        if extra.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<(PathBuf, String)> =
+            extra.iter().map(|e| (PathBuf::from(e.path.as_str()), e.name.to_string())).collect();
+        let hdrs = files::headers_for(&list)?;
+        self.send_files(live, round, w::files::Target::Extra, hdrs)
+    }
+
     /// Starts the guard for this session (once), naming it in the journal.
     pub fn ensure_guard(&mut self) -> Result<(), MigrateError> {
         if self.guard.is_some() {

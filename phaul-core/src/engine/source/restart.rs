@@ -39,6 +39,10 @@ pub(super) fn restart(run: &mut SourceRun<'_>, live: &mut Live) -> Result<(), Mi
     if let Err(e) = run.fs_round(live, round + 1, true) {
         return start_here(run, live, e);
     }
+    // What the host type carries beside the files (a container's configuration) goes before `Start`.
+    if let Err(e) = run.send_extra_files(live, round + 1) {
+        return start_here(run, live, e);
+    }
     if live.control.gone() {
         let e = MigrateError::Wire(WireError::Closed { channel: "control" });
         return start_here(run, live, e);

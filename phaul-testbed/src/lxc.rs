@@ -1,0 +1,244 @@
+//! Real LXC containers on two "hosts" of one machine: each host has its own LXC path and, in its network namespace,
+//! its own bridge (`brA`, `brB`); a veth pair joins the two bridges into one layer-2 segment, as two machines on
+//! one network would be, so that a client on A still reaches the container's address once it runs behind B's
+//! bridge. A's bridge has the client's address ([`LXC_CLIENT_ADDR`]).
+//!
+//! Containers are made with LXC's own busybox template (`lxc-create -t busybox`, offline) and started in host A's
+//! network namespace, so their veth joins A's bridge. Their services start from their own init (rcS), as a real
+//! container's would: a counter writing `/counter` five times a second and a TCP echo server on
+//! [`LXC_ECHO_PORT`]. Dropping [`LxcHosts`] kills the containers it made (on both LXC paths) and removes the
+//! bridges' link.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{run_command, Host, HostPair, TestbedError, COMMAND_TIMEOUT};
+
+/// The container's address, on both bridges' segment.
+pub const LXC_CT_ADDR: &str = "10.77.0.2";
+/// The client's address, on A's bridge.
+pub const LXC_CLIENT_ADDR: &str = "10.77.0.1";
+/// The container's echo server.
+pub const LXC_ECHO_PORT: u16 = 7000;
+/// The container's MAC address.
+pub const LXC_CT_MAC: &str = "00:16:3e:77:00:02";
+pub const BRIDGE_A: &str = "brA";
+pub const BRIDGE_B: &str = "brB";
+
+/// Whether LXC's tools and the busybox template are installed.
+pub fn lxc_available() -> bool {
+    Path::new("/usr/bin/lxc-create").exists() && Path::new("/usr/share/lxc/templates/lxc-busybox").exists()
+}
+
+/// Runs a command with no output kept, bounded: for `lxc-start`, whose monitor inherits its descriptors.
+fn run_detached(cmd: &mut Command, timeout: Duration) -> Result<bool, TestbedError> {
+    let what = crate::describe_command(cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|source| TestbedError::Spawn { command: what.clone(), source })?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Ok(s.success()),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(TestbedError::Timeout { what, timeout });
+            }
+            Err(e) => return Err(TestbedError::io(format!("waiting for `{what}`"), e)),
+        }
+    }
+}
+
+/// Two LXC paths, two bridges joined into one segment, and the containers a test made.
+#[derive(Debug)]
+pub struct LxcHosts {
+    a: Host,
+    b: Host,
+    pub path_a: PathBuf,
+    pub path_b: PathBuf,
+    made: Vec<String>,
+}
+
+impl LxcHosts {
+    /// Sets up bridges in both hosts of `pair` and LXC paths `ROOT/lxc-a` and `ROOT/lxc-b`.
+    pub fn new(pair: &HostPair, root: &Path) -> Result<LxcHosts, TestbedError> {
+        let (a, b) = (pair.a().clone(), pair.b().clone());
+        let ip = |h: &Host, args: &[&str]| -> Result<(), TestbedError> {
+            let mut all = vec!["-n", h.name()];
+            all.extend_from_slice(args);
+            run_command(Command::new("ip").args(&all), COMMAND_TIMEOUT).map(|_| ())
+        };
+        ip(&a, &["link", "add", BRIDGE_A, "type", "bridge"])?;
+        ip(&b, &["link", "add", BRIDGE_B, "type", "bridge"])?;
+        // The segment's link: one end on each bridge.
+        ip(&a, &["link", "add", "seg-a", "type", "veth", "peer", "name", "seg-b", "netns", b.name()])?;
+        ip(&a, &["link", "set", "seg-a", "master", BRIDGE_A, "up"])?;
+        ip(&b, &["link", "set", "seg-b", "master", BRIDGE_B, "up"])?;
+        ip(&a, &["addr", "add", &format!("{LXC_CLIENT_ADDR}/24"), "dev", BRIDGE_A])?;
+        ip(&a, &["link", "set", BRIDGE_A, "up"])?;
+        ip(&b, &["link", "set", BRIDGE_B, "up"])?;
+        let (path_a, path_b) = (root.join("lxc-a"), root.join("lxc-b"));
+        for p in [&path_a, &path_b] {
+            std::fs::create_dir_all(p).map_err(|e| TestbedError::io(format!("creating {}", p.display()), e))?;
+        }
+        Ok(LxcHosts { a, b, path_a, path_b, made: Vec::new() })
+    }
+
+    /// A fresh container name (cgroup names are global to the kernel, so unique per test).
+    pub fn unique_name(tag: &str) -> String {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{tag}{}x{n}", std::process::id())
+    }
+
+    /// Creates a busybox container `name` in A's LXC path with `extra` configuration lines (which win over the
+    /// template's), its services in its rcS; not started.
+    pub fn create_busybox(&mut self, name: &str, extra: &[&str]) -> Result<PathBuf, TestbedError> {
+        let conf = self.path_a.join(format!("{name}.create.conf"));
+        let base = format!(
+            "lxc.net.0.type = veth\nlxc.net.0.link = {BRIDGE_A}\nlxc.net.0.flags = up\nlxc.net.0.name = eth0\nlxc.net.0.hwaddr = {LXC_CT_MAC}\nlxc.net.0.ipv4.address = {LXC_CT_ADDR}/24\n"
+        );
+        std::fs::write(&conf, base).map_err(|e| TestbedError::io("writing the container's create config", e))?;
+        let pa = self.path_a.display().to_string();
+        let out = run_command(
+            Command::new("lxc-create").args(["-P", &pa, "-n", name, "-t", "busybox", "-f"]).arg(&conf),
+            Duration::from_secs(120),
+        )?;
+        let _ = std::fs::remove_file(&conf);
+        if !out.status.success() {
+            return Err(TestbedError::InvalidArgument(format!(
+                "lxc-create -t busybox failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        self.made.push(name.to_string());
+        let dir = self.path_a.join(name);
+        let rootfs = dir.join("rootfs");
+        // Services from the container's own init; no DHCP (the address is static), no getty on a tty.
+        let rcs = format!(
+            "#!/bin/sh\n/bin/mount -a\n(i=0; while true; do i=$((i+1)); echo $i > /counter; sleep 0.2; done) </dev/null >/dev/null 2>&1 &\n/bin/nc -ll -p {LXC_ECHO_PORT} -e /bin/cat </dev/null >/dev/null 2>&1 &\n"
+        );
+        let inittab = "::sysinit:/etc/init.d/rcS\nconsole::askfirst:/bin/sh\n";
+        std::fs::write(rootfs.join("etc/init.d/rcS"), rcs).map_err(|e| TestbedError::io("writing rcS", e))?;
+        std::fs::write(rootfs.join("etc/inittab"), inittab).map_err(|e| TestbedError::io("writing inittab", e))?;
+        let cfg = dir.join("config");
+        let mut text = std::fs::read_to_string(&cfg).map_err(|e| TestbedError::io("reading the config", e))?;
+        // The template's ttys cannot be carried by CRIU through liblxc: 0 unless the test says otherwise.
+        text = text.replace("lxc.tty.max = 5", "lxc.tty.max = 0");
+        for l in extra {
+            text.push_str(l);
+            text.push('\n');
+        }
+        std::fs::write(&cfg, text).map_err(|e| TestbedError::io("writing the config", e))?;
+        Ok(dir)
+    }
+
+    /// Starts a container of A's LXC path in host A's network namespace and waits until its counter runs.
+    pub fn start_a(&self, name: &str) -> Result<i32, TestbedError> {
+        let pa = self.path_a.display().to_string();
+        let ok = run_detached(&mut self.a.command("lxc-start", ["-P", &pa, "-n", name]), Duration::from_secs(60))?;
+        if !ok {
+            return Err(TestbedError::InvalidArgument(format!("lxc-start of {name} in {pa} failed")));
+        }
+        let counter = self.path_a.join(name).join("rootfs/counter");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if read_counter(&counter).is_some_and(|n| n >= 2) {
+                return self
+                    .init_pid(&self.path_a, name)
+                    .ok_or_else(|| TestbedError::InvalidArgument(format!("lxc-info gives no init pid for {name}")));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(TestbedError::Timeout {
+            what: format!("container {name}'s counter to run"),
+            timeout: Duration::from_secs(30),
+        })
+    }
+
+    /// The host whose network namespace a container of `path` lives in: LXC's command socket is an abstract unix
+    /// socket, which belongs to a network namespace, so its tools must run there.
+    fn host_of(&self, path: &Path) -> &Host {
+        if path == self.path_b {
+            &self.b
+        } else {
+            &self.a
+        }
+    }
+
+    /// `lxc-info -s -H` (the state), or `None` when LXC does not know the container there.
+    pub fn state(&self, path: &Path, name: &str) -> Option<String> {
+        let p = path.display().to_string();
+        let out = run_command(
+            &mut self.host_of(path).command("lxc-info", ["-P", &p, "-n", name, "-s", "-H"]),
+            COMMAND_TIMEOUT,
+        )
+        .ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    pub fn init_pid(&self, path: &Path, name: &str) -> Option<i32> {
+        let p = path.display().to_string();
+        let out = run_command(
+            &mut self.host_of(path).command("lxc-info", ["-P", &p, "-n", name, "-p", "-H"]),
+            COMMAND_TIMEOUT,
+        )
+        .ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    }
+
+    /// `lxc-attach -P PATH -n NAME -- ARGS`: its stdout, or an error with its stderr.
+    pub fn attach(&self, path: &Path, name: &str, args: &[&str]) -> Result<String, TestbedError> {
+        let p = path.display().to_string();
+        let mut all = vec!["-P", p.as_str(), "-n", name, "--"];
+        all.extend_from_slice(args);
+        let out = run_command(&mut self.host_of(path).command("lxc-attach", &all), COMMAND_TIMEOUT)?;
+        if !out.status.success() {
+            return Err(TestbedError::InvalidArgument(format!(
+                "lxc-attach {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `lxc-stop -P PATH -n NAME ARGS`, bounded; whether it succeeded.
+    pub fn stop(&self, path: &Path, name: &str, args: &[&str]) -> bool {
+        let p = path.display().to_string();
+        let mut all = vec!["-P", p.as_str(), "-n", name];
+        all.extend_from_slice(args);
+        run_detached(&mut self.host_of(path).command("lxc-stop", &all), Duration::from_secs(60)).unwrap_or(false)
+    }
+
+    pub fn host_a(&self) -> &Host {
+        &self.a
+    }
+
+    pub fn host_b(&self) -> &Host {
+        &self.b
+    }
+}
+
+/// The number in a container's `/counter`.
+pub fn read_counter(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+impl Drop for LxcHosts {
+    fn drop(&mut self) {
+        for name in &self.made {
+            for path in [&self.path_a, &self.path_b] {
+                if path.join(name).join("config").exists() && self.state(path, name).is_some_and(|s| s != "STOPPED") {
+                    let _ = self.stop(path, name, &["-k"]);
+                }
+            }
+        }
+        // The bridges and the segment go with the network namespaces.
+    }
+}
