@@ -52,6 +52,10 @@ const KNOWN: &[&str] = &["lxcpath", "bridge", "rootfs-dir", "mntns-compat-mode",
 const LXC_SHARED_CONFIG: &str = "/usr/share/lxc/config/";
 /// The file beside a migrated-away container's configuration that refuses its start.
 pub const MARKER: &str = "phaul-migrated-away";
+/// The first line of a configuration a destination wrote while the migration is not committed yet: the pid of
+/// the `phaul serve` that wrote it. A later run removes such a configuration once that process is gone and the
+/// container is not running (a destination killed mid-migration left it).
+const RECEIVING: &str = "# phaul-receiving: pid ";
 /// The longest configuration accepted from a source.
 const MAX_CONFIG: u64 = 1 << 20;
 const QUICK: Duration = Duration::from_secs(30);
@@ -425,6 +429,29 @@ impl Lxc {
 
     // ---- destination --------------------------------------------------------------------------------------
 
+    /// A configuration left by a destination that died before the commit: removed when its writer is gone and
+    /// the container does not run; `true` if it was.
+    fn sweep_leftover(&self) -> bool {
+        let p = self.config_path();
+        let Ok(text) = std::fs::read_to_string(&p) else { return false };
+        let Some(pid) =
+            text.lines().next().and_then(|l| l.strip_prefix(RECEIVING)).and_then(|r| r.trim().parse::<i32>().ok())
+        else {
+            return false;
+        };
+        if pid == std::process::id() as i32 || Path::new(&format!("/proc/{pid}")).exists() {
+            return false;
+        }
+        if self.state().is_ok_and(|s| s != "STOPPED") {
+            return false;
+        }
+        log::warn!(
+            "removing {}: a destination (pid {pid}, gone) wrote it for a migration that never committed",
+            p.display()
+        );
+        std::fs::remove_file(&p).is_ok()
+    }
+
     /// At the session's set-up, before the source freezes anything.
     fn check_destination_early(&self) -> PluginResult<()> {
         if !self.lxcpath.is_dir() {
@@ -433,7 +460,7 @@ impl Lxc {
                 self.lxcpath.display()
             )));
         }
-        if self.config_path().exists() || self.dir().join(MARKER).exists() {
+        if self.config_path().exists() && !self.sweep_leftover() || self.dir().join(MARKER).exists() {
             return Err(PluginError::invalid(format!(
                 "this host already has a container named '{}' in {} ({}): phaul does not overwrite it. Remove it (lxc-destroy -n {} -P {}) or give another LXC path",
                 self.name,
@@ -543,7 +570,7 @@ impl Lxc {
                 .map_err(|e| PluginError::failed(format!("cannot create {} ({e})", dir.display())))?;
         }
         let path = self.config_path();
-        write_atomic(&path, &c.render())?;
+        write_atomic(&path, &format!("{RECEIVING}{}\n{}", std::process::id(), c.render()))?;
         self.wrote_config = Some(path);
         Ok(())
     }
@@ -571,6 +598,15 @@ impl Lxc {
             .and_then(|_| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)))
             .map_err(|e| PluginError::failed(format!("cannot write {} ({e})", path.display())))?;
         Ok(bin)
+    }
+
+    /// Committed (or started, in restart mode): the configuration is this host's now, without the receiving mark.
+    fn clear_receiving_mark(&mut self) -> PluginResult<()> {
+        let Some(p) = self.wrote_config.take() else { return Ok(()) };
+        let text = std::fs::read_to_string(&p)
+            .map_err(|e| PluginError::failed(format!("cannot read {} ({e})", p.display())))?;
+        let kept: String = text.lines().filter(|l| !l.starts_with(RECEIVING)).map(|l| format!("{l}\n")).collect();
+        write_atomic(&p, &kept)
     }
 
     fn kill_here(&self) {
@@ -770,16 +806,20 @@ impl HostType for Lxc {
         let d = images.display().to_string();
         self.started_here = true;
         log::info!("restoring container '{}' through liblxc (lxc-checkpoint -r) into {p}", self.name);
+        let log = self.work.join("lxc-checkpoint.log");
+        let l = log.display().to_string();
         let (ok, out) = tools.run_status(
             "lxc-checkpoint",
-            &["-r", "-P", &p, "-n", &self.name, "-D", &d],
+            &["-r", "-P", &p, "-n", &self.name, "-D", &d, "-o", &l, "-l", "ERROR"],
             RESTORE_TIMEOUT,
             "restoring the container with lxc-checkpoint -r",
         )?;
         if !ok {
+            let errors = std::fs::read_to_string(&log).unwrap_or_default();
             return Err(PluginError::failed(format!(
-                "liblxc's restore (lxc-checkpoint -r) failed: {}",
-                tail(&format!("{}{}", out.stdout, out.stderr), 1500)
+                "liblxc's restore (lxc-checkpoint -r) failed: {}\nLXC's log ({l}):\n{}",
+                tail(&format!("{}{}", out.stdout, out.stderr), 1500),
+                tail(&errors, 1500)
             )));
         }
         if !self.wait_state("RUNNING", QUICK) {
@@ -788,7 +828,12 @@ impl HostType for Lxc {
                 self.name
             )));
         }
-        self.init_pid()
+        let pid = self.init_pid()?;
+        // lxc-checkpoint returns once phaul's hold let the container run: the commit.
+        let keep = self.wrote_config.clone();
+        self.clear_receiving_mark()?;
+        self.wrote_config = keep;
+        Ok(pid)
     }
 
     fn discard(&mut self, _pid: i32) -> PluginResult<bool> {
@@ -827,7 +872,13 @@ impl HostType for Lxc {
 
     fn start(&mut self) -> PluginResult<i32> {
         self.started_here = true;
-        self.lxc("lxc-start", &[], QUICK, "starting the container (lxc-start)")?;
+        let log = self.work.join("lxc-start.log");
+        let _ = std::fs::remove_file(&log);
+        let l = log.display().to_string();
+        if let Err(e) = self.lxc("lxc-start", &["-o", &l, "-l", "ERROR"], QUICK, "starting the container (lxc-start)") {
+            let errors = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(PluginError::failed(format!("{e}\nLXC's log ({l}):\n{}", tail(&errors, 1500))));
+        }
         if !self.wait_state("RUNNING", QUICK) {
             return Err(PluginError::failed(format!(
                 "lxc-start returned, but container '{}' did not reach RUNNING within {} s",
@@ -835,7 +886,12 @@ impl HostType for Lxc {
                 QUICK.as_secs()
             )));
         }
-        self.init_pid()
+        let pid = self.init_pid()?;
+        // Restart mode's Start is its point of no return: the configuration is this host's now.
+        let keep = self.wrote_config.clone();
+        self.clear_receiving_mark()?;
+        self.wrote_config = keep;
+        Ok(pid)
     }
 
     fn finish(&mut self, outcome: Outcome) -> PluginResult<()> {
@@ -853,6 +909,7 @@ impl HostType for Lxc {
                 );
                 Ok(())
             }
+            (Role::DESTINATION, Outcome::MIGRATED) => self.clear_receiving_mark(),
             (Role::DESTINATION, Outcome::ROLLED_BACK) => {
                 if self.started_here && self.state().is_ok_and(|s| s != "STOPPED") {
                     self.kill_here();
@@ -864,16 +921,11 @@ impl HostType for Lxc {
                     let _ = std::fs::remove_file(self.dir().join(f));
                 }
                 if !self.dir_existed {
-                    // Empty once the filesystem driver has removed what it received, which it does right after
-                    // this returns: removed then, if it is.
+                    // This session made the container's directory: all in it (the root filesystem the driver
+                    // received included, which the driver would remove right after) is this session's.
                     let dir = self.dir();
-                    if std::fs::remove_dir(&dir).is_err() {
-                        std::thread::spawn(move || {
-                            let deadline = Instant::now() + Duration::from_secs(10);
-                            while dir.exists() && std::fs::remove_dir(&dir).is_err() && Instant::now() < deadline {
-                                std::thread::sleep(Duration::from_millis(100));
-                            }
-                        });
+                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                        log::warn!("cannot remove {} ({e})", dir.display());
                     }
                 }
                 Ok(())

@@ -3,6 +3,10 @@
 //! one network would be, so that a client on A still reaches the container's address once it runs behind B's
 //! bridge. A's bridge has the client's address ([`LXC_CLIENT_ADDR`]).
 //!
+//! Each host also has a mount namespace of its own with its own sysfs, as a machine has: LXC reads
+//! `/sys/class/net/BRIDGE/bridge`, and sysfs shows the network devices of the namespace that mounted it. A holder
+//! process keeps each mount namespace; LXC's tools, and phaul through [`LxcHosts::wrapper`], run in them.
+//!
 //! Containers are made with LXC's own busybox template (`lxc-create -t busybox`, offline) and started in host A's
 //! network namespace, so their veth joins A's bridge. Their services start from their own init (rcS), as a real
 //! container's would: a counter writing `/counter` five times a second and a TCP echo server on
@@ -55,11 +59,60 @@ fn run_detached(cmd: &mut Command, timeout: Duration) -> Result<bool, TestbedErr
     }
 }
 
+/// Run by a holder in its new mount namespace: a sysfs mounted there shows this network namespace's devices; its
+/// two network directories are bound over the machine's (the rest of /sys, cgroups included, stays).
+const SYSFS_NET: &str = "d=$(mktemp -d) || exit 97; mount -t sysfs sysfs \"$d\" || exit 97; \
+     mount --bind \"$d/class/net\" /sys/class/net && mount --bind \"$d/devices/virtual/net\" /sys/devices/virtual/net \
+     || exit 97; umount -l \"$d\"; rmdir \"$d\"; exec sleep 86400";
+
+/// A process holding a host's mount namespace (with the host's own sysfs).
+#[derive(Debug)]
+struct Holder(std::process::Child);
+
+impl Holder {
+    fn start(host: &Host) -> Result<Holder, TestbedError> {
+        let child = host
+            .command("unshare", ["--mount", "--propagation", "private", "--", "/bin/sh", "-c", SYSFS_NET])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| TestbedError::io("starting a mount-namespace holder", e))?;
+        let h = Holder(child);
+        // Ready once sh has exec'd sleep (its mount namespace then differs from ours and sysfs is remounted).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let ours = std::fs::read_link("/proc/self/ns/mnt").ok();
+        loop {
+            let comm = std::fs::read_to_string(format!("/proc/{}/comm", h.0.id())).unwrap_or_default();
+            let theirs = std::fs::read_link(format!("/proc/{}/ns/mnt", h.0.id())).ok();
+            if comm.trim() == "sleep" && theirs != ours {
+                return Ok(h);
+            }
+            if Instant::now() > deadline {
+                return Err(TestbedError::Timeout {
+                    what: "a mount-namespace holder".into(),
+                    timeout: Duration::from_secs(10),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Two LXC paths, two bridges joined into one segment, and the containers a test made.
 #[derive(Debug)]
 pub struct LxcHosts {
     a: Host,
     b: Host,
+    holder_a: Holder,
+    holder_b: Holder,
     pub path_a: PathBuf,
     pub path_b: PathBuf,
     made: Vec<String>,
@@ -87,7 +140,29 @@ impl LxcHosts {
         for p in [&path_a, &path_b] {
             std::fs::create_dir_all(p).map_err(|e| TestbedError::io(format!("creating {}", p.display()), e))?;
         }
-        Ok(LxcHosts { a, b, path_a, path_b, made: Vec::new() })
+        let (holder_a, holder_b) = (Holder::start(&a)?, Holder::start(&b)?);
+        Ok(LxcHosts { a, b, holder_a, holder_b, path_a, path_b, made: Vec::new() })
+    }
+
+    /// A command in host A's (`b == false`) or B's network and mount namespaces.
+    pub fn command<I, S>(&self, b: bool, program: &str, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let (host, holder) = if b { (&self.b, &self.holder_b) } else { (&self.a, &self.holder_a) };
+        let pid = holder.0.id().to_string();
+        let mut all: Vec<std::ffi::OsString> =
+            vec!["--mount".into(), "--target".into(), pid.into(), "--".into(), program.into()];
+        all.extend(args.into_iter().map(|a| a.as_ref().to_os_string()));
+        host.command("nsenter", all)
+    }
+
+    /// The wrapper that runs phaul in host A's (`b == false`) or B's mount namespace
+    /// ([`crate::MigrateOptions::src_wrapper`]; the network namespace is the host's already).
+    pub fn wrapper(&self, b: bool) -> (PathBuf, Vec<String>) {
+        let holder = if b { &self.holder_b } else { &self.holder_a };
+        (PathBuf::from("/usr/bin/nsenter"), vec!["--mount".into(), "--target".into(), holder.0.id().to_string()])
     }
 
     /// A fresh container name (cgroup names are global to the kernel, so unique per test).
@@ -142,7 +217,7 @@ impl LxcHosts {
     /// Starts a container of A's LXC path in host A's network namespace and waits until its counter runs.
     pub fn start_a(&self, name: &str) -> Result<i32, TestbedError> {
         let pa = self.path_a.display().to_string();
-        let ok = run_detached(&mut self.a.command("lxc-start", ["-P", &pa, "-n", name]), Duration::from_secs(60))?;
+        let ok = run_detached(&mut self.command(false, "lxc-start", ["-P", &pa, "-n", name]), Duration::from_secs(60))?;
         if !ok {
             return Err(TestbedError::InvalidArgument(format!("lxc-start of {name} in {pa} failed")));
         }
@@ -162,21 +237,17 @@ impl LxcHosts {
         })
     }
 
-    /// The host whose network namespace a container of `path` lives in: LXC's command socket is an abstract unix
-    /// socket, which belongs to a network namespace, so its tools must run there.
-    fn host_of(&self, path: &Path) -> &Host {
-        if path == self.path_b {
-            &self.b
-        } else {
-            &self.a
-        }
+    /// Whether a container of `path` lives in host B: LXC's command socket is an abstract unix socket, which
+    /// belongs to a network namespace, so its tools must run there.
+    fn on_b(&self, path: &Path) -> bool {
+        path == self.path_b
     }
 
     /// `lxc-info -s -H` (the state), or `None` when LXC does not know the container there.
     pub fn state(&self, path: &Path, name: &str) -> Option<String> {
         let p = path.display().to_string();
         let out = run_command(
-            &mut self.host_of(path).command("lxc-info", ["-P", &p, "-n", name, "-s", "-H"]),
+            &mut self.command(self.on_b(path), "lxc-info", ["-P", &p, "-n", name, "-s", "-H"]),
             COMMAND_TIMEOUT,
         )
         .ok()?;
@@ -186,7 +257,7 @@ impl LxcHosts {
     pub fn init_pid(&self, path: &Path, name: &str) -> Option<i32> {
         let p = path.display().to_string();
         let out = run_command(
-            &mut self.host_of(path).command("lxc-info", ["-P", &p, "-n", name, "-p", "-H"]),
+            &mut self.command(self.on_b(path), "lxc-info", ["-P", &p, "-n", name, "-p", "-H"]),
             COMMAND_TIMEOUT,
         )
         .ok()?;
@@ -198,7 +269,7 @@ impl LxcHosts {
         let p = path.display().to_string();
         let mut all = vec!["-P", p.as_str(), "-n", name, "--"];
         all.extend_from_slice(args);
-        let out = run_command(&mut self.host_of(path).command("lxc-attach", &all), COMMAND_TIMEOUT)?;
+        let out = run_command(&mut self.command(self.on_b(path), "lxc-attach", &all), COMMAND_TIMEOUT)?;
         if !out.status.success() {
             return Err(TestbedError::InvalidArgument(format!(
                 "lxc-attach {args:?} failed: {}",
@@ -208,12 +279,21 @@ impl LxcHosts {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `lxc-cgroup -P PATH -n NAME KEY [VALUE]`: the value read (or set).
+    pub fn cgroup(&self, path: &Path, name: &str, key: &str, value: Option<&str>) -> Result<String, TestbedError> {
+        let p = path.display().to_string();
+        let mut all = vec!["-P", p.as_str(), "-n", name, key];
+        all.extend(value);
+        let out = run_command(&mut self.command(self.on_b(path), "lxc-cgroup", &all), COMMAND_TIMEOUT)?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
     /// `lxc-stop -P PATH -n NAME ARGS`, bounded; whether it succeeded.
     pub fn stop(&self, path: &Path, name: &str, args: &[&str]) -> bool {
         let p = path.display().to_string();
         let mut all = vec!["-P", p.as_str(), "-n", name];
         all.extend_from_slice(args);
-        run_detached(&mut self.host_of(path).command("lxc-stop", &all), Duration::from_secs(60)).unwrap_or(false)
+        run_detached(&mut self.command(self.on_b(path), "lxc-stop", &all), Duration::from_secs(60)).unwrap_or(false)
     }
 
     pub fn host_a(&self) -> &Host {

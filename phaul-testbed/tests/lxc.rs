@@ -32,9 +32,20 @@ fn bed(tag: &str) -> Option<Bed> {
 
 impl Bed {
     /// `phaul migrate lxc NAME` from A's LXC path to B's, the root filesystem by rsync.
-    fn migrate(&self, name: &str, mut opts: MigrateOptions) -> MigrationRun {
+    fn migrate(&self, name: &str, opts: MigrateOptions) -> MigrationRun {
+        self.migrate_inner(name, opts, true)
+    }
+
+    /// Without `lxc:bridge=` on B: the container's configuration names the bridge (A's).
+    fn migrate_with_config_bridge(&self, name: &str, opts: MigrateOptions) -> MigrationRun {
+        self.migrate_inner(name, opts, false)
+    }
+
+    fn migrate_inner(&self, name: &str, mut opts: MigrateOptions, bridge_b: bool) -> MigrationRun {
         let (pa, pb) = (self.lxc.path_a.display().to_string(), self.lxc.path_b.display().to_string());
         opts.target = Some(("lxc".into(), name.into()));
+        opts.src_wrapper = Some(self.lxc.wrapper(false));
+        opts.dst_wrapper = Some(self.lxc.wrapper(true));
         opts.src_args.extend(["--htype-opt".into(), format!("lxcpath={pa}"), "--fs".into(), "rsync".into()]);
         opts.dst_args.extend([
             "--htype-opt".into(),
@@ -42,7 +53,7 @@ impl Bed {
             "--fs-opt".into(),
             format!("rsync:map={pa}/{name}/rootfs={pb}/{name}/rootfs"),
         ]);
-        if !opts.dst_args.iter().any(|a| a.starts_with("lxc:bridge=")) {
+        if bridge_b && !opts.dst_args.iter().any(|a| a.starts_with("lxc:bridge=")) {
             opts.dst_args.extend(["--htype-opt".into(), format!("lxc:bridge={BRIDGE_B}")]);
         }
         self.lab.migrate(0, opts).expect("migration ran")
@@ -84,8 +95,10 @@ fn ok(run: &MigrationRun) {
 fn busybox_container_moves_and_lxc_manages_it_on_b() {
     let Some(mut b) = bed("lxc-ok") else { return };
     let name = LxcHosts::unique_name("bb");
-    b.lxc.create_busybox(&name, &[]).expect("container");
+    b.lxc.create_busybox(&name, &["lxc.cgroup.memory.limit_in_bytes = 96M"]).expect("container");
     let old_pid = b.lxc.start_a(&name).expect("started on A");
+    // A limit set at run time, beside the one in the configuration.
+    b.lxc.cgroup(&b.lxc.path_a, &name, "pids.max", Some("77")).expect("lxc-cgroup pids.max on A");
     let mut client = connect_client(&b.lab);
     assert_eq!(echo(&mut client, "before"), "before");
     let before = b.counter(&b.lxc.path_a, &name).expect("counter on A");
@@ -119,7 +132,10 @@ fn busybox_container_moves_and_lxc_manages_it_on_b() {
     assert!(cfg_a.contains("lxc.start.auto = 0"), "{cfg_a}");
     assert!(b.lxc.path_a.join(&name).join("rootfs/bin/busybox").exists(), "A's rootfs kept");
     let pa = b.lxc.path_a.display().to_string();
-    match b.lab.a().run("lxc-start", ["-P", &pa, "-n", &name, "-F"]) {
+    match phaul_testbed::run_command(
+        &mut b.lxc.command(false, "lxc-start", ["-P", &pa, "-n", &name, "-F"]),
+        phaul_testbed::COMMAND_TIMEOUT,
+    ) {
         Err(phaul_testbed::TestbedError::CommandFailed { stderr, .. }) => {
             assert!(stderr.contains("lxc.hook.pre-start"), "refused by phaul's pre-start hook:\n{stderr}")
         }
@@ -133,7 +149,127 @@ fn busybox_container_moves_and_lxc_manages_it_on_b() {
     let report = run.report.as_ref().expect("report");
     assert_eq!(report["htype"], "lxc", "{report}");
 
+    // Cgroup limits hold on B: the configuration's and the one set at run time.
+    let mem = b.lxc.cgroup(&b.lxc.path_b, &name, "memory.limit_in_bytes", None).expect("lxc-cgroup on B");
+    assert_eq!(mem, (96u64 << 20).to_string(), "memory limit on B");
+    assert_eq!(b.lxc.cgroup(&b.lxc.path_b, &name, "pids.max", None).expect("lxc-cgroup on B"), "77");
+
     // lxc-stop on B stops it cleanly.
     assert!(b.lxc.stop(&b.lxc.path_b, &name, &["-t", "20"]), "lxc-stop on B");
     assert_eq!(b.lxc.state(&b.lxc.path_b, &name).as_deref(), Some("STOPPED"));
+}
+
+/// What a failed migration must leave: the container running on A under LXC (its counter going on), nothing of
+/// it on B.
+fn assert_on_a_only(b: &Bed, name: &str, run: &MigrationRun) {
+    assert!(!run.src_status.success(), "the migration should have failed:\n{}", run.describe());
+    assert_eq!(b.lxc.state(&b.lxc.path_a, name).as_deref(), Some("RUNNING"), "{}", run.describe());
+    let c1 = b.counter(&b.lxc.path_a, name).expect("counter on A");
+    std::thread::sleep(Duration::from_millis(700));
+    let c2 = b.counter(&b.lxc.path_a, name).expect("counter on A");
+    assert!(c2 > c1, "the container runs on A ({c1} -> {c2}):\n{}", run.describe());
+    assert!(!b.lxc.path_b.join(name).exists(), "B keeps nothing of it:\n{}", run.describe());
+    assert_ne!(b.lxc.state(&b.lxc.path_b, name).as_deref(), Some("RUNNING"));
+}
+
+#[test]
+fn a_destination_without_the_containers_bridge_refuses_and_the_container_runs_on_a() {
+    let Some(mut b) = bed("lxc-nobr") else { return };
+    let name = LxcHosts::unique_name("nb");
+    b.lxc.create_busybox(&name, &[]).expect("container");
+    b.lxc.start_a(&name).expect("started on A");
+    // Named on the command line: refused at the session's set-up, before anything is frozen.
+    let mut opts = MigrateOptions::default();
+    opts.dst_args.extend(["--htype-opt".into(), "lxc:bridge=nosuchbr".into()]);
+    let run = b.migrate(&name, opts);
+    assert!(run.src_stderr.contains("no bridge nosuchbr"), "{}", run.describe());
+    assert_on_a_only(&b, &name, &run);
+    // From the configuration (brA, which B lacks): refused once the configuration arrived; the frozen
+    // container resumes on A.
+    let run = b.migrate_with_config_bridge(&name, MigrateOptions::default());
+    assert!(run.src_stderr.contains("lxc.net.0.link = brA"), "{}", run.describe());
+    assert_on_a_only(&b, &name, &run);
+}
+
+#[test]
+fn a_destination_that_has_a_container_of_that_name_refuses_it() {
+    let Some(mut b) = bed("lxc-dup") else { return };
+    let name = LxcHosts::unique_name("dup");
+    b.lxc.create_busybox(&name, &[]).expect("container");
+    b.lxc.start_a(&name).expect("started on A");
+    let theirs = b.lxc.path_b.join(&name);
+    std::fs::create_dir_all(&theirs).expect("B's container dir");
+    std::fs::write(theirs.join("config"), "lxc.uts.name = theirs\n").expect("B's config");
+    let run = b.migrate(&name, MigrateOptions::default());
+    assert!(run.src_stderr.contains("already has a container named"), "{}", run.describe());
+    assert!(!run.src_status.success());
+    assert_eq!(b.lxc.state(&b.lxc.path_a, &name).as_deref(), Some("RUNNING"));
+    assert_eq!(std::fs::read_to_string(theirs.join("config")).expect("kept"), "lxc.uts.name = theirs\n");
+}
+
+#[test]
+fn a_restore_that_fails_on_b_leaves_the_container_running_on_a() {
+    let Some(mut b) = bed("lxc-rstfail") else { return };
+    let name = LxcHosts::unique_name("rf");
+    b.lxc.create_busybox(&name, &[]).expect("container");
+    b.lxc.start_a(&name).expect("started on A");
+    // CRIU's default mount engine fails on this machine's kernel ("Failed to move_mount"): a real restore failure.
+    let mut opts = MigrateOptions::default();
+    opts.dst_args.extend(["--htype-opt".into(), "lxc:mntns-compat-mode=no".into()]);
+    let run = b.migrate(&name, opts);
+    assert!(run.src_stderr.contains("lxc-checkpoint -r"), "the error names liblxc's restore:\n{}", run.describe());
+    assert_on_a_only(&b, &name, &run);
+}
+
+#[test]
+fn a_destination_killed_while_liblxc_holds_the_restore_leaves_it_on_a_and_the_next_run_succeeds() {
+    let Some(mut b) = bed("lxc-kill") else { return };
+    let name = LxcHosts::unique_name("kd");
+    b.lxc.create_busybox(&name, &[]).expect("container");
+    b.lxc.start_a(&name).expect("started on A");
+    let mut opts = MigrateOptions::default();
+    let file = b.lab.path("fault.json");
+    phaul_testbed::fault::kill_at(&mut opts, "dst:notify:post-restore", phaul_testbed::fault::Side::Dst, file.clone());
+    let run = b.migrate(&name, opts);
+    assert!(file.exists(), "dst:notify:post-restore was never reached:\n{}", run.describe());
+    assert!(!run.src_status.success(), "{}", run.describe());
+    assert_eq!(b.lxc.state(&b.lxc.path_a, &name).as_deref(), Some("RUNNING"), "{}", run.describe());
+    // CRIU's action script got no answer: it failed the restore and killed what it restored.
+    phaul_testbed::fault::wait_until(Duration::from_secs(15), || {
+        b.lxc.state(&b.lxc.path_b, &name).as_deref() != Some("RUNNING")
+    });
+    assert_ne!(b.lxc.state(&b.lxc.path_b, &name).as_deref(), Some("RUNNING"));
+    // What the killed destination left (its configuration, the received files) does not block the next run.
+    let run = b.migrate(&name, MigrateOptions::default());
+    ok(&run);
+    assert_eq!(b.lxc.state(&b.lxc.path_b, &name).as_deref(), Some("RUNNING"));
+    assert_eq!(b.lxc.state(&b.lxc.path_a, &name).as_deref(), Some("STOPPED"));
+    let cfg_b = std::fs::read_to_string(b.lxc.path_b.join(&name).join("config")).expect("B's config");
+    assert!(!cfg_b.contains("phaul-receiving"), "committed: no receiving mark left:\n{cfg_b}");
+}
+
+#[test]
+fn restart_mode_stops_the_container_on_a_and_starts_it_on_b() {
+    let Some(mut b) = bed("lxc-restart") else { return };
+    let name = LxcHosts::unique_name("rs");
+    b.lxc.create_busybox(&name, &[]).expect("container");
+    b.lxc.start_a(&name).expect("started on A");
+    let mut opts = MigrateOptions::default();
+    opts.src_args.extend(["--mode".into(), "restart".into()]);
+    let run = b.migrate(&name, opts);
+    ok(&run);
+    let report = run.report.as_ref().expect("report");
+    assert_eq!(report["mode"], "restart", "{report}");
+    assert!(report["outage_ms"].as_f64().is_some_and(|o| o > 0.0), "the outage is reported: {report}");
+    assert_eq!(b.lxc.state(&b.lxc.path_b, &name).as_deref(), Some("RUNNING"));
+    assert_eq!(b.lxc.state(&b.lxc.path_a, &name).as_deref(), Some("STOPPED"));
+    // Started afresh on B: its counter starts again from 1 and runs.
+    phaul_testbed::fault::wait_until(Duration::from_secs(10), || {
+        b.counter(&b.lxc.path_b, &name).is_some_and(|n| n >= 3)
+    });
+    let ps = b.lxc.attach(&b.lxc.path_b, &name, &["ps"]).expect("lxc-attach on B");
+    assert!(ps.contains("nc -ll"), "{ps}");
+    let cfg_a = std::fs::read_to_string(b.lxc.path_a.join(&name).join("config")).expect("A's config kept");
+    assert!(cfg_a.contains("lxc.start.auto = 0") && cfg_a.contains("phaul-migrated-away"), "{cfg_a}");
+    assert!(b.lxc.stop(&b.lxc.path_b, &name, &["-t", "20"]));
 }
