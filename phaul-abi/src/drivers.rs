@@ -100,6 +100,13 @@ pub trait HostType: Send + 'static {
     fn discard(&mut self, _pid: i32) -> PluginResult<bool> {
         Ok(false)
     }
+
+    /// Interface revision 3. What the migration's report says of the workload, asked of the
+    /// source after `finish`: `key = value` lines such as the container, where its root filesystem was and how
+    /// its console was carried.
+    fn report(&mut self) -> PluginResult<Vec<KeyValue>> {
+        Ok(Vec::new())
+    }
 }
 
 /// The sending half of a filesystem driver, on the source.

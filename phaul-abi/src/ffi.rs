@@ -181,6 +181,10 @@ pub trait HostTypeFfi: Send {
     fn discard(&mut self, _pid: i32) -> RResult<bool, PluginError> {
         RResult::ROk(false)
     }
+    /// Revision 3 (a plugin built before it was added answers with the default: nothing to report).
+    fn report(&mut self) -> RResult<RVec<KeyValue>, PluginError> {
+        RResult::ROk(RVec::new())
+    }
 }
 
 /// An owned host-type object.
@@ -262,6 +266,9 @@ impl<T: HostType> HostTypeFfi for Guarded<T> {
     }
     fn discard(&mut self, pid: i32) -> RResult<bool, PluginError> {
         guard("discard", || self.0.discard(pid))
+    }
+    fn report(&mut self) -> RResult<RVec<KeyValue>, PluginError> {
+        guard("report", || self.0.report().map(RVec::from))
     }
 }
 

@@ -78,6 +78,10 @@ struct Lxc {
     init: Option<i32>,
     /// Source: the configuration as read before the dump.
     config: Option<Config>,
+    /// Source: the console's tty id, when it has one (live mode).
+    console: Option<String>,
+    /// How the migration ended, once told.
+    outcome: Option<Outcome>,
     /// Destination: the configuration the source sent, and its console's tty id.
     received: Option<Config>,
     tty_info: Option<String>,
@@ -172,6 +176,8 @@ fn new(args: &HostTypeArgs) -> PluginResult<Lxc> {
         tools,
         init: None,
         config: None,
+        console: None,
+        outcome: None,
         received: None,
         tty_info: None,
         wrote_config: None,
@@ -709,6 +715,7 @@ impl HostType for Lxc {
                 std::fs::write(&p, &tty)
                     .map_err(|e| PluginError::failed(format!("cannot write {} ({e})", p.display())))?;
                 log::info!("container '{}': its console {tty} is carried as an external tty", self.name);
+                self.console = Some(tty);
             } else {
                 log::info!("container '{}' has no console (lxc.console.path = none)", self.name);
             }
@@ -894,7 +901,38 @@ impl HostType for Lxc {
         Ok(pid)
     }
 
+    fn report(&mut self) -> PluginResult<Vec<KeyValue>> {
+        if self.role != Role::SOURCE {
+            return Ok(Vec::new());
+        }
+        let mut v = vec![KeyValue::new("container", format!("{} in {}", self.name, self.lxcpath.display()))];
+        if let Some(c) = &self.config {
+            if let Ok(r) = self.source_rootfs(c) {
+                v.push(KeyValue::new("rootfs", format!("{}:{} (moved by the filesystem driver)", r.kind, r.path)));
+            }
+        }
+        let console = match (&self.console, self.mode) {
+            (_, Mode::RESTART) => "restart mode: a new console at the start on the destination".to_string(),
+            (Some(t), _) => format!(
+                "{t}, carried as an external tty: the destination's liblxc gave it a new pty, its master held by LXC's monitor there (lxc-console)"
+            ),
+            (None, _) => "none (lxc.console.path = none)".to_string(),
+        };
+        v.push(KeyValue::new("console", console));
+        if self.outcome == Some(Outcome::MIGRATED) {
+            v.push(KeyValue::new(
+                "left here",
+                format!(
+                    "stopped, configuration and root filesystem kept; lxc.start.auto = 0 and the pre-start hook {} refuse a second start",
+                    self.dir().join(MARKER).display()
+                ),
+            ));
+        }
+        Ok(v)
+    }
+
     fn finish(&mut self, outcome: Outcome) -> PluginResult<()> {
+        self.outcome = Some(outcome);
         match (self.role, outcome) {
             (Role::SOURCE, Outcome::MIGRATED) => {
                 // The commit ended the tree; LXC's monitor sees its init go.

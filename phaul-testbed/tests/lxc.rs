@@ -126,6 +126,11 @@ fn busybox_container_moves_and_lxc_manages_it_on_b() {
     // The connection made before the migration still works.
     assert_eq!(echo(&mut client, "after"), "after");
 
+    // The console (carried as an external tty; B's liblxc made its new pty, whose master B's monitor holds):
+    // lxc-console on B reaches the shell busybox's init keeps on it.
+    let seen = console_session(&b.lxc, &b.lxc.path_b, &name, &["", "echo $((6*7))z"]);
+    assert!(seen.contains("42z"), "lxc-console on B reached the container's console shell:\n{seen}");
+
     // A's container is stopped, kept, and cannot be started by mistake.
     assert_eq!(b.lxc.state(&b.lxc.path_a, &name).as_deref(), Some("STOPPED"));
     let cfg_a = std::fs::read_to_string(b.lxc.path_a.join(&name).join("config")).expect("A's config kept");
@@ -148,6 +153,11 @@ fn busybox_container_moves_and_lxc_manages_it_on_b() {
     assert!(cfg_b.contains(&format!("lxc.net.0.link = {BRIDGE_B}")));
     let report = run.report.as_ref().expect("report");
     assert_eq!(report["htype"], "lxc", "{report}");
+    assert_eq!(report["fs_driver"], "rsync", "{report}");
+    let d = &report["htype_details"];
+    assert!(d["container"].as_str().is_some_and(|c| c.starts_with(&name)), "{report}");
+    assert!(d["console"].as_str().is_some_and(|c| c.starts_with("tty[") && c.contains("external tty")), "{report}");
+    assert!(d["left here"].as_str().is_some_and(|c| c.contains("lxc.start.auto = 0")), "{report}");
 
     // Cgroup limits hold on B: the configuration's and the one set at run time.
     let mem = b.lxc.cgroup(&b.lxc.path_b, &name, "memory.limit_in_bytes", None).expect("lxc-cgroup on B");
@@ -272,4 +282,40 @@ fn restart_mode_stops_the_container_on_a_and_starts_it_on_b() {
     let cfg_a = std::fs::read_to_string(b.lxc.path_a.join(&name).join("config")).expect("A's config kept");
     assert!(cfg_a.contains("lxc.start.auto = 0") && cfg_a.contains("phaul-migrated-away"), "{cfg_a}");
     assert!(b.lxc.stop(&b.lxc.path_b, &name, &["-t", "20"]));
+}
+
+/// Types `lines` into `lxc-console -t 0` (under `script`, which gives it a terminal), then leaves it (Ctrl-a q);
+/// what the terminal showed.
+fn console_session(lxc: &LxcHosts, path: &Path, name: &str, lines: &[&str]) -> String {
+    use std::process::Stdio;
+    let cmd = format!("lxc-console -P {} -n {name} -t 0", path.display());
+    let mut child = lxc
+        .command(path == lxc.path_b, "script", ["-qfec", cmd.as_str(), "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("script lxc-console");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let out = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut { out }, &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    for l in lines {
+        let _ = stdin.write_all(format!("{l}\r").as_bytes());
+        let _ = stdin.flush();
+        std::thread::sleep(Duration::from_millis(800));
+    }
+    let _ = stdin.write_all(b"\x01q");
+    let _ = stdin.flush();
+    let done = phaul_testbed::fault::wait_until(Duration::from_secs(10), || child.try_wait().ok().flatten().is_some());
+    if !done {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    drop(stdin);
+    reader.join().unwrap_or_default()
 }

@@ -117,6 +117,9 @@ pub struct Report {
     pub htype: String,
     pub id: String,
     pub fs_driver: String,
+    /// What the source's host type says of the workload (`HostType::report`): its container, root filesystem,
+    /// console...
+    pub htype_details: std::collections::BTreeMap<String, String>,
     pub mode: &'static str,
     pub memory: MemoryStrategy,
     pub source_criu: String,
@@ -195,6 +198,9 @@ impl fmt::Display for Report {
             self.fs_rounds,
             mib(self.channels.filesystem)
         )?;
+        for (k, v) in &self.htype_details {
+            writeln!(f, "  {:<13} {v}", format!("{k}:"))?;
+        }
         writeln!(f, "  CRIU:         source {}, destination {}", self.source_criu, self.destination_criu)?;
         writeln!(f, "  total time:   {:.0} ms", self.total_ms)?;
         if let Some(v) = self.frozen_ms {

@@ -21,7 +21,7 @@ use phaul_proto::criu::{CriuPageServerInfo, CriuReqType, CriuResp};
 use phaul_proto::wire::envelope::Body;
 use phaul_proto::wire::{self as w, EndRound, Restore, SessionState, StartRound};
 
-use super::{plugin, Ended, HandoverOrder, Live, MigrateError, Plan, SourceConfig, SourceRun};
+use super::{finish_htype, plugin, Ended, HandoverOrder, Live, MigrateError, Plan, SourceConfig, SourceRun};
 use crate::criu::{rpc, CriuError};
 use crate::engine::control::{AutoCommit, Deadline};
 use crate::engine::files;
@@ -643,7 +643,7 @@ pub(super) fn migrated(run: &mut SourceRun<'_>, live: &mut Live) -> Result<(), M
         log::error!("{e}");
     }
     let _ = live.fs.finish(Outcome::MIGRATED);
-    let _ = live.htype.finish(Outcome::MIGRATED);
+    finish_htype(run, live, Outcome::MIGRATED);
     run.progress.phase("confirming");
     match live.control.request(Body::Finish(w::Finish { migrated: true, reason: String::new() }), run.wait_after()) {
         Ok(Body::FinishReply(r)) => {
@@ -703,7 +703,7 @@ pub(super) fn rolled_back(run: &mut SourceRun<'_>, live: &mut Live, e: MigrateEr
         );
     }
     let _ = live.fs.finish(Outcome::ROLLED_BACK);
-    let _ = live.htype.finish(Outcome::ROLLED_BACK);
+    finish_htype(run, live, Outcome::ROLLED_BACK);
     Err(e)
 }
 
@@ -741,7 +741,7 @@ fn lost(run: &mut SourceRun<'_>, live: &mut Live, fz: &Frozen, why: String) -> R
     run.ended = Some(Ended::Lost);
     let _ = run.record(SourceState::Lost, &why, |_| {});
     let _ = live.fs.finish(Outcome::ROLLED_BACK);
-    let _ = live.htype.finish(Outcome::ROLLED_BACK);
+    finish_htype(run, live, Outcome::ROLLED_BACK);
     Err(MigrateError::Lost(why))
 }
 
@@ -1128,7 +1128,7 @@ fn sequential(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<()
             restore_on_source(run, live, &fz.dir)?;
             run.ended = Some(Ended::RolledBack);
             let _ = live.fs.finish(Outcome::ROLLED_BACK);
-            let _ = live.htype.finish(Outcome::ROLLED_BACK);
+            finish_htype(run, live, Outcome::ROLLED_BACK);
             Err(e)
         }
         Decision::InDoubt(why) | Decision::Lost(why) => in_doubt(run, live, why),

@@ -376,6 +376,7 @@ impl Report {
             htype: String::new(),
             id: String::new(),
             fs_driver: String::new(),
+            htype_details: Default::default(),
             mode: "live",
             memory: MemoryStrategy {
                 strategy: "stop-and-copy",
@@ -520,7 +521,7 @@ impl<'c> SourceRun<'c> {
                 );
             }
             let _ = live.fs.finish(Outcome::ROLLED_BACK);
-            let _ = live.htype.finish(Outcome::ROLLED_BACK);
+            finish_htype(self, &mut live, Outcome::ROLLED_BACK);
             let note = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
             let _ = self.record(SourceState::RolledBack, &note, |_| {});
         }
@@ -1254,4 +1255,16 @@ fn keep_pagemaps(dir: &Path, reply: w::EndRoundReply) -> Result<(), MigrateError
         std::fs::write(&path, b"").map_err(|source| MigrateError::WriteImage { path, source })?;
     }
     Ok(())
+}
+
+/// Tells the host type how the migration ended, then takes what it says of the workload into the report.
+pub(super) fn finish_htype(run: &mut SourceRun<'_>, live: &mut Live, outcome: Outcome) {
+    let _ = live.htype.finish(outcome);
+    match live.htype.report().into_result() {
+        Ok(list) => {
+            run.report.htype_details =
+                list.into_iter().map(|kv| (kv.key.into_string(), kv.value.into_string())).collect()
+        }
+        Err(e) => log::warn!("the host type '{}' could not say what to report: {e}", run.cfg.htype),
+    }
 }
