@@ -146,10 +146,29 @@ pub fn is_peer_option(key: &str) -> bool {
 /// [`own_options`] only, so that a source cannot pick them.
 pub const OWN_OPTIONS_FROM: &str = "own-options-from";
 
-/// The options that are this host's own (see [`OWN_OPTIONS_FROM`]): all of them when `more` does not say.
+/// A destination's own options (see [`OWN_OPTIONS_FROM`]): none when `more` does not say which they are (a host
+/// that does not tell is not trusted to have separated them).
 pub fn own_options<'a>(options: &'a [KeyValue], more: &[KeyValue]) -> &'a [KeyValue] {
-    let from = option(more, OWN_OPTIONS_FROM).and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
-    options.get(from..).unwrap_or(&[])
+    match option(more, OWN_OPTIONS_FROM).and_then(|v| v.parse::<usize>().ok()) {
+        Some(from) => options.get(from..).unwrap_or(&[]),
+        None => &[],
+    }
+}
+
+#[cfg(test)]
+mod own_option_tests {
+    use super::*;
+
+    #[test]
+    fn own_options_are_those_from_the_index() {
+        let opts = [KeyValue::new("lxcpath", "/src"), KeyValue::new("lxcpath", "/dst"), KeyValue::new("bridge", "br0")];
+        let more = [KeyValue::new(OWN_OPTIONS_FROM, "1")];
+        assert_eq!(own_options(&opts, &more), &opts[1..]);
+        assert_eq!(own_options(&opts, &[KeyValue::new(OWN_OPTIONS_FROM, "3")]), &[] as &[KeyValue]);
+        assert_eq!(own_options(&opts, &[KeyValue::new(OWN_OPTIONS_FROM, "9")]), &[] as &[KeyValue]);
+        // A host that does not say: none are trusted as this host's.
+        assert_eq!(own_options(&opts, &[]), &[] as &[KeyValue]);
+    }
 }
 
 /// Looks up a key (the last one wins).

@@ -24,8 +24,10 @@
 //! - `rootfs-dir=DIR` (destination, with the `shared` driver only): where the root filesystem is on this host,
 //!   when it is not at the source's path;
 //! - `mntns-compat-mode=yes|no` (destination, yes): CRIU's older mount engine, which this machine's kernels need;
-//! - `allow-hooks=yes|no` (destination, no): accept a configuration with `lxc.hook.*` or an `lxc.include` outside
-//!   `/usr/share/lxc/config`: these run or read files on this host as root, chosen by the source;
+//! - `trust-config=yes|no` (no): take every key of the container's configuration from the source. Without it a
+//!   destination takes only keys that describe the container itself (see `trust.rs`) and refuses the rest by
+//!   name (hooks, network scripts, bind mounts of host paths, log files, host namespaces, devices...), which
+//!   liblxc would act on as root on this host; the source checks the same before freezing;
 //! - `stop-timeout=SECONDS` (30): how long `lxc-stop` may take (restart mode).
 //!
 //! What phaul cannot carry it refuses before freezing, naming the configuration key: ttys (`lxc.tty.max` above
@@ -34,6 +36,7 @@
 
 mod config;
 mod tools;
+mod trust;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -47,15 +50,13 @@ use phaul_abi::{
 pub use config::{Config, Rootfs};
 use tools::{tail, Tools};
 
-const KNOWN: &[&str] = &["lxcpath", "bridge", "rootfs-dir", "mntns-compat-mode", "allow-hooks", "stop-timeout"];
-/// Where LXC keeps the container's configuration files it ships (the only `lxc.include` accepted by default).
-const LXC_SHARED_CONFIG: &str = "/usr/share/lxc/config/";
+const KNOWN: &[&str] = &["lxcpath", "bridge", "rootfs-dir", "mntns-compat-mode", "trust-config", "stop-timeout"];
 /// The file beside a migrated-away container's configuration that refuses its start.
 pub const MARKER: &str = "phaul-migrated-away";
-/// The first line of a configuration a destination wrote while the migration is not committed yet: the pid of
-/// the `phaul serve` that wrote it. A later run removes such a configuration once that process is gone and the
-/// container is not running (a destination killed mid-migration left it).
-const RECEIVING: &str = "# phaul-receiving: pid ";
+/// The claim a destination holds on the container's directory until the commit: a file holding the pid of the
+/// `phaul serve` receiving it. A second session for the name is refused while that process lives; once it is gone
+/// (killed mid-migration) a later run sets aside the configuration it left, when the container does not run.
+const CLAIM: &str = ".phaul-receiving";
 /// The longest configuration accepted from a source.
 const MAX_CONFIG: u64 = 1 << 20;
 const QUICK: Duration = Duration::from_secs(30);
@@ -70,7 +71,7 @@ struct Lxc {
     bridge: Option<String>,
     rootfs_dir: Option<String>,
     mntns_compat: bool,
-    allow_hooks: bool,
+    trust_config: bool,
     stop_timeout: u64,
     work: PathBuf,
     tools: Tools,
@@ -91,6 +92,10 @@ struct Lxc {
     dir_existed: bool,
     /// Destination: the container was started or restored here.
     started_here: bool,
+    /// Destination: this session holds the claim on the container's directory.
+    claimed: bool,
+    /// Source: how marking the container as migrated away went.
+    marked: Option<Result<(), String>>,
 }
 
 fn yes_no(list: &[KeyValue], key: &str, default: bool) -> PluginResult<bool> {
@@ -128,18 +133,18 @@ fn default_lxcpath(tools: &Tools) -> PluginResult<PathBuf> {
 }
 
 fn new(args: &HostTypeArgs) -> PluginResult<Lxc> {
-    if let Some(kv) = args.options.iter().find(|kv| !KNOWN.contains(&kv.key.as_str())) {
+    let name = args.id.as_str().to_string();
+    check_name(&name)?;
+    // On the destination only this host's own options count: a source must not pick paths here.
+    let own: &[KeyValue] =
+        if args.role == Role::DESTINATION { own_options(&args.options, &args.more) } else { &args.options };
+    if let Some(kv) = own.iter().find(|kv| !KNOWN.contains(&kv.key.as_str())) {
         return Err(PluginError::invalid(format!(
             "the lxc host type has no option '{}'; it knows {}",
             kv.key,
             KNOWN.join(", ")
         )));
     }
-    let name = args.id.as_str().to_string();
-    check_name(&name)?;
-    // On the destination only this host's own options count: a source must not pick paths here.
-    let own: &[KeyValue] =
-        if args.role == Role::DESTINATION { own_options(&args.options, &args.more) } else { &args.options };
     let work = PathBuf::from(args.work_dir.as_str()).join("lxc");
     std::fs::create_dir_all(&work).map_err(|e| {
         PluginError::failed(format!("cannot create the lxc host type's directory {} ({e})", work.display()))
@@ -157,6 +162,9 @@ fn new(args: &HostTypeArgs) -> PluginResult<Lxc> {
         })?,
     };
     let bridge = option(own, "bridge").map(str::to_string);
+    if let Some(r) = option(own, "rootfs-dir").filter(|r| !Path::new(r).is_absolute()) {
+        return Err(PluginError::invalid(format!("--htype-opt rootfs-dir={r}: give an absolute path")));
+    }
     if let Some(b) = &bridge {
         if b.is_empty() || b.len() > 15 || !b.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             return Err(PluginError::invalid(format!("--htype-opt bridge={b}: not an interface name")));
@@ -170,7 +178,7 @@ fn new(args: &HostTypeArgs) -> PluginResult<Lxc> {
         bridge,
         rootfs_dir: option(own, "rootfs-dir").map(str::to_string),
         mntns_compat: yes_no(own, "mntns-compat-mode", true)?,
-        allow_hooks: yes_no(own, "allow-hooks", false)?,
+        trust_config: yes_no(own, "trust-config", false)?,
         stop_timeout,
         work,
         tools,
@@ -183,6 +191,8 @@ fn new(args: &HostTypeArgs) -> PluginResult<Lxc> {
         wrote_config: None,
         dir_existed: true,
         started_here: false,
+        claimed: false,
+        marked: None,
     };
     let mut me = me;
     if me.role == Role::DESTINATION {
@@ -195,14 +205,15 @@ fn new(args: &HostTypeArgs) -> PluginResult<Lxc> {
                 PluginError::failed(format!("cannot create the container's directory {} ({e})", dir.display()))
             })?;
         }
+        me.claim()?;
     }
     Ok(me)
 }
 
 /// `ip link show NAME` in this process's network namespace (sysfs may show another one's).
 fn bridge_exists(tools: &Tools, name: &str) -> PluginResult<bool> {
-    let (ok, out) = tools.run_status("ip", &["-d", "-o", "link", "show", "dev", name], QUICK, "looking up a bridge")?;
-    Ok(ok && out.stdout.contains(" bridge "))
+    let (ok, out) = tools.run_status("ip", &["-j", "-d", "link", "show", "dev", name], QUICK, "looking up a bridge")?;
+    Ok(ok && out.stdout.replace(' ', "").contains("\"info_kind\":\"bridge\""))
 }
 
 /// The kernel has AppArmor (LXC and CRIU both need it for an `lxc.apparmor.profile` other than none).
@@ -287,7 +298,7 @@ impl Lxc {
                 let ns = std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
                 if ns.is_some() && ns != own_ns {
                     return Err(PluginError::unsupported(format!(
-                        "container '{name}' runs a nested container (pid {pid} is in a pid namespace of its own, as with lxc.include = {LXC_SHARED_CONFIG}nesting.conf): CRIU cannot dump nested pid namespaces of a container; stop the nested container first"
+                        "container '{name}' runs a nested container (pid {pid} is in a pid namespace of its own, as with lxc.include = {}/nesting.conf): CRIU cannot dump nested pid namespaces of a container; stop the nested container first", trust::LXC_SHARED_CONFIG
                     )));
                 }
             }
@@ -414,12 +425,18 @@ impl Lxc {
         let config = self.config_path();
         let when =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
-        let q = |p: &Path| p.display().to_string().replace('\'', "'\\''");
+        let shown = |p: &Path| p.display().to_string().replace(['\n', '\r'], "?");
+        let message = format!(
+            "phaul: container '{}' was migrated away from this host; its copy runs on the destination. Starting it here would run a second copy; to do it anyway, remove the lxc.hook.pre-start line naming {} from {}.",
+            self.name,
+            shown(&marker),
+            shown(&config)
+        );
         let script = format!(
-            "#!/bin/sh\n# Written by phaul: container '{name}' was migrated to another host (at {when}, seconds since 1970).\n# Its copy runs there; starting it here would run a second copy. To start it here anyway, delete the\n# lxc.hook.pre-start line naming this file from '{config}' and this file.\necho \"phaul: container '{name}' was migrated away from this host; its copy runs on the destination. Starting it here would run a second copy; to do it anyway, remove the lxc.hook.pre-start line naming '{marker}' from '{config}'.\" >&2\nexit 1\n",
+            "#!/bin/sh\n# Written by phaul: container '{name}' was migrated to another host (at {when}, seconds since 1970).\n# Its copy runs there; starting it here would run a second copy. To start it here anyway, delete the\n# lxc.hook.pre-start line naming this file from {config} and this file.\nprintf '%s\\n' '{quoted}' >&2\nexit 1\n",
             name = self.name,
-            config = q(&config),
-            marker = q(&marker),
+            config = shown(&config),
+            quoted = message.replace('\'', "'\\''"),
         );
         std::fs::write(&marker, script)
             .and_then(|_| std::fs::set_permissions(&marker, std::fs::Permissions::from_mode(0o755)))
@@ -435,27 +452,112 @@ impl Lxc {
 
     // ---- destination --------------------------------------------------------------------------------------
 
-    /// A configuration left by a destination that died before the commit: removed when its writer is gone and
-    /// the container does not run; `true` if it was.
+    fn claim_path(&self) -> PathBuf {
+        self.dir().join(CLAIM)
+    }
+
+    /// The pid in the directory's claim, if there is one.
+    fn claim_holder(&self) -> Option<i32> {
+        std::fs::read_to_string(self.claim_path()).ok()?.trim().parse().ok()
+    }
+
+    fn claim_is_ours(&self) -> bool {
+        self.claimed && self.claim_holder() == Some(std::process::id() as i32)
+    }
+
+    /// Takes the claim on the container's directory (at set-up), or refuses while another live session holds it.
+    fn claim(&mut self) -> PluginResult<()> {
+        use std::io::Write;
+        let p = self.claim_path();
+        if let Some(pid) = self.claim_holder() {
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                return Err(PluginError::invalid(format!(
+                    "another phaul serve (pid {pid}) is receiving container '{}' into {} right now; wait for it to end",
+                    self.name,
+                    self.dir().display()
+                )));
+            }
+            let _ = std::fs::remove_file(&p);
+        }
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&p).map_err(|e| {
+            PluginError::failed(format!("cannot claim {} for this migration ({e})", self.dir().display()))
+        })?;
+        f.write_all(format!("{}\n", std::process::id()).as_bytes())
+            .map_err(|e| PluginError::failed(format!("cannot write {} ({e})", p.display())))?;
+        self.claimed = true;
+        Ok(())
+    }
+
+    /// The migration committed (or restart mode's start happened): the container is this host's now.
+    fn release_claim(&mut self) {
+        if self.claim_is_ours() {
+            if let Err(e) = std::fs::remove_file(self.claim_path()) {
+                log::warn!("cannot remove {} ({e})", self.claim_path().display());
+                return;
+            }
+        }
+        self.claimed = false;
+        self.wrote_config = None;
+    }
+
+    /// A configuration left by a destination that died before the commit (its claim's process is gone, and
+    /// LXC says the container is STOPPED): set aside (renamed, never deleted); `true` if it was.
     fn sweep_leftover(&self) -> bool {
         let p = self.config_path();
-        let Ok(text) = std::fs::read_to_string(&p) else { return false };
-        let Some(pid) =
-            text.lines().next().and_then(|l| l.strip_prefix(RECEIVING)).and_then(|r| r.trim().parse::<i32>().ok())
-        else {
-            return false;
-        };
-        if pid == std::process::id() as i32 || Path::new(&format!("/proc/{pid}")).exists() {
+        let Some(pid) = self.claim_holder() else { return false };
+        if Path::new(&format!("/proc/{pid}")).exists() || !p.exists() {
             return false;
         }
-        if self.state().is_ok_and(|s| s != "STOPPED") {
+        // An error from lxc-info is no proof that it does not run.
+        if !self.state().is_ok_and(|s| s == "STOPPED") {
             return false;
         }
+        let when = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let aside = self.dir().join(format!("config.phaul-leftover-{when}"));
         log::warn!(
-            "removing {}: a destination (pid {pid}, gone) wrote it for a migration that never committed",
-            p.display()
+            "{} was written by a phaul serve (pid {pid}, gone) for a migration that never committed; set aside as {}",
+            p.display(),
+            aside.display()
         );
-        std::fs::remove_file(&p).is_ok()
+        std::fs::rename(&p, &aside).is_ok()
+    }
+
+    /// Undoes this session's work here (a roll-back): the container killed if it was started, then its
+    /// configuration and (if this session made it) its directory removed, only while the claim is ours. An error
+    /// when the container may still run: then nothing is removed.
+    fn undo_here(&mut self) -> PluginResult<()> {
+        if !self.claim_is_ours() {
+            return Ok(());
+        }
+        if self.started_here {
+            self.kill_here();
+            if !self.state().is_ok_and(|s| s == "STOPPED") {
+                return Err(PluginError::failed(format!(
+                    "container '{}' was started here and could not be seen STOPPED after lxc-stop -k; its configuration is kept in {} (stop it with lxc-stop -k -n {} -P {})",
+                    self.name,
+                    self.dir().display(),
+                    self.name,
+                    self.lxcpath.display()
+                )));
+            }
+        }
+        if let Some(p) = self.wrote_config.take() {
+            let _ = std::fs::remove_file(&p);
+        }
+        for f in [format!("{}.log", self.name), "lxc_monitor.log".into()] {
+            let _ = std::fs::remove_file(self.dir().join(f));
+        }
+        if !self.dir_existed {
+            // This session made the container's directory: all in it (the root filesystem the driver received
+            // included, which the driver would remove right after) is this session's.
+            if let Err(e) = std::fs::remove_dir_all(self.dir()) {
+                log::warn!("cannot remove {} ({e})", self.dir().display());
+            }
+        } else {
+            let _ = std::fs::remove_file(self.claim_path());
+        }
+        self.claimed = false;
+        Ok(())
     }
 
     /// At the session's set-up, before the source freezes anything.
@@ -492,18 +594,15 @@ impl Lxc {
             .received
             .clone()
             .ok_or_else(|| PluginError::failed("the source sent no container configuration (extra file 'config')"))?;
-        if !self.allow_hooks {
-            if let Some((k, v)) = c.entries().find(|(k, v)| {
-                (k.starts_with("lxc.hook.") && !v.ends_with(MARKER))
-                    || (*k == "lxc.include" && !v.starts_with(LXC_SHARED_CONFIG))
-            }) {
+        // A source's own migrated-away marker (a return trip) is not this host's.
+        c.remove_where(|k, v| k == "lxc.hook.pre-start" && v.ends_with(MARKER));
+        if !self.trust_config {
+            if let Some((k, v, why)) = trust::first_refused(&c) {
                 return Err(PluginError::unsupported(format!(
-                    "the container's configuration has {k} = {v}, which would run or read a file on this host as root, chosen by the source; allow it with `phaul serve --htype-opt lxc:allow-hooks=yes` if you trust the source's configuration"
+                    "the container's configuration has {k} = {v}: {why}. liblxc would act on it as root on this host, so it is not taken from a source; remove it from the container's configuration, or pass `phaul serve --htype-opt lxc:trust-config=yes` (and --htype-opt trust-config=yes on the source) if you trust the source's configuration"
                 )));
             }
         }
-        // A source's own migrated-away marker (a return trip) is not this host's.
-        c.remove_where(|k, v| k == "lxc.hook.pre-start" && v.ends_with(MARKER));
         let old = Rootfs::parse(c.get("lxc.rootfs.path").unwrap_or_default());
         let kind =
             if old.kind == "btrfs" && std::fs::metadata(root).is_ok_and(|m| m.ino() == 256) { "btrfs" } else { "dir" };
@@ -555,7 +654,12 @@ impl Lxc {
         if let Some(r) = option(prepared, "root") {
             return Ok(r.to_string());
         }
-        Ok(self.rootfs_dir.clone().unwrap_or_else(|| src.to_string()))
+        // The filesystem driver said nothing (shared storage): this host's operator names the place.
+        self.rootfs_dir.clone().ok_or_else(|| {
+            PluginError::invalid(format!(
+                "the filesystem driver did not say where the container's root filesystem ({src}) is on this host; with shared storage give it with `phaul serve --htype-opt lxc:rootfs-dir=DIR`"
+            ))
+        })
     }
 
     fn write_config_here(&mut self, prepared: &[KeyValue]) -> PluginResult<()> {
@@ -576,7 +680,7 @@ impl Lxc {
                 .map_err(|e| PluginError::failed(format!("cannot create {} ({e})", dir.display())))?;
         }
         let path = self.config_path();
-        write_atomic(&path, &format!("{RECEIVING}{}\n{}", std::process::id(), c.render()))?;
+        write_atomic(&path, &c.render())?;
         self.wrote_config = Some(path);
         Ok(())
     }
@@ -604,15 +708,6 @@ impl Lxc {
             .and_then(|_| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)))
             .map_err(|e| PluginError::failed(format!("cannot write {} ({e})", path.display())))?;
         Ok(bin)
-    }
-
-    /// Committed (or started, in restart mode): the configuration is this host's now, without the receiving mark.
-    fn clear_receiving_mark(&mut self) -> PluginResult<()> {
-        let Some(p) = self.wrote_config.take() else { return Ok(()) };
-        let text = std::fs::read_to_string(&p)
-            .map_err(|e| PluginError::failed(format!("cannot read {} ({e})", p.display())))?;
-        let kept: String = text.lines().filter(|l| !l.starts_with(RECEIVING)).map(|l| format!("{l}\n")).collect();
-        write_atomic(&p, &kept)
     }
 
     fn kill_here(&self) {
@@ -701,6 +796,15 @@ impl HostType for Lxc {
         }
         let init = self.init_pid()?;
         self.check_carriable(&c, init)?;
+        if !self.trust_config {
+            if let Some((k, v, why)) = trust::first_refused(&c) {
+                return Err(PluginError::unsupported(format!(
+                    "container '{}' has {k} = {v} in {}: {why}. A destination does not take such a key from a source unless its operator trusts the source's configuration (`phaul serve --htype-opt lxc:trust-config=yes`); remove it, or pass --htype-opt trust-config=yes here once the destination trusts it",
+                    self.name,
+                    self.config_path().display()
+                )));
+            }
+        }
         if self.mode == Mode::LIVE {
             let have_iptables = ["/usr/sbin/iptables-restore", "/sbin/iptables-restore", "/usr/bin/iptables-restore"]
                 .iter()
@@ -822,6 +926,10 @@ impl HostType for Lxc {
             "restoring the container with lxc-checkpoint -r",
         )?;
         if !ok {
+            // The roll-back may not reach this host type while the engine waits: undo here and now.
+            if let Err(e) = self.undo_here() {
+                log::error!("{e}");
+            }
             let errors = std::fs::read_to_string(&log).unwrap_or_default();
             return Err(PluginError::failed(format!(
                 "liblxc's restore (lxc-checkpoint -r) failed: {}\nLXC's log ({l}):\n{}",
@@ -837,9 +945,7 @@ impl HostType for Lxc {
         }
         let pid = self.init_pid()?;
         // lxc-checkpoint returns once phaul's hold let the container run: the commit.
-        let keep = self.wrote_config.clone();
-        self.clear_receiving_mark()?;
-        self.wrote_config = keep;
+        self.release_claim();
         Ok(pid)
     }
 
@@ -882,7 +988,12 @@ impl HostType for Lxc {
         let log = self.work.join("lxc-start.log");
         let _ = std::fs::remove_file(&log);
         let l = log.display().to_string();
-        if let Err(e) = self.lxc("lxc-start", &["-o", &l, "-l", "ERROR"], QUICK, "starting the container (lxc-start)") {
+        let started = self.lxc("lxc-start", &["-o", &l, "-l", "ERROR"], QUICK, "starting the container (lxc-start)");
+        if started.is_err() || !self.wait_state("RUNNING", QUICK) {
+            // Whatever came up must not run beside the copy the source starts again.
+            self.kill_here();
+        }
+        if let Err(e) = started {
             let errors = std::fs::read_to_string(&log).unwrap_or_default();
             return Err(PluginError::failed(format!("{e}\nLXC's log ({l}):\n{}", tail(&errors, 1500))));
         }
@@ -895,9 +1006,7 @@ impl HostType for Lxc {
         }
         let pid = self.init_pid()?;
         // Restart mode's Start is its point of no return: the configuration is this host's now.
-        let keep = self.wrote_config.clone();
-        self.clear_receiving_mark()?;
-        self.wrote_config = keep;
+        self.release_claim();
         Ok(pid)
     }
 
@@ -919,7 +1028,15 @@ impl HostType for Lxc {
             (None, _) => "none (lxc.console.path = none)".to_string(),
         };
         v.push(KeyValue::new("console", console));
-        if self.outcome == Some(Outcome::MIGRATED) {
+        if let Some(Err(e)) = &self.marked {
+            v.push(KeyValue::new(
+                "left here",
+                format!(
+                    "stopped, but NOT marked as migrated away ({e}): set lxc.start.auto = 0 in {} by hand",
+                    self.config_path().display()
+                ),
+            ));
+        } else if self.outcome == Some(Outcome::MIGRATED) {
             v.push(KeyValue::new(
                 "left here",
                 format!(
@@ -939,7 +1056,16 @@ impl HostType for Lxc {
                 if !self.wait_state("STOPPED", QUICK) {
                     log::warn!("container '{}' is not STOPPED here yet after the migration", self.name);
                 }
-                self.mark_migrated_away()?;
+                let marked = self.mark_migrated_away();
+                self.marked = Some(marked.clone().map_err(|e| e.to_string()));
+                if let Err(e) = &marked {
+                    log::error!(
+                        "container '{}' migrated, but marking it here as migrated away failed ({e}): set lxc.start.auto = 0 in {} by hand, or a reboot starts a second copy",
+                        self.name,
+                        self.config_path().display()
+                    );
+                    return marked;
+                }
                 log::info!(
                     "container '{}' is stopped here, its configuration and root filesystem kept; lxc.start.auto = 0 and {} refuse its start",
                     self.name,
@@ -947,27 +1073,11 @@ impl HostType for Lxc {
                 );
                 Ok(())
             }
-            (Role::DESTINATION, Outcome::MIGRATED) => self.clear_receiving_mark(),
-            (Role::DESTINATION, Outcome::ROLLED_BACK) => {
-                if self.started_here && self.state().is_ok_and(|s| s != "STOPPED") {
-                    self.kill_here();
-                }
-                if let Some(p) = self.wrote_config.take() {
-                    let _ = std::fs::remove_file(&p);
-                }
-                for f in [format!("{}.log", self.name), "lxc_monitor.log".into()] {
-                    let _ = std::fs::remove_file(self.dir().join(f));
-                }
-                if !self.dir_existed {
-                    // This session made the container's directory: all in it (the root filesystem the driver
-                    // received included, which the driver would remove right after) is this session's.
-                    let dir = self.dir();
-                    if let Err(e) = std::fs::remove_dir_all(&dir) {
-                        log::warn!("cannot remove {} ({e})", dir.display());
-                    }
-                }
+            (Role::DESTINATION, Outcome::MIGRATED) => {
+                self.release_claim();
                 Ok(())
             }
+            (Role::DESTINATION, Outcome::ROLLED_BACK) => self.undo_here(),
             _ => Ok(()),
         }
     }

@@ -249,13 +249,20 @@ fn a_destination_killed_while_liblxc_holds_the_restore_leaves_it_on_a_and_the_ne
         b.lxc.state(&b.lxc.path_b, &name).as_deref() != Some("RUNNING")
     });
     assert_ne!(b.lxc.state(&b.lxc.path_b, &name).as_deref(), Some("RUNNING"));
-    // What the killed destination left (its configuration, the received files) does not block the next run.
+    // The killed destination left its claim and configuration behind ...
+    assert!(b.lxc.path_b.join(&name).join(".phaul-receiving").exists(), "the claim of the killed serve is left");
+    assert!(b.lxc.path_b.join(&name).join("config").exists(), "its configuration is left");
+    // ... which do not block the next run: set aside, not deleted.
     let run = b.migrate(&name, MigrateOptions::default());
     ok(&run);
     assert_eq!(b.lxc.state(&b.lxc.path_b, &name).as_deref(), Some("RUNNING"));
     assert_eq!(b.lxc.state(&b.lxc.path_a, &name).as_deref(), Some("STOPPED"));
-    let cfg_b = std::fs::read_to_string(b.lxc.path_b.join(&name).join("config")).expect("B's config");
-    assert!(!cfg_b.contains("phaul-receiving"), "committed: no receiving mark left:\n{cfg_b}");
+    assert!(!b.lxc.path_b.join(&name).join(".phaul-receiving").exists(), "committed: the claim is released");
+    let aside = std::fs::read_dir(b.lxc.path_b.join(&name))
+        .expect("B's dir")
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("config.phaul-leftover-"));
+    assert!(aside, "the killed run's configuration was set aside");
 }
 
 #[test]
@@ -274,9 +281,10 @@ fn restart_mode_stops_the_container_on_a_and_starts_it_on_b() {
     assert_eq!(b.lxc.state(&b.lxc.path_b, &name).as_deref(), Some("RUNNING"));
     assert_eq!(b.lxc.state(&b.lxc.path_a, &name).as_deref(), Some("STOPPED"));
     // Started afresh on B: its counter starts again from 1 and runs.
-    phaul_testbed::fault::wait_until(Duration::from_secs(10), || {
+    let runs = phaul_testbed::fault::wait_until(Duration::from_secs(10), || {
         b.counter(&b.lxc.path_b, &name).is_some_and(|n| n >= 3)
     });
+    assert!(runs, "the counter runs on B");
     let ps = b.lxc.attach(&b.lxc.path_b, &name, &["ps"]).expect("lxc-attach on B");
     assert!(ps.contains("nc -ll"), "{ps}");
     let cfg_a = std::fs::read_to_string(b.lxc.path_a.join(&name).join("config")).expect("A's config kept");
@@ -318,4 +326,28 @@ fn console_session(lxc: &LxcHosts, path: &Path, name: &str, lines: &[&str]) -> S
     let _ = child.wait();
     drop(stdin);
     reader.join().unwrap_or_default()
+}
+
+#[test]
+fn configuration_keys_that_act_on_the_destination_host_are_refused() {
+    let Some(mut b) = bed("lxc-trust") else { return };
+    let name = LxcHosts::unique_name("tr");
+    b.lxc.create_busybox(&name, &["lxc.hook.start-host = /bin/true"]).expect("container");
+    b.lxc.start_a(&name).expect("started on A");
+    // The source refuses before freezing, naming the key.
+    let run = b.migrate(&name, MigrateOptions::default());
+    assert!(run.src_stderr.contains("lxc.hook.start-host = /bin/true"), "{}", run.describe());
+    assert!(
+        run.report.as_ref().is_some_and(|r| r["frozen_ms"].is_null()),
+        "refused before freezing:\n{}",
+        run.describe()
+    );
+    assert_on_a_only(&b, &name, &run);
+    // A source told to go ahead (trust-config=yes) meets a destination that does not trust it: refused there,
+    // the container resumes on A. The source's own trust-config=yes is not the destination's.
+    let mut opts = MigrateOptions::default();
+    opts.src_args.extend(["--htype-opt".into(), "trust-config=yes".into()]);
+    let run = b.migrate(&name, opts);
+    assert!(run.src_stderr.contains("not taken from a source"), "{}", run.describe());
+    assert_on_a_only(&b, &name, &run);
 }
