@@ -292,6 +292,25 @@ impl Lxc {
                     self.config_path().display()
                 )));
             }
+            // Mounts CRIU cannot dump: ramfs (systemd's credential mounts, /run/credentials/UNIT, are ramfs).
+            let mut seen_ns = std::collections::HashSet::new();
+            for pid in std::iter::once(init).chain(self.container_pids(init)) {
+                let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/mnt")) else { continue };
+                if !seen_ns.insert(ns) {
+                    continue;
+                }
+                let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+                if let Some(mp) = ramfs_mount(&info) {
+                    let why = if mp.starts_with("/run/credentials/") {
+                        " (systemd's credential mount of that unit: systemd 250 and later pass credentials to services on ramfs)"
+                    } else {
+                        ""
+                    };
+                    return Err(PluginError::unsupported(format!(
+                        "container '{name}' has a ramfs mounted at {mp}{why} (pid {pid}), and CRIU cannot dump ramfs mounts, so the dump would fail. Stop what mounted it, or use --mode restart"
+                    )));
+                }
+            }
             // A nested container: a process of this one in a pid namespace of its own.
             let own_ns = std::fs::read_link(format!("/proc/{init}/ns/pid")).ok();
             for pid in self.container_pids(init) {
@@ -713,6 +732,24 @@ impl Lxc {
     fn kill_here(&self) {
         let _ = self.lxc("lxc-stop", &["-k"], QUICK, "killing the container here");
         let _ = self.wait_state("STOPPED", QUICK);
+    }
+}
+
+/// The mount point of the first ramfs in a mountinfo text.
+fn ramfs_mount(mountinfo: &str) -> Option<String> {
+    mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next()? == "ramfs").then(|| left.split_whitespace().nth(4).unwrap_or("?").to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn finds_ramfs_mounts() {
+        let info = "639 600 0:50 / /run rw - tmpfs tmpfs rw\n796 639 0:186 / /run/credentials/systemd-sysctl.service ro,nosuid shared:75 - ramfs ramfs rw,mode=700\n";
+        assert_eq!(super::ramfs_mount(info).as_deref(), Some("/run/credentials/systemd-sysctl.service"));
+        assert_eq!(super::ramfs_mount("1 0 0:1 / / rw - ext4 /dev/x rw\n"), None);
     }
 }
 

@@ -214,6 +214,53 @@ impl LxcHosts {
         Ok(dir)
     }
 
+    /// Creates a Debian bookworm container with systemd as its init (`lxc-create -t debian`, which runs
+    /// debootstrap against the machine's own Debian mirror; LXC caches the result), on A's bridge; not started.
+    pub fn create_debian(&mut self, name: &str) -> Result<PathBuf, TestbedError> {
+        let conf = self.path_a.join(format!("{name}.create.conf"));
+        let base = format!(
+            "lxc.net.0.type = veth\nlxc.net.0.link = {BRIDGE_A}\nlxc.net.0.flags = up\nlxc.net.0.name = eth0\nlxc.net.0.ipv4.address = {LXC_CT_ADDR}/24\n"
+        );
+        std::fs::write(&conf, base).map_err(|e| TestbedError::io("writing the container's create config", e))?;
+        let pa = self.path_a.display().to_string();
+        let out = run_command(
+            Command::new("lxc-create")
+                .env("MIRROR", debian_mirror())
+                .args(["-P", &pa, "-n", name, "-t", "debian", "-f"])
+                .arg(&conf)
+                .args(["--", "-r", "bookworm"]),
+            Duration::from_secs(900),
+        );
+        let _ = std::fs::remove_file(&conf);
+        let out = out?;
+        if !out.status.success() {
+            return Err(TestbedError::InvalidArgument(format!(
+                "lxc-create -t debian failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        self.made.push(name.to_string());
+        let dir = self.path_a.join(name);
+        let cfg = dir.join("config");
+        let mut text = std::fs::read_to_string(&cfg).map_err(|e| TestbedError::io("reading the config", e))?;
+        // This kernel has no AppArmor; the ttys cannot be carried (the console is).
+        text = text.replace("lxc.apparmor.profile", "#lxc.apparmor.profile");
+        text.push_str("lxc.tty.max = 0\n");
+        std::fs::write(&cfg, text).map_err(|e| TestbedError::io("writing the config", e))?;
+        Ok(dir)
+    }
+
+    /// Starts a container of A's LXC path in host A's network namespace and returns its init's pid once it runs.
+    pub fn start_a_plain(&self, name: &str) -> Result<i32, TestbedError> {
+        let pa = self.path_a.display().to_string();
+        let ok = run_detached(&mut self.command(false, "lxc-start", ["-P", &pa, "-n", name]), Duration::from_secs(60))?;
+        if !ok {
+            return Err(TestbedError::InvalidArgument(format!("lxc-start of {name} in {pa} failed")));
+        }
+        self.init_pid(&self.path_a, name)
+            .ok_or_else(|| TestbedError::InvalidArgument(format!("lxc-info gives no init pid for {name}")))
+    }
+
     /// Starts a container of A's LXC path in host A's network namespace and waits until its counter runs.
     pub fn start_a(&self, name: &str) -> Result<i32, TestbedError> {
         let pa = self.path_a.display().to_string();
@@ -321,4 +368,31 @@ impl Drop for LxcHosts {
         }
         // The bridges and the segment go with the network namespaces.
     }
+}
+
+/// The Debian mirror of this machine's own apt configuration (deb.debian.org when it names none).
+pub fn debian_mirror() -> String {
+    let mut texts = Vec::new();
+    for d in ["/etc/apt/sources.list.d"] {
+        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            texts.push(std::fs::read_to_string(e.path()).unwrap_or_default());
+        }
+    }
+    texts.push(std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default());
+    for t in &texts {
+        for l in t.lines() {
+            let l = l.trim();
+            let url = if let Some(r) = l.strip_prefix("URIs:") {
+                r.split_whitespace().next()
+            } else if l.starts_with("deb ") {
+                l.split_whitespace().find(|w| w.starts_with("http"))
+            } else {
+                None
+            };
+            if let Some(u) = url.filter(|u| u.contains("debian") && !u.contains("security")) {
+                return u.to_string();
+            }
+        }
+    }
+    "http://deb.debian.org/debian".into()
 }

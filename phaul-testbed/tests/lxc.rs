@@ -351,3 +351,37 @@ fn configuration_keys_that_act_on_the_destination_host_are_refused() {
     assert!(run.src_stderr.contains("not taken from a source"), "{}", run.describe());
     assert_on_a_only(&b, &name, &run);
 }
+
+/// The Debian container with systemd as its init: phaul refuses it before freezing, with the exact reason
+/// (systemd's credential mounts are ramfs, which CRIU cannot dump), and it goes on running on A.
+#[test]
+fn a_systemd_container_is_refused_before_freezing_with_the_reason() {
+    let Some(mut b) = bed("lxc-systemd") else { return };
+    let name = LxcHosts::unique_name("sd");
+    b.lxc.create_debian(&name).expect("lxc-create -t debian");
+    b.lxc.start_a_plain(&name).expect("started on A");
+    // Wait for systemd to have started its units (their credential mounts).
+    let cred = b.lxc.path_a.join(&name);
+    let booted = phaul_testbed::fault::wait_until(Duration::from_secs(60), || {
+        b.lxc
+            .init_pid(&b.lxc.path_a, &name)
+            .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/mountinfo")).ok())
+            .is_some_and(|m| m.contains("/run/credentials/"))
+    });
+    assert!(booted, "systemd in {} made its credential mounts", cred.display());
+    let run = b.migrate(&name, MigrateOptions::default());
+    assert!(!run.src_status.success(), "{}", run.describe());
+    assert!(
+        run.src_stderr.contains("ramfs mounted at /run/credentials/")
+            && run.src_stderr.contains("CRIU cannot dump ramfs"),
+        "the reason is named:\n{}",
+        run.describe()
+    );
+    assert!(
+        run.report.as_ref().is_some_and(|r| r["frozen_ms"].is_null()),
+        "refused before freezing:\n{}",
+        run.describe()
+    );
+    assert_eq!(b.lxc.state(&b.lxc.path_a, &name).as_deref(), Some("RUNNING"));
+    assert!(!b.lxc.path_b.join(&name).exists(), "B keeps nothing of it");
+}
