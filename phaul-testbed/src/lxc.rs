@@ -361,8 +361,17 @@ impl Drop for LxcHosts {
     fn drop(&mut self) {
         for name in &self.made {
             for path in [&self.path_a, &self.path_b] {
-                if path.join(name).join("config").exists() && self.state(path, name).is_some_and(|s| s != "STOPPED") {
-                    let _ = self.stop(path, name, &["-k"]);
+                if self.state(path, name).is_some_and(|s| s != "STOPPED") {
+                    // Its init, so that it goes even when lxc-stop cannot reach the monitor.
+                    let init = self.init_pid(path, name);
+                    if !self.stop(path, name, &["-k"]) {
+                        if let Some(p) = init.filter(|p| *p > 1) {
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(p),
+                                nix::sys::signal::Signal::SIGKILL,
+                            );
+                        }
+                    }
                 }
             }
         }

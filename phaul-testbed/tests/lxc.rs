@@ -14,9 +14,10 @@ use std::time::Duration;
 use phaul_testbed::lxc::{lxc_available, read_counter, LxcHosts, BRIDGE_B, LXC_CT_ADDR, LXC_CT_MAC, LXC_ECHO_PORT};
 use phaul_testbed::{write_plugins_toml, Lab, MigrateOptions, MigrationRun};
 
+/// Fields drop in order: the containers (`lxc`) go before the lab's scratch directory and network namespaces.
 struct Bed {
-    lab: Lab,
     lxc: LxcHosts,
+    lab: Lab,
 }
 
 fn bed(tag: &str) -> Option<Bed> {
@@ -27,7 +28,7 @@ fn bed(tag: &str) -> Option<Bed> {
     let lab = Lab::new(tag).expect("lab");
     write_plugins_toml(&lab.plugins, &["lxc", "rsync", "shared"]).expect("plugins.toml");
     let lxc = LxcHosts::new(&lab.pair, lab.scratch.path()).expect("bridges and LXC paths");
-    Some(Bed { lab, lxc })
+    Some(Bed { lxc, lab })
 }
 
 impl Bed {
