@@ -198,6 +198,18 @@ mod tests {
         std::fs::read_to_string(file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
     }
 
+    /// Waits (10 s at most: a loaded machine schedules the loop late) until the counter passes `n`.
+    fn counts_past(file: &Path, n: u64) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if read(file) > n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     #[test]
     fn freezes_thaws_and_kills_a_real_tree() {
         if cgroup2_mount().is_none() {
@@ -207,7 +219,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("count");
         let mut child = counter(&file);
-        std::thread::sleep(Duration::from_millis(200));
+        assert!(counts_past(&file, 0), "the counter never started");
         let procs = super::super::procs::tree_processes(child.id() as i32).expect("tree");
         let name = format!("phaul-test-{}", std::process::id());
         let rec = engage(&name, &procs).expect("engage");
@@ -218,8 +230,7 @@ mod tests {
         assert_eq!(read(&file), a, "the tree ran while frozen");
         release_thaw(&rec).expect("thaw");
         assert!(!rec.path.exists());
-        std::thread::sleep(Duration::from_millis(300));
-        assert!(read(&file) > a, "the tree did not run again");
+        assert!(counts_past(&file, a), "the tree did not run again within 10 s");
         let procs = super::super::procs::tree_processes(child.id() as i32).expect("tree");
         let rec = engage(&name, &procs).expect("engage again");
         release_kill(&rec, Duration::from_secs(5)).expect("kill");
