@@ -96,6 +96,21 @@ struct Lxc {
     claimed: bool,
     /// Source: how marking the container as migrated away went.
     marked: Option<Result<(), String>>,
+    /// Destination: a roll-back could not remove the container's directory this session made, because the
+    /// filesystem driver's files in it were not yet gone (it removes them after the host type's roll-back; a
+    /// received btrfs subvolume is read-only): the directory goes when this driver object does, if empty by then.
+    rmdir_when_dropped: Option<PathBuf>,
+}
+
+impl Drop for Lxc {
+    fn drop(&mut self) {
+        if let Some(d) = self.rmdir_when_dropped.take() {
+            // Only an empty directory: whatever is still in it is someone's.
+            if let Err(e) = std::fs::remove_dir(&d) {
+                log::warn!("leaving {} ({e}): something in it is not this session's", d.display());
+            }
+        }
+    }
 }
 
 fn yes_no(list: &[KeyValue], key: &str, default: bool) -> PluginResult<bool> {
@@ -193,6 +208,7 @@ fn new(args: &HostTypeArgs) -> PluginResult<Lxc> {
         started_here: false,
         claimed: false,
         marked: None,
+        rmdir_when_dropped: None,
     };
     let mut me = me;
     if me.role == Role::DESTINATION {
@@ -570,7 +586,14 @@ impl Lxc {
             // This session made the container's directory: all in it (the root filesystem the driver received
             // included, which the driver would remove right after) is this session's.
             if let Err(e) = std::fs::remove_dir_all(self.dir()) {
-                log::warn!("cannot remove {} ({e})", self.dir().display());
+                // What is left is the driver's (a read-only received subvolume): it removes that itself after
+                // this roll-back, and the then empty directory goes when this driver object does.
+                log::info!(
+                    "{} is not empty yet ({e}); removed once the filesystem driver rolled back",
+                    self.dir().display()
+                );
+                let _ = std::fs::remove_file(self.claim_path());
+                self.rmdir_when_dropped = Some(self.dir());
             }
         } else {
             let _ = std::fs::remove_file(self.claim_path());

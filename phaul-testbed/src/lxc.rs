@@ -121,6 +121,12 @@ pub struct LxcHosts {
 impl LxcHosts {
     /// Sets up bridges in both hosts of `pair` and LXC paths `ROOT/lxc-a` and `ROOT/lxc-b`.
     pub fn new(pair: &HostPair, root: &Path) -> Result<LxcHosts, TestbedError> {
+        LxcHosts::new_at(pair, &root.join("lxc-a"), &root.join("lxc-b"))
+    }
+
+    /// As [`LxcHosts::new`] with the LXC paths given (created if missing): e.g. on a host's own btrfs, mounted
+    /// before this call so that the hosts' mount namespaces have it.
+    pub fn new_at(pair: &HostPair, path_a: &Path, path_b: &Path) -> Result<LxcHosts, TestbedError> {
         let (a, b) = (pair.a().clone(), pair.b().clone());
         let ip = |h: &Host, args: &[&str]| -> Result<(), TestbedError> {
             let mut all = vec!["-n", h.name()];
@@ -136,7 +142,7 @@ impl LxcHosts {
         ip(&a, &["addr", "add", &format!("{LXC_CLIENT_ADDR}/24"), "dev", BRIDGE_A])?;
         ip(&a, &["link", "set", BRIDGE_A, "up"])?;
         ip(&b, &["link", "set", BRIDGE_B, "up"])?;
-        let (path_a, path_b) = (root.join("lxc-a"), root.join("lxc-b"));
+        let (path_a, path_b) = (path_a.to_path_buf(), path_b.to_path_buf());
         for p in [&path_a, &path_b] {
             std::fs::create_dir_all(p).map_err(|e| TestbedError::io(format!("creating {}", p.display()), e))?;
         }
@@ -175,6 +181,11 @@ impl LxcHosts {
     /// Creates a busybox container `name` in A's LXC path with `extra` configuration lines (which win over the
     /// template's), its services in its rcS; not started.
     pub fn create_busybox(&mut self, name: &str, extra: &[&str]) -> Result<PathBuf, TestbedError> {
+        self.create_busybox_on(name, extra, &[])
+    }
+
+    /// As [`LxcHosts::create_busybox`] with `lxc-create` options for the backing store (`["-B", "btrfs"]`).
+    pub fn create_busybox_on(&mut self, name: &str, extra: &[&str], store: &[&str]) -> Result<PathBuf, TestbedError> {
         let conf = self.path_a.join(format!("{name}.create.conf"));
         let base = format!(
             "lxc.net.0.type = veth\nlxc.net.0.link = {BRIDGE_A}\nlxc.net.0.flags = up\nlxc.net.0.name = eth0\nlxc.net.0.hwaddr = {LXC_CT_MAC}\nlxc.net.0.ipv4.address = {LXC_CT_ADDR}/24\n"
@@ -182,7 +193,11 @@ impl LxcHosts {
         std::fs::write(&conf, base).map_err(|e| TestbedError::io("writing the container's create config", e))?;
         let pa = self.path_a.display().to_string();
         let out = run_command(
-            Command::new("lxc-create").args(["-P", &pa, "-n", name, "-t", "busybox", "-f"]).arg(&conf),
+            Command::new("lxc-create")
+                .args(["-P", &pa, "-n", name])
+                .args(store)
+                .args(["-t", "busybox", "-f"])
+                .arg(&conf),
             Duration::from_secs(120),
         )?;
         let _ = std::fs::remove_file(&conf);

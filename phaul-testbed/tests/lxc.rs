@@ -12,27 +12,61 @@ use std::path::Path;
 use std::time::Duration;
 
 use phaul_testbed::lxc::{lxc_available, read_counter, LxcHosts, BRIDGE_B, LXC_CT_ADDR, LXC_CT_MAC, LXC_ECHO_PORT};
+use phaul_testbed::storage::LoopBtrfs;
 use phaul_testbed::{write_plugins_toml, Lab, MigrateOptions, MigrationRun};
 
-/// Fields drop in order: the containers (`lxc`) go before the lab's scratch directory and network namespaces.
+/// Fields drop in order: the containers (`lxc`) go before the hosts' filesystems, and those before the lab's
+/// scratch directory and network namespaces.
 struct Bed {
     lxc: LxcHosts,
+    /// The filesystem driver that carries the root filesystem.
+    fs: &'static str,
+    /// Each host's btrfs, when the LXC paths are on btrfs.
+    _btrfs: Vec<LoopBtrfs>,
     lab: Lab,
 }
 
+/// Whether LXC is installed; without it the test is skipped, except under `scripts/test` (which installs it and
+/// sets `PHAUL_REQUIRE_ALL=1`), where a missing LXC is a failure rather than a silent pass.
+fn lxc_here() -> bool {
+    if lxc_available() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("PHAUL_REQUIRE_ALL").is_none(),
+        "LXC is not installed, and PHAUL_REQUIRE_ALL asks for every test to run: run scripts/setup"
+    );
+    eprintln!("skipped: LXC is not installed (run scripts/setup)");
+    false
+}
+
 fn bed(tag: &str) -> Option<Bed> {
-    if !lxc_available() {
-        eprintln!("skipped: LXC is not installed (run scripts/setup)");
+    if !lxc_here() {
         return None;
     }
     let lab = Lab::new(tag).expect("lab");
     write_plugins_toml(&lab.plugins, &["lxc", "rsync", "shared"]).expect("plugins.toml");
     let lxc = LxcHosts::new(&lab.pair, lab.scratch.path()).expect("bridges and LXC paths");
-    Some(Bed { lxc, lab })
+    Some(Bed { lxc, fs: "rsync", _btrfs: Vec::new(), lab })
+}
+
+/// A bed whose LXC paths are each on its host's own btrfs (a loop device each), the root filesystem carried by
+/// the btrfs driver.
+fn btrfs_bed(tag: &str) -> Option<Bed> {
+    if !lxc_here() {
+        return None;
+    }
+    let lab = Lab::new(tag).expect("lab");
+    write_plugins_toml(&lab.plugins, &["lxc", "btrfs"]).expect("plugins.toml");
+    // Mounted before the hosts' mount namespaces are made, so that each has both.
+    let a = LoopBtrfs::new(&lab.path("a.img"), &lab.path("btrfs-a"), 512).expect("A's btrfs");
+    let b = LoopBtrfs::new(&lab.path("b.img"), &lab.path("btrfs-b"), 512).expect("B's btrfs");
+    let lxc = LxcHosts::new_at(&lab.pair, &a.dir.join("lxc"), &b.dir.join("lxc")).expect("bridges and LXC paths");
+    Some(Bed { lxc, fs: "btrfs", _btrfs: vec![a, b], lab })
 }
 
 impl Bed {
-    /// `phaul migrate lxc NAME` from A's LXC path to B's, the root filesystem by rsync.
+    /// `phaul migrate lxc NAME` from A's LXC path to B's, the root filesystem by the bed's driver.
     fn migrate(&self, name: &str, opts: MigrateOptions) -> MigrationRun {
         self.migrate_inner(name, opts, true)
     }
@@ -47,12 +81,12 @@ impl Bed {
         opts.target = Some(("lxc".into(), name.into()));
         opts.src_wrapper = Some(self.lxc.wrapper(false));
         opts.dst_wrapper = Some(self.lxc.wrapper(true));
-        opts.src_args.extend(["--htype-opt".into(), format!("lxcpath={pa}"), "--fs".into(), "rsync".into()]);
+        opts.src_args.extend(["--htype-opt".into(), format!("lxcpath={pa}"), "--fs".into(), self.fs.into()]);
         opts.dst_args.extend([
             "--htype-opt".into(),
             format!("lxc:lxcpath={pb}"),
             "--fs-opt".into(),
-            format!("rsync:map={pa}/{name}/rootfs={pb}/{name}/rootfs"),
+            format!("{}:map={pa}/{name}/rootfs={pb}/{name}/rootfs", self.fs),
         ]);
         if bridge_b && !opts.dst_args.iter().any(|a| a.starts_with("lxc:bridge=")) {
             opts.dst_args.extend(["--htype-opt".into(), format!("lxc:bridge={BRIDGE_B}")]);
@@ -179,7 +213,14 @@ fn assert_on_a_only(b: &Bed, name: &str, run: &MigrationRun) {
     std::thread::sleep(Duration::from_millis(700));
     let c2 = b.counter(&b.lxc.path_a, name).expect("counter on A");
     assert!(c2 > c1, "the container runs on A ({c1} -> {c2}):\n{}", run.describe());
-    assert!(!b.lxc.path_b.join(name).exists(), "B keeps nothing of it:\n{}", run.describe());
+    let left = b.lxc.path_b.join(name);
+    let listing: Vec<String> = std::fs::read_dir(&left)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!left.exists(), "B keeps nothing of it, yet has {listing:?}:\n{}", run.describe());
     assert_ne!(b.lxc.state(&b.lxc.path_b, name).as_deref(), Some("RUNNING"));
 }
 
@@ -385,4 +426,63 @@ fn a_systemd_container_is_refused_before_freezing_with_the_reason() {
     );
     assert_eq!(b.lxc.state(&b.lxc.path_a, &name).as_deref(), Some("RUNNING"));
     assert!(!b.lxc.path_b.join(&name).exists(), "B keeps nothing of it");
+}
+
+/// The subvolumes on a host's btrfs (paths from its top).
+fn subvolumes(fs: &LoopBtrfs) -> Vec<String> {
+    fs.subvolumes().unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn a_container_on_lxcs_btrfs_backing_store_moves_by_the_btrfs_driver() {
+    let Some(mut b) = btrfs_bed("lxc-btrfs") else { return };
+    let name = LxcHosts::unique_name("bt");
+    b.lxc.create_busybox_on(&name, &[], &["-B", "btrfs"]).expect("container on btrfs");
+    let rootfs = format!("lxc/{name}/rootfs");
+    assert_eq!(subvolumes(&b._btrfs[0]), vec![rootfs.clone()], "lxc-create -B btrfs made a subvolume");
+    let cfg_a = std::fs::read_to_string(b.lxc.path_a.join(&name).join("config")).expect("A's config");
+    assert!(cfg_a.contains("lxc.rootfs.path = btrfs:"), "{cfg_a}");
+    b.lxc.start_a(&name).expect("started on A");
+    let mut client = connect_client(&b.lab);
+    assert_eq!(echo(&mut client, "before"), "before");
+    let before = b.counter(&b.lxc.path_a, &name).expect("counter on A");
+
+    let run = b.migrate(&name, MigrateOptions::default());
+    ok(&run);
+    let report = run.report.as_ref().expect("report");
+    assert_eq!(report["fs_driver"], "btrfs", "{report}");
+    assert!(report["htype_details"]["rootfs"].as_str().is_some_and(|r| r.starts_with("btrfs:")), "{report}");
+
+    // B: LXC runs it on a subvolume of B's own btrfs, its config says so, and the counter goes on there.
+    assert_eq!(b.lxc.state(&b.lxc.path_b, &name).as_deref(), Some("RUNNING"), "{}", run.describe());
+    assert_eq!(subvolumes(&b._btrfs[1]), vec![rootfs.clone()], "B has the root subvolume and no snapshot");
+    let cfg_b = std::fs::read_to_string(b.lxc.path_b.join(&name).join("config")).expect("B's config");
+    let want = format!("lxc.rootfs.path = btrfs:{}", b.lxc.path_b.join(&name).join("rootfs").display());
+    assert!(cfg_b.contains(&want), "{cfg_b}");
+    std::thread::sleep(Duration::from_millis(600));
+    let after = b.counter(&b.lxc.path_b, &name).expect("counter on B");
+    assert!(after > before, "the counter went on on B ({before} -> {after})");
+    assert_eq!(echo(&mut client, "after"), "after");
+    let touched = b.lxc.attach(&b.lxc.path_b, &name, &["sh", "-c", "echo b > /written-on-b && cat /written-on-b"]);
+    assert_eq!(touched.expect("lxc-attach on B").trim(), "b", "B's root subvolume is writable");
+
+    // A: stopped, its subvolume kept (no snapshot left beside it) and untouched by B's writes.
+    assert_eq!(b.lxc.state(&b.lxc.path_a, &name).as_deref(), Some("STOPPED"));
+    assert_eq!(subvolumes(&b._btrfs[0]), vec![rootfs], "A keeps its subvolume and no snapshot");
+    assert!(!b.lxc.path_a.join(&name).join("rootfs/written-on-b").exists());
+    assert!(b.lxc.stop(&b.lxc.path_b, &name, &["-t", "20"]), "lxc-stop on B");
+}
+
+#[test]
+fn a_restore_that_fails_on_b_leaves_no_subvolume_on_bs_btrfs() {
+    let Some(mut b) = btrfs_bed("lxc-btrfs-fail") else { return };
+    let name = LxcHosts::unique_name("bf");
+    b.lxc.create_busybox_on(&name, &[], &["-B", "btrfs"]).expect("container on btrfs");
+    b.lxc.start_a(&name).expect("started on A");
+    let mut opts = MigrateOptions::default();
+    opts.dst_args.extend(["--htype-opt".into(), "lxc:mntns-compat-mode=no".into()]);
+    let run = b.migrate(&name, opts);
+    assert_on_a_only(&b, &name, &run);
+    assert_eq!(subvolumes(&b._btrfs[1]), Vec::<String>::new(), "B's btrfs keeps nothing:\n{}", run.describe());
+    assert_eq!(subvolumes(&b._btrfs[0]), vec![format!("lxc/{name}/rootfs")], "A keeps only its subvolume");
 }
