@@ -21,13 +21,18 @@ use phaul_abi::{
 };
 use serde::Deserialize;
 
-/// Where phaul looks for `plugins.toml` when `--plugins` is not given: `$PHAUL_PLUGINS`, then these.
-pub const DEFAULT_PLUGIN_FILES: &[&str] = &["plugins.toml", "/etc/phaul/plugins.toml"];
+/// The system configuration directory phaul reads `phaul/plugins.toml`, `phaul/plugins.d/*.toml` and
+/// `phaul/phaul.toml` from unless `--sysconfdir` names another: `/etc`, or what `PHAUL_SYSCONFDIR` said when
+/// phaul was built (`scripts/install --sysconfdir`).
+pub const DEFAULT_SYSCONFDIR: &str = match option_env!("PHAUL_SYSCONFDIR") {
+    Some(d) => d,
+    None => "/etc",
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PluginLoadError {
-    #[error("no plugins.toml found (looked at $PHAUL_PLUGINS, ./plugins.toml and /etc/phaul/plugins.toml); pass one with --plugins FILE")]
-    NoConfig,
+    #[error("no plugin list found: $PHAUL_PLUGINS is not set and neither {main} nor any {dir}/*.toml exists; install phaul (scripts/install), or pass a list with --plugins FILE (the repository's own is plugins.toml at its root)")]
+    NoConfig { main: PathBuf, dir: PathBuf },
     #[error("cannot read the plugin list {path}: {source}; pass another with --plugins FILE")]
     ConfigRead { path: PathBuf, source: std::io::Error },
     #[error("refusing the plugin list {path}: {why}")]
@@ -52,17 +57,17 @@ pub enum PluginLoadError {
     AbiTooOld { file: PathBuf, found: u32, newest: u32, oldest: u32 },
     #[error("two plugins are named '{name}': {first} and {second}; disable one of them in {config}")]
     Duplicate { name: String, first: PathBuf, second: PathBuf, config: PathBuf },
-    #[error("no {kind} named '{name}' is enabled in {config}; {}", available_list(available))]
-    NotEnabled { kind: &'static str, name: String, available: Vec<String>, config: PathBuf },
+    #[error("no {kind} named '{name}' is installed and enabled (plugin lists read: {config}); {}; install the package that ships it (e.g. phaul-{name}), or list its library in a plugin list", available_list(available))]
+    NotEnabled { kind: &'static str, name: String, available: Vec<String>, config: String },
     #[error("the {kind} plugin '{name}' failed: {error}")]
     Driver { kind: &'static str, name: String, error: PluginError },
 }
 
 fn available_list(a: &[String]) -> String {
     if a.is_empty() {
-        "none of that kind is enabled; add it to the [[plugin]] list".to_string()
+        "none of that kind is enabled".to_string()
     } else {
-        format!("enabled: {}", a.join(", "))
+        format!("enabled of that kind: {}", a.join(", "))
     }
 }
 
@@ -124,24 +129,51 @@ pub struct DisabledPlugin {
     pub path: PathBuf,
 }
 
-/// The plugins of one `plugins.toml`.
+/// The plugins of the plugin lists read (`plugins.toml`, then its `plugins.d` snippets).
 #[derive(Debug)]
 pub struct Registry {
     config: PathBuf,
+    files: Vec<PathBuf>,
     plugins: Vec<LoadedPlugin>,
     disabled: Vec<DisabledPlugin>,
     default_fs: BTreeMap<String, String>,
 }
 
-/// Finds the plugin list: the explicit path, `$PHAUL_PLUGINS`, then [`DEFAULT_PLUGIN_FILES`].
-pub fn find_config(explicit: Option<&Path>) -> Result<PathBuf, PluginLoadError> {
+/// Finds the plugin lists to read, in order: the explicit path alone; else `$PHAUL_PLUGINS` alone; else
+/// `SYSCONFDIR/phaul/plugins.toml` (if it exists) followed by `SYSCONFDIR/phaul/plugins.d/*.toml` in sorted order
+/// (what driver packages drop in). Never the working directory: phaul runs as root and loads that code.
+pub fn find_configs(explicit: Option<&Path>, sysconfdir: &Path) -> Result<Vec<PathBuf>, PluginLoadError> {
     if let Some(p) = explicit {
-        return Ok(p.to_path_buf());
+        return Ok(vec![p.to_path_buf()]);
     }
     if let Some(p) = std::env::var_os("PHAUL_PLUGINS").filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(p));
+        return Ok(vec![PathBuf::from(p)]);
     }
-    DEFAULT_PLUGIN_FILES.iter().map(PathBuf::from).find(|p| p.is_file()).ok_or(PluginLoadError::NoConfig)
+    let main = sysconfdir.join("phaul/plugins.toml");
+    let dir = sysconfdir.join("phaul/plugins.d");
+    let mut files = Vec::new();
+    if main.is_file() {
+        files.push(main.clone());
+    }
+    let mut snippets: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    snippets.sort();
+    files.extend(snippets);
+    if files.is_empty() {
+        return Err(PluginLoadError::NoConfig { main, dir });
+    }
+    Ok(files)
+}
+
+/// [`find_configs`] with the default system configuration directory; the first file found.
+pub fn find_config(explicit: Option<&Path>) -> Result<PathBuf, PluginLoadError> {
+    let mut v = find_configs(explicit, Path::new(DEFAULT_SYSCONFDIR))?;
+    Ok(v.remove(0))
 }
 
 /// What a `plugins.toml` lists, parsed and checked, before any library is loaded.
@@ -255,32 +287,49 @@ fn read_plugin_list(config: &Path) -> Result<String, PluginLoadError> {
 impl Registry {
     /// Reads `config` and loads every enabled plugin it lists.
     pub fn load(config: &Path) -> Result<Registry, PluginLoadError> {
-        let text = read_plugin_list(config)?;
-        let list = parse_plugin_list(&text, config)?;
-        let mut plugins: Vec<LoadedPlugin> = Vec::new();
-        let mut disabled = Vec::new();
-        for PluginListEntry { path, enabled } in list.plugins {
-            if !enabled {
-                disabled.push(DisabledPlugin { path });
-                continue;
-            }
-            for p in load_one(&path, config)? {
-                if let Some(first) = plugins.iter().find(|q| q.name == p.name) {
-                    return Err(PluginLoadError::Duplicate {
-                        name: p.name,
-                        first: first.path.clone(),
-                        second: path,
-                        config: config.to_path_buf(),
-                    });
-                }
-                plugins.push(p);
-            }
-        }
-        Ok(Registry { config: config.to_path_buf(), plugins, disabled, default_fs: list.default_fs })
+        Registry::load_all(&[config.to_path_buf()])
     }
 
+    /// Reads the plugin lists in order (see [`find_configs`]) and loads every enabled plugin they list; a host
+    /// type's default filesystem driver in a later list wins over an earlier one's.
+    pub fn load_all(configs: &[PathBuf]) -> Result<Registry, PluginLoadError> {
+        let mut plugins: Vec<LoadedPlugin> = Vec::new();
+        let mut disabled = Vec::new();
+        let mut default_fs = BTreeMap::new();
+        for config in configs {
+            let text = read_plugin_list(config)?;
+            let list = parse_plugin_list(&text, config)?;
+            for PluginListEntry { path, enabled } in list.plugins {
+                if !enabled {
+                    disabled.push(DisabledPlugin { path });
+                    continue;
+                }
+                for p in load_one(&path, config)? {
+                    if let Some(first) = plugins.iter().find(|q| q.name == p.name) {
+                        return Err(PluginLoadError::Duplicate {
+                            name: p.name,
+                            first: first.path.clone(),
+                            second: path,
+                            config: config.to_path_buf(),
+                        });
+                    }
+                    plugins.push(p);
+                }
+            }
+            default_fs.extend(list.default_fs);
+        }
+        let config = configs.first().cloned().unwrap_or_default();
+        Ok(Registry { config, files: configs.to_vec(), plugins, disabled, default_fs })
+    }
+
+    /// The first plugin list read.
     pub fn config_path(&self) -> &Path {
         &self.config
+    }
+
+    /// Every plugin list read, in order.
+    pub fn config_files(&self) -> &[PathBuf] {
+        &self.files
     }
 
     pub fn plugins(&self) -> &[LoadedPlugin] {
@@ -301,7 +350,7 @@ impl Registry {
             kind: kind_word(kind),
             name: name.to_string(),
             available: self.plugins.iter().filter(|p| p.kind == kind).map(|p| p.name.clone()).collect(),
-            config: self.config.clone(),
+            config: self.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
         })
     }
 
@@ -822,6 +871,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn plugin_lists_are_the_sysconfdir_file_then_its_snippets_in_sorted_order_and_never_the_working_directory() {
+        if std::env::var_os("PHAUL_PLUGINS").is_some() {
+            eprintln!("PHAUL_PLUGINS is set; skipped");
+            return;
+        }
+        let etc = tempfile::tempdir().expect("tempdir");
+        let phaul = etc.path().join("phaul");
+        let none = find_configs(None, etc.path()).expect_err("nothing there").to_string();
+        assert!(none.contains("plugins.d") && none.contains("--plugins FILE"), "{none}");
+        std::fs::create_dir_all(phaul.join("plugins.d")).expect("mkdir");
+        for f in ["plugins.d/50-zfs.toml", "plugins.d/10-lxc.toml", "plugins.d/README", "plugins.toml"] {
+            std::fs::write(phaul.join(f), "").expect("write");
+        }
+        let got = find_configs(None, etc.path()).expect("found");
+        let want: Vec<PathBuf> =
+            ["plugins.toml", "plugins.d/10-lxc.toml", "plugins.d/50-zfs.toml"].iter().map(|f| phaul.join(f)).collect();
+        assert_eq!(got, want);
+        // Snippets alone do (a packager may ship no main list); an explicit list stands alone.
+        std::fs::remove_file(phaul.join("plugins.toml")).expect("rm");
+        assert_eq!(find_configs(None, etc.path()).expect("snippets").len(), 2);
+        let explicit = Path::new("/somewhere/list.toml");
+        assert_eq!(find_configs(Some(explicit), etc.path()).expect("explicit"), vec![explicit.to_path_buf()]);
+        // A plugins.toml in the working directory is not looked at.
+        let empty = tempfile::tempdir().expect("tempdir");
+        assert!(find_configs(None, empty.path()).is_err());
+    }
+
+    #[test]
+    fn a_later_list_sets_a_host_types_default_filesystem_driver_and_registry_names_every_list() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a.toml"), dir.path().join("b.toml"));
+        std::fs::write(&a, "[host-type.pid]\nfs = \"shared\"\n[host-type.lxc]\nfs = \"shared\"\n").expect("write");
+        std::fs::write(&b, "[host-type.lxc]\nfs = \"rsync\"\n").expect("write");
+        let r = Registry::load_all(&[a.clone(), b.clone()]).expect("load");
+        assert_eq!(r.default_fs("lxc"), Some("rsync"));
+        assert_eq!(r.default_fs("pid"), Some("shared"));
+        assert_eq!(r.config_files(), &[a.clone(), b.clone()]);
+        let msg = r.ensure(PluginKind::HOST_TYPE, "lxc").expect_err("none loaded").to_string();
+        assert!(msg.contains("is installed and enabled") && msg.contains(&b.display().to_string()), "{msg}");
+    }
+
+    #[test]
     fn malformed_toml_names_line_and_column() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("plugins.toml");
@@ -942,7 +1033,7 @@ mod tests {
         assert_eq!(r.disabled().len(), 1);
         assert_eq!(r.default_fs("pid"), Some("shared"));
         match r.new_host_type("pid", Role::SOURCE, Mode::LIVE, "1", &[], dir.path()) {
-            Err(e) => assert!(e.to_string().contains("no host type named 'pid' is enabled"), "{e}"),
+            Err(e) => assert!(e.to_string().contains("no host type named 'pid' is installed and enabled"), "{e}"),
             Ok(_) => panic!("a disabled plugin was used"),
         }
     }

@@ -133,7 +133,11 @@ fn a_driver_that_is_not_enabled() {
             "zfs",
         ],
         1,
-        &["no filesystem driver named 'zfs' is enabled", "enabled: shared, external", "keeps running"],
+        &[
+            "no filesystem driver named 'zfs' is installed and enabled",
+            "enabled of that kind: shared, external",
+            "keeps running",
+        ],
     );
     probe_ok(&w, w.pid());
 }

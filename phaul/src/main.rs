@@ -18,7 +18,7 @@ use phaul_core::engine::{
 };
 use phaul_core::hold::SystemKeeper;
 use phaul_core::journal::{self, DestinationJournal, Journals, SourceJournal};
-use phaul_core::plugins::{find_config, Drivers, Registry};
+use phaul_core::plugins::{find_configs, Drivers, Registry};
 use phaul_core::transport::{self, Channel, ChannelName};
 
 /// Exit status when the migration failed and the workload still runs on the source.
@@ -49,9 +49,13 @@ struct Cli {
 
 #[derive(Args, Debug)]
 struct Common {
-    /// The plugin list (default: $PHAUL_PLUGINS, ./plugins.toml, /etc/phaul/plugins.toml).
+    /// The plugin list (default: $PHAUL_PLUGINS, else SYSCONFDIR/phaul/plugins.toml followed by
+    /// SYSCONFDIR/phaul/plugins.d/*.toml in sorted order; never the working directory).
     #[arg(long, global = true, value_name = "FILE")]
     plugins: Option<PathBuf>,
+    /// Where phaul's system configuration lives (phaul/plugins.toml, phaul/plugins.d, phaul/phaul.toml).
+    #[arg(long, global = true, value_name = "DIR", default_value = phaul_core::plugins::DEFAULT_SYSCONFDIR)]
+    sysconfdir: PathBuf,
     /// The CRIU binary (default: $PHAUL_CRIU, then where scripts/setup installs it, then PATH).
     #[arg(long, global = true, value_name = "PATH")]
     criu: Option<PathBuf>,
@@ -70,7 +74,7 @@ struct Common {
     /// A dead peer or a cut link is noticed within about this many seconds (TCP keepalive and user timeout).
     #[arg(long, global = true, value_name = "SECONDS", default_value_t = engine::DEFAULT_LINK_TIMEOUT_SECS)]
     link_timeout: u32,
-    /// Settings file ([tls] cert, key, ca, crl, allow); default /etc/phaul/phaul.toml when it exists.
+    /// Settings file ([tls] cert, key, ca, crl, allow); default SYSCONFDIR/phaul/phaul.toml when it exists.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
 }
@@ -118,7 +122,8 @@ fn tls_files(c: &Common, t: &TlsArgs) -> Result<Option<phaul_core::transport::tl
         }
         return Ok(None);
     }
-    let from_file = match (&c.config, std::path::Path::new("/etc/phaul/phaul.toml")) {
+    let default_settings = c.sysconfdir.join("phaul/phaul.toml");
+    let from_file = match (&c.config, default_settings.as_path()) {
         (Some(p), _) => Some(read_settings(p)?),
         (None, d) if d.exists() => Some(read_settings(d)?),
         _ => None,
@@ -132,7 +137,7 @@ fn tls_files(c: &Common, t: &TlsArgs) -> Result<Option<phaul_core::transport::tl
         (None, None, None, None) => {
             return Err(Fail(
                 EXIT_USAGE,
-                "phaul's own connections need TLS: give --tls-cert, --tls-key and --tls-ca (or [tls] in /etc/phaul/phaul.toml; `phaul cert` makes certificates), or --insecure-loopback to stay on loopback without it (then any local user can make phaul serve restore processes as root)".into(),
+                "phaul's own connections need TLS: give --tls-cert, --tls-key and --tls-ca (or [tls] in SYSCONFDIR/phaul/phaul.toml, /etc by default; `phaul cert` makes certificates), or --insecure-loopback to stay on loopback without it (then any local user can make phaul serve restore processes as root)".into(),
             ))
         }
         _ => return Err(Fail(EXIT_USAGE, "give --tls-cert, --tls-key and --tls-ca together".into())),
@@ -557,8 +562,8 @@ fn criu(c: &Common) -> Result<Criu, Fail> {
 }
 
 fn registry(c: &Common) -> Result<Registry, Fail> {
-    let path = find_config(c.plugins.as_deref())?;
-    Ok(Registry::load(&path)?)
+    let files = find_configs(c.plugins.as_deref(), &c.sysconfdir)?;
+    Ok(Registry::load_all(&files)?)
 }
 
 fn main() -> ExitCode {
@@ -1035,7 +1040,8 @@ fn plugins(c: &Common, json: bool) -> Result<(), Fail> {
         println!("{}", serde_json::Value::Array(list));
         return Ok(());
     }
-    println!("plugins from {}", reg.config_path().display());
+    let files: Vec<String> = reg.config_files().iter().map(|f| f.display().to_string()).collect();
+    println!("plugins from {}", files.join(", "));
     println!("{:<6} {:<10} {:<8} {:<4} FILE", "KIND", "NAME", "VERSION", "ABI");
     for p in reg.plugins() {
         let fs = reg.default_fs(&p.name).map(|f| format!("  (default fs: {f})")).unwrap_or_default();
