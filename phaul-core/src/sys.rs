@@ -370,3 +370,41 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize,
 
 /// How many descriptors [`recv_with_fds`] takes from one message.
 pub const MAX_PASSED_FDS: usize = 4;
+
+/// The listening TCP socket systemd passed this process (socket activation: `LISTEN_PID` is this process,
+/// `LISTEN_FDS` counts the sockets from descriptor 3), or `None` when it was not started so. phaul serve takes
+/// exactly one; anything else passed is an error that says so.
+pub fn systemd_listener() -> io::Result<Option<std::net::TcpListener>> {
+    let ours = std::env::var("LISTEN_PID").ok().and_then(|p| p.trim().parse::<u32>().ok()) == Some(std::process::id());
+    if !ours {
+        return Ok(None);
+    }
+    let n = std::env::var("LISTEN_FDS").ok().and_then(|n| n.trim().parse::<u32>().ok()).unwrap_or(0);
+    if n != 1 {
+        return Err(io::Error::other(format!(
+            "systemd passed {n} sockets (LISTEN_FDS={n}); phaul serve takes exactly one listening TCP socket: give the socket unit one ListenStream="
+        )));
+    }
+    const FD: RawFd = 3;
+    let st = fstat(FD).map_err(|e| io::Error::other(format!("descriptor 3 from systemd: {e}")))?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+        return Err(io::Error::other("descriptor 3 from systemd is not a socket"));
+    }
+    // SAFETY: descriptor 3 is open (fstat just succeeded on it) and stays open for this borrow, which ends before
+    // the descriptor is handed on below.
+    let fd = unsafe { BorrowedFd::borrow_raw(FD) };
+    let listening = getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false);
+    let stream = getsockopt(&fd, sockopt::SockType).is_ok_and(|t| t == SockType::Stream);
+    if !listening || !stream {
+        return Err(io::Error::other(
+            "descriptor 3 from systemd is not a listening stream socket: the socket unit needs ListenStream= and Accept=no",
+        ));
+    }
+    // SAFETY: descriptor 3 is an open listening stream socket that systemd handed to this process for it to own
+    // (LISTEN_PID names us), and nothing else in phaul owns it; the listener becomes its only owner.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(FD) };
+    match listener.local_addr() {
+        Ok(_) => Ok(Some(listener)),
+        Err(e) => Err(io::Error::other(format!("the socket from systemd is not a TCP socket ({e})"))),
+    }
+}

@@ -142,6 +142,37 @@ fn own_tls_connections_on_loopback() {
     assert!(u64_of(&after, "counter") >= u64_of(&before, "counter"));
 }
 
+/// `phaul serve` under systemd's socket activation (as `phaul-serve.socket` starts it): no `--listen`, the
+/// listening socket comes as descriptor 3 with LISTEN_PID/LISTEN_FDS, TLS as usual.
+#[test]
+fn serve_takes_its_listening_socket_from_systemd_socket_activation() {
+    let lab = lab("sockact");
+    let pki = Pki::new(&lab);
+    let mut w = lab.start_workload("counter", &[]).expect("start");
+    let before = probe_ok(&w, w.pid());
+    let addr = format!("127.0.0.1:{}", 21000 + (std::process::id() % 19000));
+    let rpid = lab.path("sockact.rpid");
+    let serve = serve_socket_activated(&lab, &addr, Some(&pki));
+    let out = migrate_to(&lab, w.pid(), &addr, &rpid, Some(&pki));
+    let served = serve.collect();
+    assert!(out.status.success(), "{}\n{}\n{}", out.stdout, out.stderr, served.stderr);
+    assert!(served.stderr.contains("serving on 127.0.0.1:"), "{}", served.stderr);
+    let restored = restored_pid(&rpid);
+    w.adopt_pid(restored).expect("adopt");
+    let after = probe_ok(&w, restored);
+    assert!(u64_of(&after, "counter") >= u64_of(&before, "counter"));
+    // Neither --listen, --fdrpc nor a socket from systemd: refused, saying what to give.
+    let plugins = lab.plugins.display().to_string();
+    let err = match lab.a().run(&lab.phaul, ["--plugins", plugins.as_str(), "serve", "--insecure-loopback"]) {
+        Err(phaul_testbed::TestbedError::CommandFailed { status, stderr, .. }) => {
+            assert_eq!(status, "exit status: 2", "{stderr}");
+            stderr
+        }
+        other => panic!("phaul serve with nothing to listen on must fail, got {other:?}"),
+    };
+    assert!(err.contains("needs --listen HOST:PORT, or --fdrpc FD") && err.contains("phaul-serve.socket"), "{err}");
+}
+
 /// `phaul serve --listen --insecure-loopback` without `--once` serves one migration after another.
 #[test]
 fn serve_handles_several_migrations_in_a_row() {

@@ -204,6 +204,11 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Write man pages (phaul.1 and one per subcommand, from these very definitions) into DIR.
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Settle a session whose outcome is in doubt (after a cut link or a dead phaul), on either host.
     Resolve(ResolveArgs),
     /// Make certificates for phaul's TLS: a CA, host certificates it signs, revocations.
@@ -463,8 +468,9 @@ struct MigrateArgs {
 
 #[derive(Args, Debug)]
 struct ServeArgs {
-    /// Accept sources on this address (with TLS; loopback only with --insecure-loopback).
-    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["fdrpc", "fdmem", "fdfs"], required_unless_present = "fdrpc")]
+    /// Accept sources on this address (with TLS; loopback only with --insecure-loopback). Without it (and without
+    /// --fdrpc), the listening socket systemd's socket activation passed (phaul-serve.socket).
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["fdrpc", "fdmem", "fdfs"])]
     listen: Option<String>,
     #[command(flatten)]
     tls: TlsArgs,
@@ -593,6 +599,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
             clap_complete::generate(shell, &mut Cli::command(), "phaul", &mut std::io::stdout());
             Ok(())
         }
+        Command::Man { dir } => man_pages(&dir),
         Command::Resolve(a) => resolve_cmd(&cli.common, a),
         Command::Cert(c) => cert(c),
         Command::Guard { journal, watch_fd, patience, tls } => guard(&cli.common, journal, watch_fd, patience, &tls),
@@ -760,6 +767,16 @@ fn serve(c: &Common, a: ServeArgs) -> Result<(), Fail> {
     if let Some((rpc, mem, fs)) = a.fds.channels()? {
         return report(engine::serve_session(&ctx, rpc, None, DestinationChannels::Given { mem, fs }));
     }
+    let activated = match &a.listen {
+        Some(_) => None,
+        None => phaul_core::sys::systemd_listener().map_err(|e| Fail(EXIT_USAGE, format!("socket activation: {e}")))?,
+    };
+    if a.listen.is_none() && activated.is_none() {
+        return Err(Fail(
+            EXIT_USAGE,
+            "phaul serve needs --listen HOST:PORT, or --fdrpc FD (with --fdmem and --fdfs), or a listening socket from systemd (phaul-serve.socket)".into(),
+        ));
+    }
     let addr = a.listen.unwrap_or_default();
     let acceptance = match tls_files(c, &a.tls)? {
         Some(f) => transport::Acceptance::Tls(phaul_core::transport::tls::ServerTls::new(f)?),
@@ -771,7 +788,19 @@ fn serve(c: &Common, a: ServeArgs) -> Result<(), Fail> {
         }
     };
     let insecure = matches!(acceptance, transport::Acceptance::Insecure);
-    let listener: TcpListener = transport::listen(&addr, insecure)?;
+    let listener: TcpListener = match activated {
+        Some(l) => {
+            let local = l.local_addr().map_err(|e| Fail(EXIT_USAGE, format!("socket activation: {e}")))?;
+            if insecure && !local.ip().is_loopback() {
+                return Err(Fail(
+                    EXIT_USAGE,
+                    format!("--insecure-loopback, but the socket from systemd listens on {local}, not a loopback address; give the socket unit ListenStream=127.0.0.1:PORT or use TLS"),
+                ));
+            }
+            l
+        }
+        None => transport::listen(&addr, insecure)?,
+    };
     eprintln!(
         "phaul: serving on {}{}",
         listener.local_addr().map(|a| a.to_string()).unwrap_or(addr),
@@ -1016,6 +1045,23 @@ fn guard(c: &Common, journal: PathBuf, watch_fd: i32, patience: u64, tls: &TlsAr
         log::error!("guard: {m}");
     }
     r
+}
+
+/// `phaul man DIR`: phaul.1 and phaul-SUBCOMMAND.1 for each visible subcommand (clap_mangen).
+fn man_pages(dir: &std::path::Path) -> Result<(), Fail> {
+    let fail = |e: std::io::Error| Fail(EXIT_USAGE, format!("cannot write man pages into {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let mut cmd = Cli::command();
+    cmd.build();
+    clap_mangen::generate_to(cmd, dir).map_err(fail)?;
+    // Hidden subcommands are for phaul itself, not operators; clap's `help` subcommands need no pages.
+    for e in std::fs::read_dir(dir).map_err(fail)?.flatten() {
+        let name = e.file_name().to_string_lossy().trim_end_matches(".1").to_string();
+        if name.starts_with("phaul-__") || name.split('-').any(|w| w == "help") {
+            std::fs::remove_file(e.path()).map_err(fail)?;
+        }
+    }
+    Ok(())
 }
 
 fn plugins(c: &Common, json: bool) -> Result<(), Fail> {

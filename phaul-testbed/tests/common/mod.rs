@@ -166,6 +166,17 @@ pub fn serve_listening(lab: &Lab, addr: &str, once: bool, pki: Option<&Pki>) -> 
 
 /// [`serve_listening`] with more arguments after `serve`.
 pub fn serve_listening_with(lab: &Lab, addr: &str, once: bool, pki: Option<&Pki>, extra: &[&str]) -> Serving {
+    serve_at(lab, addr, false, once, pki, extra)
+}
+
+/// `phaul serve` started by systemd's socket activation: `systemd-socket-activate -l ADDR` listens and starts
+/// phaul (no `--listen`) with the listening socket when the first connection comes.
+#[allow(dead_code)]
+pub fn serve_socket_activated(lab: &Lab, addr: &str, pki: Option<&Pki>) -> Serving {
+    serve_at(lab, addr, true, true, pki, &[])
+}
+
+fn serve_at(lab: &Lab, addr: &str, activated: bool, once: bool, pki: Option<&Pki>, extra: &[&str]) -> Serving {
     let plugins = lab.plugins.display().to_string();
     let img = lab.path("dst-images").display().to_string();
     let state = lab.path("dst-state").display().to_string();
@@ -176,13 +187,14 @@ pub fn serve_listening_with(lab: &Lab, addr: &str, once: bool, pki: Option<&Pki>
         "--state-dir",
         state.as_str(),
         "serve",
-        "--listen",
-        addr,
         "--img-path",
         img.as_str(),
         "--rpid-dir",
         rpid_dir.as_str(),
     ];
+    if !activated {
+        args.extend(["--listen", addr]);
+    }
     if once {
         args.push("--once");
     }
@@ -192,7 +204,14 @@ pub fn serve_listening_with(lab: &Lab, addr: &str, once: bool, pki: Option<&Pki>
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let log = lab.path(&format!("serve-{}.log", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
     let file = std::fs::File::create(&log).expect("serve log");
-    let mut serve = lab.a().command(&lab.phaul, &args);
+    let mut serve = if activated {
+        let phaul = lab.phaul.display().to_string();
+        let mut all = vec!["-l", addr, "--", phaul.as_str()];
+        all.extend(args.iter().copied());
+        lab.a().command("systemd-socket-activate", &all)
+    } else {
+        lab.a().command(&lab.phaul, &args)
+    };
     serve.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(file);
     let child = serve.spawn().expect("serve");
     let serving = Serving { child: Some(child), log };
