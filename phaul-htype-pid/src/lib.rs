@@ -110,7 +110,7 @@ impl PidTree {
                 "pid {pid} is not the init of its own pid namespace. CRIU restores every process with its original \
                  pid, and until the destination confirms the restore the source tree still holds those pids; only a \
                  tree that is pid 1 of its own namespace can get its pids back. Start the workload with \
-                 `unshare --pid --fork` (without --kill-child: a parent-death signal is restored too and would fire when the restoring CRIU exits), or in a container,, or pass --htype-opt require-pidns=no \
+                 `unshare --pid --fork` (without --kill-child: a parent-death signal is restored too and would fire when the restoring CRIU exits), or in a container, or pass --htype-opt require-pidns=no \
                  between two machines whose pids do not collide"
             )));
         }

@@ -103,6 +103,8 @@ pub struct MigrateOptions {
     pub dst_args: Vec<String>,
     pub src_plugins: Option<PathBuf>,
     pub dst_plugins: Option<PathBuf>,
+    /// Give neither side `--plugins`: an installed phaul reads its own plugin lists (SYSCONFDIR/phaul).
+    pub installed_plugins: bool,
     /// Wrap the source: run this program with these arguments, followed by the phaul command line (for example
     /// the sample external caller). It inherits the channel descriptors.
     pub src_wrapper: Option<(PathBuf, Vec<String>)>,
@@ -380,7 +382,12 @@ impl Lab {
         let dst_plugins = opts.dst_plugins.clone().unwrap_or_else(|| self.plugins.clone());
         let src_plugins = opts.src_plugins.clone().unwrap_or_else(|| self.plugins.clone());
 
-        let mut serve_args = phaul_args(&dst_plugins, &["serve"], &dst_images, &opts.dst_args);
+        let (dst_plugins, src_plugins) = if opts.installed_plugins {
+            (None, None)
+        } else {
+            (Some(dst_plugins.as_path()), Some(src_plugins.as_path()))
+        };
+        let mut serve_args = phaul_args(dst_plugins, &["serve"], &dst_images, &opts.dst_args);
         serve_args.extend(["--state-dir".into(), self.path("dst-state").display().to_string()]);
         serve_args.extend(["--rpid-dir".into(), self.scratch.path().display().to_string()]);
         serve_args.extend(opts.dst_args.iter().cloned());
@@ -405,7 +412,7 @@ impl Lab {
             .map_err(|e| TestbedError::io("starting phaul serve", e))?;
 
         let (htype, id) = opts.target.clone().unwrap_or_else(|| ("pid".into(), pid.to_string()));
-        let mut mig_args = phaul_args(&src_plugins, &["migrate", &htype, &id], &src_images, &opts.src_args);
+        let mut mig_args = phaul_args(src_plugins, &["migrate", &htype, &id], &src_images, &opts.src_args);
         mig_args.extend(["--state-dir".into(), self.path("src-state").display().to_string()]);
         // The destination writes the restored pid under its --rpid-dir, by the plain name the source gives.
         mig_args.extend(["--dst-rpid".into(), format!("rpid-{pid}")]);
@@ -604,8 +611,11 @@ pub fn run_collect(mut cmd: Command, timeout: Duration, what: &str) -> Result<Co
 /// `phaul --plugins PLUGINS SUBCOMMAND... --fdrpc 3 --fdmem 4 --fdfs 5 --img-path IMAGES --timeout 120`: what both
 /// sides of a handed-in-fds migration share. `--timeout 120` only when the caller's own arguments (`extra`, added
 /// after these) give no `--timeout` (phaul refuses an option given twice).
-fn phaul_args(plugins: &Path, subcommand: &[&str], images: &Path, extra: &[String]) -> Vec<String> {
-    let mut args = vec!["--plugins".to_string(), plugins.display().to_string()];
+fn phaul_args(plugins: Option<&Path>, subcommand: &[&str], images: &Path, extra: &[String]) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Some(p) = plugins {
+        args.extend(["--plugins".to_string(), p.display().to_string()]);
+    }
     args.extend(subcommand.iter().map(|s| s.to_string()));
     for (flag, value) in [("--fdrpc", "3"), ("--fdmem", "4"), ("--fdfs", "5")] {
         args.extend([flag.to_string(), value.to_string()]);

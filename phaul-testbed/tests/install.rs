@@ -1,0 +1,180 @@
+//! An installed phaul (`scripts/install`), as an operator gets it: staged with `--destdir` into a scratch
+//! directory, then seen at its real paths (/usr/local, /etc/phaul) in a mount namespace of its own whose /usr and
+//! /etc are overlays of the machine's with the staged files on top, so the machine's own /usr and /etc are not
+//! touched. There the installed phaul runs from an unrelated working directory, with no `--plugins`: it finds
+//! /etc/phaul/plugins.toml and /etc/phaul/plugins.d itself, lists its drivers, and migrates a workload.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use phaul_testbed::MigrateOptions;
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `scripts/install --destdir STAGE --no-build --profile debug` (the test build's files), with `extra` options.
+fn install(stage: &Path, extra: &[&str]) {
+    let out = Command::new(repo().join("scripts/install"))
+        .args(["--destdir", &stage.display().to_string(), "--no-build", "--profile", "debug"])
+        .args(extra)
+        .output()
+        .expect("scripts/install");
+    assert!(
+        out.status.success(),
+        "scripts/install {extra:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A process holding a mount namespace whose /usr and /etc show the staged install over the machine's.
+struct InstalledRoot {
+    holder: std::process::Child,
+}
+
+impl InstalledRoot {
+    fn new(stage: &Path, work: &Path) -> InstalledRoot {
+        let mut script = String::new();
+        for d in ["usr", "etc"] {
+            let (upper, wd) = (stage.join(d), work.join(d));
+            std::fs::create_dir_all(&upper).expect("upper");
+            std::fs::create_dir_all(&wd).expect("workdir");
+            script.push_str(&format!(
+                "mount -t overlay overlay -o lowerdir=/{d},upperdir={},workdir={} /{d} || exit 97; ",
+                upper.display(),
+                wd.display()
+            ));
+        }
+        script.push_str("exec sleep 86400");
+        let holder = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("unshare");
+        let root = InstalledRoot { holder };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let phaul = format!("/proc/{}/root/usr/local/bin/phaul", root.holder.id());
+        let comm = format!("/proc/{}/comm", root.holder.id());
+        while !(std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() == "sleep") && Path::new(&phaul).exists()) {
+            assert!(Instant::now() < deadline, "the installed root's mount namespace did not come up in 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        root
+    }
+
+    /// `nsenter --mount --target HOLDER --`: a command prefix into this namespace.
+    fn prefix(&self) -> Vec<String> {
+        ["nsenter", "--mount", "--target", &self.holder.id().to_string(), "--"].iter().map(|s| s.to_string()).collect()
+    }
+
+    /// The installed phaul, from `/` (an unrelated working directory), with `args`: (success, stdout, stderr).
+    fn phaul(&self, args: &[&str]) -> (bool, String, String) {
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["--mount", "--target", &self.holder.id().to_string(), "--wd=/", "--", "/usr/local/bin/phaul"]);
+        let out = cmd.args(args).stdin(Stdio::null()).output().expect("nsenter phaul");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// A wrapper for [`MigrateOptions`] that runs the installed phaul there, from `/`, in place of the test build.
+    fn wrapper(&self) -> (PathBuf, Vec<String>) {
+        let script = "shift 2; cd / && exec /usr/local/bin/phaul \"$@\"";
+        let args = ["--mount", "--target", &self.holder.id().to_string(), "--", "/bin/sh", "-c", script, "sh"];
+        (PathBuf::from("/usr/bin/nsenter"), args.iter().map(|s| s.to_string()).collect())
+    }
+}
+
+impl Drop for InstalledRoot {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+fn plugins_json(root: &InstalledRoot) -> Vec<Value> {
+    let (ok, out, err) = root.phaul(&["plugins", "--json"]);
+    assert!(ok, "phaul plugins failed: {err}");
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("phaul plugins --json: {e}: {out}"));
+    v.as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn an_installed_phaul_finds_its_plugins_and_migrates_from_an_unrelated_directory() {
+    let lab = lab("install");
+    let stage = lab.path("stage");
+    install(&stage, &[]);
+
+    // The staged files name their final paths, not the staging directory.
+    let list = std::fs::read_to_string(stage.join("etc/phaul/plugins.toml")).expect("plugins.toml");
+    assert!(list.contains("path = \"/usr/local/lib/phaul/plugins/libphaul_htype_pid.so\""), "{list}");
+    assert!(!list.contains(&stage.display().to_string()), "{list}");
+    let lxc = std::fs::read_to_string(stage.join("etc/phaul/plugins.d/50-lxc.toml")).expect("lxc snippet");
+    assert!(lxc.contains("libphaul_htype_lxc.so") && lxc.contains("[host-type.lxc]"), "{lxc}");
+    let unit = std::fs::read_to_string(stage.join("usr/local/lib/systemd/system/phaul-serve.service")).expect("unit");
+    assert!(unit.contains("ExecStart=/usr/local/bin/phaul --sysconfdir /etc serve"), "{unit}");
+    let socket =
+        std::fs::read_to_string(stage.join("usr/local/lib/systemd/system/phaul-serve.socket")).expect("socket");
+    assert!(socket.contains("ListenStream=7777") && socket.contains("Accept=no"), "{socket}");
+    let man = std::fs::read_to_string(stage.join("usr/local/share/man/man1/phaul-migrate.1")).expect("man page");
+    assert!(man.contains(".TH phaul-migrate") && man.contains("\\-\\-to"), "a man page from clap's definitions");
+    let bash = std::fs::read_to_string(stage.join("usr/local/share/bash-completion/completions/phaul")).expect("bash");
+    assert!(bash.contains("complete") && bash.contains("migrate"), "bash completions");
+
+    let root = InstalledRoot::new(&stage, &lab.path("overlay-work"));
+    let plugins = plugins_json(&root);
+    let names: Vec<&str> = plugins.iter().filter_map(|p| p["name"].as_str()).collect();
+    for want in ["pid", "lxc", "shared", "external", "rsync", "btrfs", "zfs", "lvm"] {
+        assert!(names.contains(&want), "the installed phaul lists {want}: {names:?}");
+    }
+    for p in &plugins {
+        let file = p["file"].as_str().unwrap_or_default();
+        assert!(file.starts_with("/usr/local/lib/phaul/plugins/"), "{p}");
+    }
+    let lxc = plugins.iter().find(|p| p["name"] == "lxc").expect("lxc");
+    assert_eq!(lxc["default_fs"], "rsync", "the lxc snippet's default filesystem driver");
+    let (_, text, _) = root.phaul(&["plugins"]);
+    assert!(text.contains("plugins from /etc/phaul/plugins.toml, /etc/phaul/plugins.d/50-btrfs.toml"), "{text}");
+
+    // A real migration with the installed command and plugins on both sides, no --plugins given.
+    let prefix = root.prefix();
+    let mut w = lab.start_workload_prefixed(&prefix, "counter", &[]).expect("workload in the installed root");
+    let opts = MigrateOptions {
+        installed_plugins: true,
+        src_wrapper: Some(root.wrapper()),
+        dst_wrapper: Some(root.wrapper()),
+        ..Default::default()
+    };
+    let m = migrate_and_check(&lab, &mut w, opts);
+    assert_eq!(m.run.report.as_ref().map(|r| r["fs_driver"].clone()), Some(Value::from("shared")));
+}
+
+#[test]
+fn a_subset_install_reports_a_missing_driver_as_not_installed() {
+    let lab = lab("install-subset");
+    let stage = lab.path("stage");
+    install(&stage, &["--groups", "phaul,btrfs"]);
+    assert!(!stage.join("usr/local/lib/phaul/plugins/libphaul_htype_lxc.so").exists());
+    assert!(!stage.join("etc/phaul/plugins.d/50-lxc.toml").exists());
+    let root = InstalledRoot::new(&stage, &lab.path("overlay-work"));
+    let plugins = plugins_json(&root);
+    let mut names: Vec<&str> = plugins.iter().filter_map(|p| p["name"].as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["btrfs", "external", "pid", "rsync", "shared"]);
+    let (ok, _, err) = root.phaul(&["migrate", "lxc", "web", "--to", "127.0.0.1:1", "--insecure-loopback"]);
+    assert!(!ok);
+    assert!(
+        err.contains("no host type named 'lxc' is installed and enabled") && err.contains("phaul-lxc"),
+        "the missing driver is named, with the package that ships it:\n{err}"
+    );
+}
