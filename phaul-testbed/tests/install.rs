@@ -36,10 +36,16 @@ fn install(stage: &Path, extra: &[&str]) {
 /// A process holding a mount namespace whose /usr and /etc show the staged install over the machine's.
 struct InstalledRoot {
     holder: std::process::Child,
+    /// The installed phaul (`/usr/local/bin/phaul`, `/usr/bin/phaul` from the package).
+    bin: String,
 }
 
 impl InstalledRoot {
     fn new(stage: &Path, work: &Path) -> InstalledRoot {
+        InstalledRoot::with_bin(stage, work, "/usr/local/bin/phaul")
+    }
+
+    fn with_bin(stage: &Path, work: &Path, bin: &str) -> InstalledRoot {
         let mut script = String::new();
         for d in ["usr", "etc"] {
             let (upper, wd) = (stage.join(d), work.join(d));
@@ -59,9 +65,9 @@ impl InstalledRoot {
             .stderr(Stdio::null())
             .spawn()
             .expect("unshare");
-        let root = InstalledRoot { holder };
+        let root = InstalledRoot { holder, bin: bin.to_string() };
         let deadline = Instant::now() + Duration::from_secs(10);
-        let phaul = format!("/proc/{}/root/usr/local/bin/phaul", root.holder.id());
+        let phaul = format!("/proc/{}/root{bin}", root.holder.id());
         let comm = format!("/proc/{}/comm", root.holder.id());
         while !(std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() == "sleep") && Path::new(&phaul).exists()) {
             assert!(Instant::now() < deadline, "the installed root's mount namespace did not come up in 10 s");
@@ -78,7 +84,7 @@ impl InstalledRoot {
     /// The installed phaul, from `/` (an unrelated working directory), with `args`: (success, stdout, stderr).
     fn phaul(&self, args: &[&str]) -> (bool, String, String) {
         let mut cmd = Command::new("nsenter");
-        cmd.args(["--mount", "--target", &self.holder.id().to_string(), "--wd=/", "--", "/usr/local/bin/phaul"]);
+        cmd.args(["--mount", "--target", &self.holder.id().to_string(), "--wd=/", "--", &self.bin]);
         let out = cmd.args(args).stdin(Stdio::null()).output().expect("nsenter phaul");
         (
             out.status.success(),
@@ -89,8 +95,8 @@ impl InstalledRoot {
 
     /// A wrapper for [`MigrateOptions`] that runs the installed phaul there, from `/`, in place of the test build.
     fn wrapper(&self) -> (PathBuf, Vec<String>) {
-        let script = "shift 2; cd / && exec /usr/local/bin/phaul \"$@\"";
-        let args = ["--mount", "--target", &self.holder.id().to_string(), "--", "/bin/sh", "-c", script, "sh"];
+        let script = format!("shift 2; cd / && exec {} \"$@\"", self.bin);
+        let args = ["--mount", "--target", &self.holder.id().to_string(), "--", "/bin/sh", "-c", &script, "sh"];
         (PathBuf::from("/usr/bin/nsenter"), args.iter().map(|s| s.to_string()).collect())
     }
 }
@@ -177,4 +183,114 @@ fn a_subset_install_reports_a_missing_driver_as_not_installed() {
         err.contains("no host type named 'lxc' is installed and enabled") && err.contains("phaul-lxc"),
         "the missing driver is named, with the package that ships it:\n{err}"
     );
+}
+
+fn sh(program: &str, args: &[&str]) -> (bool, String) {
+    let out =
+        Command::new(program).args(args).stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// A fresh root for dpkg whose package database records as installed only what phaul's packages depend on,
+/// copied from this machine's own records (so dependencies resolve as on this machine, and nothing else is there).
+fn fresh_dpkg_root(root: &Path, deps: &[&str]) {
+    let db = root.join("var/lib/dpkg");
+    for d in ["info", "updates", "triggers"] {
+        std::fs::create_dir_all(db.join(d)).expect("dpkg dirs");
+    }
+    let mut status = String::new();
+    for d in deps {
+        let (ok, text) = sh("dpkg-query", &["-s", d]);
+        assert!(ok, "{d} is not installed on this machine (scripts/setup installs it): {text}");
+        status.push_str(text.trim_end());
+        status.push_str("\n\n");
+        std::fs::write(db.join("info").join(format!("{d}.list")), "").expect("list");
+    }
+    std::fs::write(db.join("status"), status).expect("status");
+    std::fs::write(db.join("available"), "").expect("available");
+}
+
+#[test]
+fn debian_packages_install_into_a_fresh_root_and_a_driver_needs_the_interface_it_was_built_for() {
+    let lab = lab("debs");
+    let debs = lab.path("debs");
+    let out = Command::new(repo().join("scripts/package"))
+        .args([
+            "--no-build",
+            "--profile",
+            "debug",
+            "--groups",
+            "phaul,lxc,btrfs",
+            "--compress",
+            "none",
+            "--out",
+            &debs.display().to_string(),
+        ])
+        .output()
+        .expect("scripts/package");
+    assert!(out.status.success(), "scripts/package: {}", String::from_utf8_lossy(&out.stderr));
+    let deb = |name: &str| -> String {
+        std::fs::read_dir(&debs)
+            .expect("debs")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{name}_"))))
+            .unwrap_or_else(|| panic!("no {name} package"))
+            .display()
+            .to_string()
+    };
+    let (phaul, lxc) = (deb("phaul"), deb("phaul-lxc"));
+    let field = |deb: &str, f: &str| sh("dpkg-deb", &["-f", deb, f]).1.trim().to_string();
+    let abi = format!("phaul-plugin-abi-{}", phaul_core::abi::PHAUL_ABI_VERSION);
+    assert!(field(&phaul, "Provides").contains(&abi), "{}", field(&phaul, "Provides"));
+    assert!(field(&lxc, "Depends").starts_with(&abi), "{}", field(&lxc, "Depends"));
+    assert!(field(&phaul, "Description").contains("/opt/phaul/criu"), "the package says how it gets a CRIU");
+    let (_, contents) = sh("dpkg-deb", &["-c", &lxc]);
+    assert!(contents.contains("./etc/phaul/plugins.d/50-lxc.toml"), "{contents}");
+    assert!(contents.contains("./usr/lib/phaul/plugins/libphaul_htype_lxc.so"), "{contents}");
+    assert!(!contents.contains("./usr/bin/"), "a driver package holds no command: {contents}");
+
+    let root = lab.path("root");
+    fresh_dpkg_root(&root, &["libc6", "rsync", "nftables", "iproute2", "lxc", "iptables"]);
+    let r = root.display().to_string();
+    let dpkg = |args: &[&str]| {
+        let mut all = vec!["--root", r.as_str(), "--log=/dev/null"];
+        all.extend_from_slice(args);
+        sh("dpkg", &all)
+    };
+    // A driver without a phaul that speaks its interface is not configured.
+    let (ok, text) = dpkg(&["-i", &lxc]);
+    assert!(!ok && text.contains(&abi), "dpkg must refuse phaul-lxc without {abi}:\n{text}");
+    let (ok, text) = dpkg(&["-i", &phaul, &lxc]);
+    assert!(ok, "dpkg -i phaul phaul-lxc:\n{text}");
+    for p in ["phaul", "phaul-lxc"] {
+        let (_, st) = sh("dpkg-query", &["--admindir", &format!("{r}/var/lib/dpkg"), "-W", "-f", "${Status}", p]);
+        assert_eq!(st.trim(), "install ok installed", "{p}");
+    }
+
+    // The packaged phaul at its real paths: the lists it reads, the drivers it has and has not.
+    let inst = InstalledRoot::with_bin(&root, &lab.path("overlay-work"), "/usr/bin/phaul");
+    let plugins = plugins_json(&inst);
+    let mut names: Vec<&str> = plugins.iter().filter_map(|p| p["name"].as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["external", "lxc", "pid", "rsync", "shared"], "phaul and phaul-lxc, not phaul-btrfs");
+    assert!(plugins.iter().all(|p| p["file"].as_str().is_some_and(|f| f.starts_with("/usr/lib/phaul/plugins/"))));
+    let prefix = inst.prefix();
+    let mut w = lab.start_workload_prefixed(&prefix, "counter", &[]).expect("workload in the packaged root");
+    let pid = w.pid().to_string();
+    let (ok, _, err) =
+        inst.phaul(&["migrate", "pid", &pid, "--fs", "btrfs", "--to", "127.0.0.1:1", "--insecure-loopback"]);
+    assert!(
+        !ok && err.contains("no filesystem driver named 'btrfs' is installed") && err.contains("phaul-btrfs"),
+        "{err}"
+    );
+    // ... and migrates with what the packages installed (the workload ran on through the refusal above).
+    let opts = MigrateOptions {
+        installed_plugins: true,
+        src_wrapper: Some(inst.wrapper()),
+        dst_wrapper: Some(inst.wrapper()),
+        ..Default::default()
+    };
+    migrate_and_check(&lab, &mut w, opts);
 }
