@@ -394,29 +394,12 @@ impl Drop for LxcHosts {
     }
 }
 
-/// The Debian mirror of this machine's own apt configuration (deb.debian.org when it names none).
+/// The Debian mirror of this machine's own apt configuration (`scripts/apt-mirror`, which scripts/setup uses too;
+/// deb.debian.org when apt names none).
 pub fn debian_mirror() -> String {
-    let mut texts = Vec::new();
-    for d in ["/etc/apt/sources.list.d"] {
-        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
-            texts.push(std::fs::read_to_string(e.path()).unwrap_or_default());
-        }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/apt-mirror");
+    match Command::new(&script).stdin(Stdio::null()).output() {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        _ => "http://deb.debian.org/debian".into(),
     }
-    texts.push(std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default());
-    for t in &texts {
-        for l in t.lines() {
-            let l = l.trim();
-            let url = if let Some(r) = l.strip_prefix("URIs:") {
-                r.split_whitespace().next()
-            } else if l.starts_with("deb ") {
-                l.split_whitespace().find(|w| w.starts_with("http"))
-            } else {
-                None
-            };
-            if let Some(u) = url.filter(|u| u.contains("debian") && !u.contains("security")) {
-                return u.to_string();
-            }
-        }
-    }
-    "http://deb.debian.org/debian".into()
 }

@@ -294,3 +294,27 @@ fn debian_packages_install_into_a_fresh_root_and_a_driver_needs_the_interface_it
     };
     migrate_and_check(&lab, &mut w, opts);
 }
+
+/// scripts/setup (and the LXC tests' Debian container) take the Debian archive from apt's own configuration.
+#[test]
+fn the_setup_mirror_is_the_one_apt_is_configured_with() {
+    let mirror = |files: &[(&str, &str)]| -> String {
+        let apt = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(apt.path().join("sources.list.d")).expect("mkdir");
+        for (name, text) in files {
+            std::fs::write(apt.path().join(name), text).expect("write");
+        }
+        let out = Command::new(repo().join("scripts/apt-mirror")).env("APT_DIR", apt.path()).output().expect("run");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let one_line = "# a comment\ndeb http://security.debian.org/debian-security bookworm-security main\n\
+                    deb [arch=amd64 signed-by=/k.gpg] http://mirror.example/debian/ bookworm main\n";
+    assert_eq!(mirror(&[("sources.list", one_line)]), "http://mirror.example/debian");
+    let deb822 = "Types: deb\nURIs: http://off.example/debian\nSuites: bookworm\nEnabled: no\n\n\
+                  Types: deb-src deb\nURIs: https://on.example/debian\nSuites: bookworm\n";
+    assert_eq!(mirror(&[("sources.list.d/debian.sources", deb822)]), "https://on.example/debian");
+    let disabled = "deb http://ignored.example/debian bookworm main\n";
+    assert_eq!(mirror(&[("sources.list.d/x.list.disabled", disabled)]), "http://deb.debian.org/debian");
+    assert_eq!(mirror(&[]), "http://deb.debian.org/debian");
+}
