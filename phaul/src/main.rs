@@ -464,6 +464,11 @@ struct MigrateArgs {
     /// Print the report as JSON on standard output.
     #[arg(long)]
     json: bool,
+    /// Write status as JSON lines to this open descriptor while the migration runs: phases, rounds, bytes and
+    /// rates, predicted downtime, the session's states (in-doubt included), then the report (schema
+    /// phaul-status/1, docs/status-fd.md).
+    #[arg(long, value_name = "FD")]
+    status_fd: Option<i32>,
 }
 
 #[derive(Args, Debug)]
@@ -608,6 +613,26 @@ fn run(cli: Cli) -> Result<(), Fail> {
 }
 
 fn migrate(c: &Common, a: MigrateArgs) -> Result<(), Fail> {
+    let status = match a.status_fd {
+        Some(fd) if [a.fds.fdrpc, a.fds.fdmem, a.fds.fdfs].contains(&Some(fd)) => {
+            return Err(Fail(
+                EXIT_USAGE,
+                format!("--status-fd {fd} is also a channel descriptor; give it a descriptor of its own"),
+            ))
+        }
+        Some(fd) => {
+            let owned = phaul_core::sys::adopt_inherited(fd).map_err(|e| {
+                Fail(
+                    EXIT_USAGE,
+                    format!(
+                        "--status-fd {fd}: {e}; open it for writing before starting phaul (e.g. {fd}>status.jsonl)"
+                    ),
+                )
+            })?;
+            Some(engine::StatusSink::new(std::fs::File::from(owned)))
+        }
+        None => None,
+    };
     let reg = registry(c)?;
     let criu = match (criu(c), a.mode) {
         (Ok(criu), _) => criu,
@@ -671,11 +696,23 @@ fn migrate(c: &Common, a: MigrateArgs) -> Result<(), Fail> {
         resolve_timeout: Duration::from_secs(a.resolve_timeout),
         link_timeout: c.link_timeout,
         progress: !a.json,
+        status: status.clone(),
         dst_rpid: a.dst_rpid,
     };
     let guards = guard_spawner(c, &a.tls, a.resolve_timeout)?;
     let ctx = SourceContext { drivers: &reg, criu: &criu, keeper: Box::new(SystemKeeper), guards: Some(&guards) };
     let (report, ended, result) = engine::migrate(ctx, &cfg, channels);
+    if let Some(s) = &status {
+        let outcome = match ended {
+            Ended::Migrated => "migrated",
+            Ended::RolledBack => "rolled-back",
+            Ended::InDoubt => "in-doubt",
+            Ended::Lost => "lost",
+        };
+        let error = result.as_ref().err().map(|e| e.to_string());
+        let report = serde_json::to_value(&report).unwrap_or_default();
+        s.emit("end", serde_json::json!({ "outcome": outcome, "error": error, "report": report }));
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report).map_err(|e| Fail(EXIT_FAILED, e.to_string()))?);
     } else {

@@ -28,7 +28,7 @@ pub use destination::{
 };
 pub use files::FileTransferError;
 pub use policy::{rates, should_stop, OnNoConverge, Policy, Rates, RoundSample, StopReason};
-pub use progress::Progress;
+pub use progress::{Phase, Progress, StatusSink, STATUS_SCHEMA};
 pub use report::{ChannelBytes, HandoverReport, MemoryStrategy, Report, RoundReport};
 pub use source::{
     migrate, Ended, Guard, GuardSpawner, HandoverOrder, MigrateError, PreDump, SourceChannels, SourceConfig,

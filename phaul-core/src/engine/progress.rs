@@ -1,25 +1,120 @@
-//! Progress on a terminal: the phase, the round, bytes and rate, on one rewritten line of standard error.
-//! Nothing is printed when standard error is not a terminal.
+//! Progress: on a terminal, the phase, the round, bytes and rate on one rewritten line of standard error (nothing
+//! when standard error is not a terminal); and for programs that drive phaul, the same as JSON lines on a status
+//! descriptor (`--status-fd`, [`StatusSink`]), whose schema is written down in docs/status-fd.md.
 
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// The status stream's schema: every line carries `"schema": STATUS_SCHEMA`. A new field is added without a new
+/// version; a field removed or changed in meaning gets one.
+pub const STATUS_SCHEMA: &str = "phaul-status/1";
+
+/// Where status lines go: one JSON object per line, each written whole and flushed at once. A reader that goes
+/// away does not stop the migration: the first failed write turns the sink off (and is logged).
+#[derive(Debug)]
+pub struct StatusSink {
+    out: Mutex<Option<std::fs::File>>,
+    started: Instant,
+}
+
+impl StatusSink {
+    pub fn new(out: std::fs::File) -> Arc<StatusSink> {
+        Arc::new(StatusSink { out: Mutex::new(Some(out)), started: Instant::now() })
+    }
+
+    /// Writes `{"schema", "t", "event", ...fields}`; `fields` must be a JSON object.
+    pub fn emit(&self, event: &str, fields: Value) {
+        let mut line = json!({ "schema": STATUS_SCHEMA, "t": self.started.elapsed().as_secs_f64(), "event": event });
+        if let (Some(l), Value::Object(f)) = (line.as_object_mut(), fields) {
+            l.extend(f);
+        }
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = out.as_mut() {
+            let mut text = line.to_string();
+            text.push('\n');
+            if let Err(e) = f.write_all(text.as_bytes()).and_then(|()| f.flush()) {
+                log::warn!(
+                    "the status descriptor no longer takes lines ({e}); status output stops, the migration goes on"
+                );
+                *out = None;
+            }
+        }
+    }
+}
+
+/// The phases a migration goes through, as the status stream names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Checks before anything is frozen (lazy pages, the destination's CPU).
+    Preflight,
+    /// Greeting the destination and setting up the session.
+    Setup,
+    /// A pre-copy round (pre-dump while the workload runs).
+    PreCopy,
+    /// A filesystem round while the workload runs.
+    FsRound,
+    /// The workload is stopped (restart mode).
+    Stop,
+    /// The final dump, the workload frozen.
+    FinalDump,
+    /// The final filesystem round, the workload frozen or stopped.
+    FsFinal,
+    /// Images sent to the destination.
+    Images,
+    /// The restore on the destination (held until the commit).
+    Restore,
+    /// The commit between the two hosts.
+    Commit,
+    /// After the outcome: the destination is told it, and both sides clean up.
+    Finish,
+    /// The workload starts on the destination (restart mode).
+    Start,
+    /// Rolling back: the workload resumes or restarts on the source.
+    Rollback,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Preflight => "preflight",
+            Phase::Setup => "setup",
+            Phase::PreCopy => "pre-copy",
+            Phase::FsRound => "fs-round",
+            Phase::Stop => "stop",
+            Phase::FinalDump => "final-dump",
+            Phase::FsFinal => "fs-final",
+            Phase::Images => "images",
+            Phase::Restore => "restore",
+            Phase::Commit => "commit",
+            Phase::Finish => "finish",
+            Phase::Start => "start",
+            Phase::Rollback => "rollback",
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct Progress {
     enabled: bool,
     started: Instant,
     dirty: bool,
+    status: Option<Arc<StatusSink>>,
 }
 
 impl Progress {
-    /// Shows progress only when `wanted` and standard error is a terminal.
-    /// Plugins' own progress reports (`HostServices::progress`) are shown on the same line, at most ten times
-    /// a second, for as long as this lives.
-    pub fn new(wanted: bool) -> Progress {
-        let p = Progress { enabled: wanted && crate::sys::stderr_is_terminal(), started: Instant::now(), dirty: false };
-        if p.enabled {
+    /// Shows progress on the terminal only when `wanted` and standard error is a terminal; on `status` always.
+    /// Plugins' own progress reports (`HostServices::progress`) are shown on the same line (at most ten times a
+    /// second) and sent as `plugin` events, for as long as this lives.
+    pub fn new(wanted: bool, status: Option<Arc<StatusSink>>) -> Progress {
+        let enabled = wanted && crate::sys::stderr_is_terminal();
+        let p = Progress { enabled, started: Instant::now(), dirty: false, status };
+        if p.enabled || p.status.is_some() {
             let started = p.started;
-            let last = std::sync::Mutex::new(None::<Instant>);
+            let status = p.status.clone();
+            let last = Mutex::new(None::<Instant>);
             crate::plugins::services::set_progress_sink(Some(Box::new(move |plugin, what, done, total| {
                 let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
                 let complete = total > 0 && done >= total;
@@ -27,17 +122,34 @@ impl Progress {
                     return;
                 }
                 *last = Some(Instant::now());
-                let of = if total > 0 { format!(" of {total}") } else { String::new() };
-                let t = started.elapsed().as_secs_f64();
-                let mut e = std::io::stderr().lock();
-                let _ = write!(e, "\r\x1b[K[{t:6.1}s] {plugin}: {what} {done}{of}");
-                let _ = e.flush();
+                if let Some(s) = &status {
+                    s.emit("plugin", json!({ "plugin": plugin, "what": what, "done": done, "total": total }));
+                }
+                if enabled {
+                    let of = if total > 0 { format!(" of {total}") } else { String::new() };
+                    let t = started.elapsed().as_secs_f64();
+                    let mut e = std::io::stderr().lock();
+                    let _ = write!(e, "\r\x1b[K[{t:6.1}s] {plugin}: {what} {done}{of}");
+                    let _ = e.flush();
+                }
             })));
         }
         p
     }
 
-    pub fn phase(&mut self, text: &str) {
+    /// The status sink, if there is one.
+    pub fn status(&self) -> Option<&Arc<StatusSink>> {
+        self.status.as_ref()
+    }
+
+    pub fn phase(&mut self, phase: Phase, text: &str) {
+        if let Some(s) = &self.status {
+            s.emit("phase", json!({ "phase": phase.as_str(), "text": text }));
+        }
+        self.line(text);
+    }
+
+    fn line(&mut self, text: &str) {
         log::info!("{text}");
         if self.enabled {
             let t = self.started.elapsed().as_secs_f64();
@@ -48,12 +160,47 @@ impl Progress {
         }
     }
 
+    /// A memory round ended: `bytes` written in `secs`.
     pub fn round(&mut self, round: u32, kind: &str, bytes: u64, secs: f64) {
-        let rate = if secs > 0.0 { bytes as f64 / (1u64 << 20) as f64 / secs } else { 0.0 };
-        self.phase(&format!(
-            "round {round} ({kind}): {:.1} MiB at {rate:.0} MiB/s",
-            bytes as f64 / (1u64 << 20) as f64
-        ));
+        let rate = if secs > 0.0 { bytes as f64 / secs } else { 0.0 };
+        if let Some(s) = &self.status {
+            s.emit(
+                "round",
+                json!({ "round": round, "kind": kind, "bytes": bytes, "secs": secs, "rate_bytes_s": rate }),
+            );
+        }
+        let mib = (1u64 << 20) as f64;
+        self.line(&format!("round {round} ({kind}): {:.1} MiB at {:.0} MiB/s", bytes as f64 / mib, rate / mib));
+    }
+
+    /// A filesystem round ended: `bytes` sent in `secs`, `remaining` still to send where the driver knows.
+    pub fn fs_round(&mut self, round: u32, frozen: bool, bytes: u64, secs: f64, remaining: Option<u64>) {
+        if let Some(s) = &self.status {
+            let rate = if secs > 0.0 { bytes as f64 / secs } else { 0.0 };
+            s.emit(
+                "fs_round",
+                json!({ "round": round, "frozen": frozen, "bytes": bytes, "secs": secs, "rate_bytes_s": rate,
+                        "remaining_bytes": remaining }),
+            );
+        }
+    }
+
+    /// The policy's view after a pre-copy round: the frozen time a final dump now would take, and how fast the
+    /// workload dirties memory.
+    pub fn prediction(&mut self, round: u32, downtime_ms: Option<f64>, dirty_bytes_s: Option<f64>) {
+        if let Some(s) = &self.status {
+            s.emit(
+                "prediction",
+                json!({ "round": round, "predicted_downtime_ms": downtime_ms, "dirty_rate_bytes_s": dirty_bytes_s }),
+            );
+        }
+    }
+
+    /// The session's journal state changed (`prepared`, `frozen`, `commit-sent`, `in-doubt`, ...).
+    pub fn state(&mut self, state: &str, note: &str) {
+        if let Some(s) = &self.status {
+            s.emit("state", json!({ "state": state, "note": note }));
+        }
     }
 
     pub fn done(&mut self) {
@@ -67,7 +214,7 @@ impl Progress {
 
 impl Drop for Progress {
     fn drop(&mut self) {
-        if self.enabled {
+        if self.enabled || self.status.is_some() {
             crate::plugins::services::set_progress_sink(None);
         }
         self.done();

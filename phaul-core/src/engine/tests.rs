@@ -323,6 +323,7 @@ impl SourceTest {
             resolve_timeout: Duration::from_secs(1),
             link_timeout: 3,
             progress: false,
+            status: None,
             dst_rpid: None,
         }
     }

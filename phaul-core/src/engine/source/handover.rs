@@ -26,7 +26,7 @@ use crate::criu::{rpc, CriuError};
 use crate::engine::control::{AutoCommit, Deadline};
 use crate::engine::files;
 use crate::engine::report::RoundReport;
-use crate::engine::{fault, lazy, page_size};
+use crate::engine::{fault, lazy, page_size, Phase};
 use crate::expect_reply;
 use crate::hold::{CriuAfter, HoldRecord};
 use crate::images;
@@ -260,7 +260,7 @@ fn transfer_and_restore(
     lazy: bool,
 ) -> Result<(), MigrateError> {
     transfer(run, live, round, dir, page_server)?;
-    run.progress.phase("restoring on the destination (held until the commit)");
+    run.progress.phase(Phase::Restore, "restoring on the destination (held until the commit)");
     let reply = live
         .control
         .request(Body::Restore(Restore { round, lazy }), run.wait())
@@ -288,18 +288,18 @@ fn transfer(
     page_server: bool,
 ) -> Result<(), MigrateError> {
     if page_server {
-        run.progress.phase("waiting for the destination's page server");
+        run.progress.phase(Phase::Setup, "waiting for the destination's page server");
         let end = EndRound { round, want_pagemaps: false };
         live.control
             .request(Body::EndRound(end), run.wait())
             .map_err(|e| frozen_wait(run, e, "the destination's page server finished the final round"))
             .and_then(|b| expect_reply!(b, EndRoundReply).map_err(MigrateError::from))?;
     }
-    run.progress.phase("final filesystem sync");
+    run.progress.phase(Phase::FsFinal, "final filesystem sync");
     let fs_round = run.final_fs_round();
     run.fs_round(live, fs_round, true).map_err(|e| widen(run, e, "the final filesystem round ran"))?;
     check_freeze(run, "the final filesystem round ran")?;
-    run.progress.phase("sending images");
+    run.progress.phase(Phase::Images, "sending images");
     let imgs = files::image_files(dir)?;
     run.send_files(live, round, w::files::Target::Images, imgs).map_err(|e| widen(run, e, "the images were sent"))?;
     run.send_extra_files(live, round)?;
@@ -339,6 +339,7 @@ fn send_commit(run: &mut SourceRun<'_>, live: &mut Live) -> Result<Instant, Deci
         // commit the destination discards what it holds. Rolling back now is safe, and spares a session in doubt.
         return Err(Decision::NotCommitted(MigrateError::Wire(WireError::Closed { channel: "control" })));
     }
+    run.progress.phase(Phase::Commit, "committing");
     run.record(SourceState::Committing, "Commit decided: the point of no return", |_| {})
         .map_err(Decision::NotCommitted)?;
     fault::at("src", "step", "committing");
@@ -453,7 +454,7 @@ pub(super) fn resolve_again(run: &mut SourceRun<'_>, live: &mut Live, why: Strin
 
 /// The overlap order: stop-and-copy or lazy-restore.
 fn overlap(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<(), MigrateError> {
-    run.progress.phase("final dump (the workload is frozen)");
+    run.progress.phase(Phase::FinalDump, "final dump (the workload is frozen)");
     let round = plan.round;
     let dir = run.round_dir(live, round)?;
     start_final_round(run, live, round, false, false)?;
@@ -629,6 +630,7 @@ fn dump_stats(run: &mut SourceRun<'_>, dir: &Path, lazy: bool) {
     let ms = run.freeze.map(|(t, _)| t.elapsed().as_secs_f64() * 1000.0).unwrap_or(0.0);
     let round = run.report.rounds.len() as u32 + 1;
     let r = RoundReport::new(round, "dump", &st, ms, page_size());
+    run.progress.round(round, "dump", r.bytes_written, ms / 1000.0);
     run.report.channels.memory_pages += r.bytes_written;
     if !lazy {
         run.report.frozen_ms = Some(st.frozen_time_us as f64 / 1000.0);
@@ -644,7 +646,7 @@ pub(super) fn migrated(run: &mut SourceRun<'_>, live: &mut Live) -> Result<(), M
     }
     let _ = live.fs.finish(Outcome::MIGRATED);
     finish_htype(run, live, Outcome::MIGRATED);
-    run.progress.phase("confirming");
+    run.progress.phase(Phase::Finish, "confirming");
     match live.control.request(Body::Finish(w::Finish { migrated: true, reason: String::new() }), run.wait_after()) {
         Ok(Body::FinishReply(r)) => {
             if !r.kept_images.is_empty() {
@@ -755,7 +757,7 @@ fn lost(run: &mut SourceRun<'_>, live: &mut Live, fz: &Frozen, why: String) -> R
 /// The commit itself is sent by the control channel's reader thread as soon as the destination reports its copy
 /// held, while this thread sits inside CRIU's DUMP request.
 fn post_copy(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<(), MigrateError> {
-    run.progress.phase("final dump (the workload is frozen)");
+    run.progress.phase(Phase::FinalDump, "final dump (the workload is frozen)");
     let round = plan.round;
     let dir = run.round_dir(live, round)?;
     start_final_round(run, live, round, true, false)?;
@@ -964,17 +966,21 @@ fn post_copy_frozen(
     let cancelled = Arc::new(AtomicBool::new(false));
     if let (Some(js), Some(j)) = (run.journals.clone(), run.journal.clone()) {
         let mut j = j;
+        let status = run.progress.status().cloned();
         live.control.arm_auto_commit(AutoCommit {
             deadline,
             record: Box::new(move || {
                 j.state = SourceState::Committing;
                 j.note = "Commit decided (post-copy): the point of no return".into();
+                if let Some(s) = &status {
+                    s.emit("state", serde_json::json!({ "state": "committing", "note": j.note }));
+                }
                 js.write(&mut j).is_ok()
             }),
             cancelled: cancelled.clone(),
         });
     }
-    run.progress.phase("post-copy: restoring on the destination; its pages follow on demand");
+    run.progress.phase(Phase::Restore, "post-copy: restoring on the destination; its pages follow on demand");
     if let Err(e) = live.control.send(Body::Restore(Restore { round, lazy: true })) {
         cancelled.store(true, Ordering::SeqCst);
         return Decision::NotCommitted(e.into());
@@ -1023,7 +1029,7 @@ const POST_COPY_OUTER_BOUND: Duration = Duration::from_secs(24 * 3600);
 
 /// The sequential order.
 fn sequential(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<(), MigrateError> {
-    run.progress.phase("final dump into the source's own images (the workload is frozen)");
+    run.progress.phase(Phase::FinalDump, "final dump into the source's own images (the workload is frozen)");
     let round = plan.round;
     let dir = run.round_dir(live, round)?;
     start_final_round(run, live, round, false, true)?;
@@ -1099,7 +1105,7 @@ fn sequential(run: &mut SourceRun<'_>, live: &mut Live, plan: Plan) -> Result<()
     // The tree is gone (CRIU killed it); the source's copy is its image set from here on.
     end_source_copy(run, &fz, true);
     dump_stats(run, &fz.dir, false);
-    run.progress.phase("restoring on the destination (held until the commit)");
+    run.progress.phase(Phase::Restore, "restoring on the destination (held until the commit)");
     let d = match live
         .control
         .request(Body::Restore(Restore { round, lazy: false }), run.wait())
@@ -1145,10 +1151,10 @@ fn sequential_frozen(
 ) -> Result<(), MigrateError> {
     engage(run, live, fz)?;
     let dir = fz.dir.clone();
-    run.progress.phase("final filesystem sync");
+    run.progress.phase(Phase::FsFinal, "final filesystem sync");
     let fs_round = run.final_fs_round();
     run.fs_round(live, fs_round, true).map_err(|e| widen(run, e, "the final filesystem round ran"))?;
-    run.progress.phase("sending images");
+    run.progress.phase(Phase::Images, "sending images");
     let imgs = files::image_files(&dir)?;
     let bytes: u64 = imgs.iter().map(|(_, h)| h.size).sum();
     run.send_files(live, round, w::files::Target::Images, imgs).map_err(|e| widen(run, e, "the images were sent"))?;
@@ -1182,7 +1188,7 @@ fn tell_abort(run: &mut SourceRun<'_>, live: &mut Live, e: &MigrateError) {
 
 /// Sequential roll-back: restores the workload on the source from its own image set.
 pub(crate) fn restore_on_source(run: &mut SourceRun<'_>, live: &mut Live, dir: &Path) -> Result<(), MigrateError> {
-    run.progress.phase("restoring the workload on the source from its own images");
+    run.progress.phase(Phase::Rollback, "restoring the workload on the source from its own images");
     let h = plugin(crate::plugins::criu_options(&mut live.htype, CriuStage::RESTORE), "host type", &run.cfg.htype)?;
     let pid = super::super::resolve::restore_from_images(run.criu, dir, &h).map_err(|e| {
         MigrateError::Refused(format!(

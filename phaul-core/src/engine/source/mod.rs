@@ -29,7 +29,7 @@ use super::control::{Control, Deadline};
 use super::files::{self, FileTransferError};
 use super::policy::{self, OnNoConverge, Policy, RoundSample, StopReason};
 use super::report::{ChannelBytes, HandoverReport, MemoryStrategy, Report, RoundReport};
-use super::{fault, page_size, private_dir, sanitize, Progress};
+use super::{fault, page_size, private_dir, sanitize, Phase, Progress, StatusSink};
 use crate::criu::{build_opts, rpc, CriuBackend, CriuError, Features, Version, MIN_CRIU};
 use crate::expect_reply;
 use crate::hold::{HoldError, Keeper};
@@ -103,6 +103,8 @@ pub struct SourceConfig {
     /// TCP liveness bound on the channels, in seconds (`--link-timeout`).
     pub link_timeout: u32,
     pub progress: bool,
+    /// `--status-fd`: JSON status lines (phase, rounds, predictions, journal states) go here.
+    pub status: Option<std::sync::Arc<StatusSink>>,
     /// The name of a file the destination writes the restored root pid into, under its `--rpid-dir`.
     pub dst_rpid: Option<String>,
 }
@@ -427,7 +429,7 @@ impl<'c> SourceRun<'c> {
             keeper: ctx.keeper,
             guards: ctx.guards,
             guard: None,
-            progress: Progress::new(cfg.progress),
+            progress: Progress::new(cfg.progress, cfg.status.clone()),
             report,
             journals: None,
             journal: None,
@@ -476,6 +478,10 @@ impl<'c> SourceRun<'c> {
         note: &str,
         f: impl FnOnce(&mut SourceJournal),
     ) -> Result<(), MigrateError> {
+        if self.progress.status().is_some() {
+            let name = serde_json::to_value(state).ok().and_then(|v| v.as_str().map(str::to_string));
+            self.progress.state(name.as_deref().unwrap_or("unknown"), note);
+        }
         if let (Some(js), Some(j)) = (self.journals.as_ref(), self.journal.as_mut()) {
             j.state = state;
             j.note = note.to_string();
@@ -613,7 +619,7 @@ impl<'c> SourceRun<'c> {
         let pre_copy = if cfg.restart { false } else { self.decide_pre_copy(features, htype.can_pre_dump())? };
         if cfg.may_post_copy() {
             // Post-copy is decided now, before anything is frozen: do lazy pages work on this host at all?
-            self.progress.phase("checking that lazy pages work here");
+            self.progress.phase(Phase::Preflight, "checking that lazy pages work here");
             let criu = crate::criu::Criu::new(self.criu.path().to_path_buf(), self.criu.timeout());
             super::lazy::trial(&criu, &dir.join("lazy-trial"), "this host (the source)")?;
         }
@@ -705,7 +711,7 @@ impl<'c> SourceRun<'c> {
 
     /// Phase 3: the greeting.
     fn greet(&mut self, (p, mut live): (Prepared, Live)) -> Result<(Prepared, Live), MigrateError> {
-        self.progress.phase("greeting the destination");
+        self.progress.phase(Phase::Setup, "greeting the destination");
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
             phaul_version: env!("CARGO_PKG_VERSION").into(),
@@ -737,7 +743,7 @@ impl<'c> SourceRun<'c> {
     fn set_up(&mut self, p: &Prepared, live: &mut Live) -> Result<(), MigrateError> {
         let cfg = self.cfg;
         if let Some(image) = self.cpuinfo.take() {
-            self.progress.phase("checking the destination's CPU");
+            self.progress.phase(Phase::Preflight, "checking the destination's CPU");
             expect_reply!(
                 live.control.request(Body::CpuCheck(CpuCheck { cpuinfo_image: image }), self.wait())?,
                 CpuCheckReply
@@ -907,6 +913,11 @@ impl<'c> SourceRun<'c> {
                         }
                     }
                 }
+                if let Some(r) = self.report.rounds.last() {
+                    let dirty = r.dirty_rate_mib_s.map(|m| m * (1u64 << 20) as f64);
+                    let (n, predicted) = (r.round, r.predicted_downtime_ms);
+                    self.progress.prediction(n, predicted, dirty);
+                }
                 let why = match cfg.post_copy_after {
                     Some(n) if round >= n => Some(StopReason::PostCopyAfter),
                     _ => policy::should_stop(&cfg.policy, &history, page_size()),
@@ -995,7 +1006,7 @@ impl<'c> SourceRun<'c> {
 
     /// One pre-dump round; returns CRIU's stats and the round's wall time in seconds.
     fn memory_round(&mut self, live: &mut Live, round: u32) -> Result<(images::DumpStats, f64), MigrateError> {
-        self.progress.phase(&format!("round {round}: pre-dump"));
+        self.progress.phase(Phase::PreCopy, &format!("round {round}: pre-dump"));
         let local = self.order == HandoverOrder::Sequential;
         let dir = self.round_dir(live, round)?;
         let start = StartRound { round, r#final: false, lazy: false, pages_as_files: local };
@@ -1055,7 +1066,7 @@ impl<'c> SourceRun<'c> {
         let mut round = 0;
         while round < MAX_LIVE_FS_ROUNDS {
             round += 1;
-            self.progress.phase(phase);
+            self.progress.phase(Phase::FsRound, phase);
             self.fs_round(live, round, false)?;
             let moved = self.report.fs_round_list.last().map(|r| r.bytes).unwrap_or(0);
             if moved < SMALL_FS_ROUND_BYTES {
@@ -1151,6 +1162,10 @@ impl<'c> SourceRun<'c> {
             duration_ms: t.elapsed().as_secs_f64() * 1000.0,
             remaining_bytes: (moved.remaining_bytes != phaul_abi::FsRound::UNKNOWN).then_some(moved.remaining_bytes),
         });
+        if let Some(r) = self.report.fs_round_list.last() {
+            let (secs, remaining) = (r.duration_ms / 1000.0, r.remaining_bytes);
+            self.progress.fs_round(round, frozen, bytes, secs, remaining);
+        }
         Ok(())
     }
 

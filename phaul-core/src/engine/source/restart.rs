@@ -15,7 +15,7 @@ use phaul_proto::wire::{self as w};
 use super::handover::{in_doubt, migrated, resolve_again, rolled_back, Decision};
 use super::{plugin, Live, MigrateError, SourceRun};
 use crate::engine::control::Deadline;
-use crate::engine::fault;
+use crate::engine::{fault, Phase};
 use crate::journal::{ProcId, SourceState};
 use crate::wire::{self, WireError};
 
@@ -28,14 +28,14 @@ pub(super) fn restart(run: &mut SourceRun<'_>, live: &mut Live) -> Result<(), Mi
     run.ensure_guard()?;
     run.record(SourceState::Stopped, "restart mode: the workload is being stopped on the source", |_| {})?;
     fault::at("src", "step", "stopping");
-    run.progress.phase("stopping the workload (restart mode)");
+    run.progress.phase(Phase::Stop, "stopping the workload (restart mode)");
     let stopped = Instant::now();
     run.report.freeze_started = Some(stopped);
     if let Err(e) = plugin(live.htype.stop(), "host type", &run.cfg.htype) {
         return start_here(run, live, e);
     }
     fault::at("src", "step", "stopped");
-    run.progress.phase("final filesystem sync (the workload is stopped)");
+    run.progress.phase(Phase::FsFinal, "final filesystem sync (the workload is stopped)");
     if let Err(e) = run.fs_round(live, round + 1, true) {
         return start_here(run, live, e);
     }
@@ -56,7 +56,7 @@ pub(super) fn restart(run: &mut SourceRun<'_>, live: &mut Live) -> Result<(), Mi
         h.ending = "restart";
         h.committed = true;
     }
-    run.progress.phase("starting the workload on the destination");
+    run.progress.phase(Phase::Start, "starting the workload on the destination");
     let sent = Instant::now();
     let decision = match live.control.send(Body::Start(w::Start {})) {
         Err(e) => resolve_again(run, live, format!("sending Start failed ({e})")),
@@ -96,7 +96,7 @@ pub(super) fn restart(run: &mut SourceRun<'_>, live: &mut Live) -> Result<(), Mi
 fn start_here(run: &mut SourceRun<'_>, live: &mut Live, e: MigrateError) -> Result<(), MigrateError> {
     let alive = ProcId::of(live.root_pid).is_some_and(|p| p.alive());
     if !alive {
-        run.progress.phase("starting the workload again on the source");
+        run.progress.phase(Phase::Rollback, "starting the workload again on the source");
         match plugin(live.htype.start(), "host type", &run.cfg.htype) {
             Ok(pid) => {
                 log::warn!("restart mode rolled back: the workload was started again here (pid {pid})");

@@ -1,0 +1,108 @@
+//! `phaul migrate --status-fd N`: the JSON status lines a container manager reads while a migration runs (schema
+//! phaul-status/1, docs/status-fd.md), from real migrations with the real CRIU.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use phaul_testbed::fault::{kill_at, Side};
+use phaul_testbed::MigrateOptions;
+use serde_json::Value;
+
+/// Runs the source through `sh`, which opens descriptor 7 on `file` for it; `--status-fd 7`.
+fn with_status_fd(opts: &mut MigrateOptions, file: &Path) {
+    let script = format!("shift; exec \"$@\" 7>'{}'", file.display());
+    opts.src_wrapper = Some((PathBuf::from("/bin/sh"), vec!["-c".into(), script, "sh".into()]));
+    opts.src_args.extend(["--status-fd".into(), "7".into()]);
+}
+
+/// Every line parsed; each has the schema, a time that never goes back, and an event name.
+fn lines(file: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let mut t = 0.0;
+    text.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"));
+            assert_eq!(v["schema"], "phaul-status/1", "{l}");
+            let now = v["t"].as_f64().unwrap_or_else(|| panic!("no t: {l}"));
+            assert!(now >= t, "time went back: {l}");
+            t = now;
+            assert!(v["event"].is_string(), "{l}");
+            v
+        })
+        .collect()
+}
+
+fn of<'a>(events: &'a [Value], event: &str, key: &str) -> Vec<&'a str> {
+    events.iter().filter(|e| e["event"] == event).filter_map(|e| e[key].as_str()).collect()
+}
+
+#[test]
+fn status_lines_follow_a_migration_from_setup_to_the_report() {
+    let lab = lab("status");
+    let mut w = lab.start_workload("counter", &[]).expect("start");
+    let file = lab.path("status.jsonl");
+    let mut opts = MigrateOptions::default();
+    with_status_fd(&mut opts, &file);
+    migrate_and_check(&lab, &mut w, opts);
+    let events = lines(&file);
+    if std::env::var_os("PHAUL_SHOW_STATUS").is_some() {
+        eprintln!("{}", std::fs::read_to_string(&file).unwrap_or_default());
+    }
+    let phases = of(&events, "phase", "phase");
+    let order = ["setup", "final-dump", "images", "restore", "commit"];
+    let mut at = 0;
+    for p in order {
+        let i = phases.iter().skip(at).position(|q| *q == p).unwrap_or_else(|| panic!("no {p} after {at}: {phases:?}"));
+        at += i;
+    }
+    let states = of(&events, "state", "state");
+    for s in ["frozen", "committing", "committed", "migrated"] {
+        assert!(states.contains(&s), "state {s}: {states:?}");
+    }
+    let dump = events.iter().find(|e| e["event"] == "round" && e["kind"] == "dump").expect("the final dump's round");
+    assert!(dump["bytes"].as_u64() > Some(0) && dump["rate_bytes_s"].as_f64().is_some(), "{dump}");
+    let fs: Vec<&Value> = events.iter().filter(|e| e["event"] == "fs_round").collect();
+    assert!(fs.last().is_some_and(|f| f["frozen"] == true), "the frozen filesystem round: {fs:?}");
+    let end = events.last().expect("lines");
+    assert_eq!(end["event"], "end", "the last line is the end: {end}");
+    assert_eq!(end["outcome"], "migrated", "{end}");
+    assert_eq!(end["error"], Value::Null, "{end}");
+    assert_eq!(end["report"]["outcome"], "migrated", "the report rides on the end line: {end}");
+    assert!(end["report"]["frozen_ms"].as_f64().is_some(), "{end}");
+}
+
+#[test]
+fn a_rolled_back_migration_says_so_on_the_status_descriptor() {
+    let lab = lab("status-rb");
+    let w = lab.start_workload("counter", &[]).expect("start");
+    let file = lab.path("status.jsonl");
+    let mut opts = MigrateOptions::default();
+    with_status_fd(&mut opts, &file);
+    kill_at(&mut opts, "dst:notify:post-restore", Side::Dst, lab.path("fault.json"));
+    let run = lab.migrate(w.pid(), opts).expect("migration ran");
+    assert_still_on_source(&lab, &w, &run);
+    let events = lines(&file);
+    let states = of(&events, "state", "state");
+    assert!(states.contains(&"frozen") && states.contains(&"rolled-back"), "{states:?}");
+    assert!(!states.contains(&"committing"), "nothing was committed: {states:?}");
+    let end = events.last().expect("lines");
+    assert_eq!(end["outcome"], "rolled-back", "{end}");
+    assert!(end["error"].as_str().is_some_and(|e| !e.is_empty()), "the error rides on the end line: {end}");
+}
+
+#[test]
+fn a_status_descriptor_that_is_not_open_is_refused_before_anything_starts() {
+    let lab = lab("status-bad");
+    let w = lab.start_workload("counter", &[]).expect("start");
+    let mut opts = MigrateOptions::default();
+    opts.src_args.extend(["--status-fd".into(), "9".into()]);
+    let run = lab.migrate(w.pid(), opts).expect("migration ran");
+    assert_still_on_source(&lab, &w, &run);
+    assert!(run.src_stderr.contains("--status-fd 9: descriptor 9 is not open"), "{}", run.describe());
+    let mut opts = MigrateOptions::default();
+    opts.src_args.extend(["--status-fd".into(), "3".into()]);
+    let run = lab.migrate(w.pid(), opts).expect("migration ran");
+    assert!(run.src_stderr.contains("--status-fd 3 is also a channel descriptor"), "{}", run.describe());
+}
