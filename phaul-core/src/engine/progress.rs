@@ -12,35 +12,55 @@ use serde_json::{json, Value};
 /// version; a field removed or changed in meaning gets one.
 pub const STATUS_SCHEMA: &str = "phaul-status/1";
 
-/// Where status lines go: one JSON object per line, each written whole and flushed at once. A reader that goes
-/// away does not stop the migration: the first failed write turns the sink off (and is logged).
-#[derive(Debug)]
+/// Where status lines go: one JSON object per line, each written whole and flushed at once, to a file
+/// (`--status-fd`), or to a callback of a program that embeds phaul-core ([`StatusSink::callback`]). A reader that
+/// goes away does not stop the migration: the first failed write turns the sink off (and is logged).
 pub struct StatusSink {
-    out: Mutex<Option<std::fs::File>>,
+    out: Mutex<Option<Target>>,
     started: Instant,
+}
+
+enum Target {
+    File(std::fs::File),
+    Callback(Box<dyn Fn(&Value) + Send + Sync>),
+}
+
+impl std::fmt::Debug for StatusSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusSink").field("started", &self.started).finish_non_exhaustive()
+    }
 }
 
 impl StatusSink {
     pub fn new(out: std::fs::File) -> Arc<StatusSink> {
-        Arc::new(StatusSink { out: Mutex::new(Some(out)), started: Instant::now() })
+        Arc::new(StatusSink { out: Mutex::new(Some(Target::File(out))), started: Instant::now() })
     }
 
-    /// Writes `{"schema", "t", "event", ...fields}`; `fields` must be a JSON object.
+    /// Events as values, handed to `f` (on the engine's threads: keep it short) instead of written as lines.
+    pub fn callback(f: impl Fn(&Value) + Send + Sync + 'static) -> Arc<StatusSink> {
+        Arc::new(StatusSink { out: Mutex::new(Some(Target::Callback(Box::new(f)))), started: Instant::now() })
+    }
+
+    /// Sends `{"schema", "t", "event", ...fields}`; `fields` must be a JSON object.
     pub fn emit(&self, event: &str, fields: Value) {
         let mut line = json!({ "schema": STATUS_SCHEMA, "t": self.started.elapsed().as_secs_f64(), "event": event });
         if let (Some(l), Value::Object(f)) = (line.as_object_mut(), fields) {
             l.extend(f);
         }
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = out.as_mut() {
-            let mut text = line.to_string();
-            text.push('\n');
-            if let Err(e) = f.write_all(text.as_bytes()).and_then(|()| f.flush()) {
-                log::warn!(
-                    "the status descriptor no longer takes lines ({e}); status output stops, the migration goes on"
-                );
-                *out = None;
+        match out.as_mut() {
+            Some(Target::File(f)) => {
+                let mut text = line.to_string();
+                text.push('\n');
+                if let Err(e) = f.write_all(text.as_bytes()).and_then(|()| f.flush()) {
+                    log::warn!(
+                        "the status descriptor no longer takes lines ({e}); status output stops, the migration goes on"
+                    );
+                    *out = None;
+                }
             }
+            Some(Target::Callback(f)) => f(&line),
+            None => {}
         }
     }
 }
