@@ -16,6 +16,7 @@ pub mod engine;
 pub mod hold;
 pub mod images;
 pub mod journal;
+pub mod kept;
 pub mod plugins;
 pub mod sys;
 pub mod transport;

@@ -486,3 +486,48 @@ fn a_restore_that_fails_on_b_leaves_no_subvolume_on_bs_btrfs() {
     assert_eq!(subvolumes(&b._btrfs[1]), Vec::<String>::new(), "B's btrfs keeps nothing:\n{}", run.describe());
     assert_eq!(subvolumes(&b._btrfs[0]), vec![format!("lxc/{name}/rootfs")], "A keeps only its subvolume");
 }
+
+/// `phaul images` on a host: its JSON list.
+fn images_json(b: &Bed, img: &str, state: &str, extra: &[&str]) -> Vec<serde_json::Value> {
+    let (img, state) = (b.lab.path(img).display().to_string(), b.lab.path(state).display().to_string());
+    let mut args = vec!["--state-dir", state.as_str(), "images"];
+    args.extend_from_slice(extra);
+    args.extend(["--img-path", img.as_str(), "--json"]);
+    let out = std::process::Command::new(&b.lab.phaul).args(&args).output().expect("phaul images");
+    assert!(out.status.success(), "phaul images {extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    match v {
+        serde_json::Value::Array(a) => a,
+        other => other["removed"].as_array().cloned().unwrap_or_default(),
+    }
+}
+
+/// Failed migrations keep their images; `serve --keep-failed N` caps them on the destination, and `phaul
+/// images` lists and prunes them on either host.
+#[test]
+fn failed_migrations_keep_their_images_until_pruned_and_keep_failed_caps_them() {
+    let Some(mut b) = bed("lxc-keep") else { return };
+    let name = LxcHosts::unique_name("kf");
+    b.lxc.create_busybox(&name, &[]).expect("container");
+    b.lxc.start_a(&name).expect("started on A");
+    for _ in 0..3 {
+        // A real restore failure on B (CRIU's default mount engine), so that both sides keep their images.
+        let mut opts = MigrateOptions::default();
+        opts.dst_args.extend(["--htype-opt".into(), "lxc:mntns-compat-mode=no".into()]);
+        opts.dst_args.extend(["--keep-failed".into(), "1".into()]);
+        let run = b.migrate(&name, opts);
+        assert_on_a_only(&b, &name, &run);
+    }
+    let dst = images_json(&b, "dst-images", "dst-state", &[]);
+    let dst_sets: Vec<_> = dst.iter().filter(|s| s["side"] == "destination").collect();
+    assert_eq!(dst_sets.len(), 1, "--keep-failed 1 left the newest failed set on B: {dst:?}");
+    assert_eq!(dst_sets[0]["outcome"], "aborted", "{dst:?}");
+    let src = images_json(&b, "src-images", "src-state", &[]);
+    assert_eq!(src.len(), 3, "A keeps each failed migration's images: {src:?}");
+    assert!(src.iter().all(|s| s["outcome"] == "rolled-back" && s["bytes"].as_u64() > Some(0)), "{src:?}");
+    let removed = images_json(&b, "src-images", "src-state", &["prune", "--keep-failed", "2"]);
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    assert_eq!(images_json(&b, "src-images", "src-state", &[]).len(), 2);
+    // The container still runs on A throughout.
+    assert_eq!(b.lxc.state(&b.lxc.path_a, &name).as_deref(), Some("RUNNING"));
+}

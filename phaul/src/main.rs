@@ -204,6 +204,8 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// List the image sets kept under --img-path (size, age, outcome), or prune them.
+    Images(ImagesArgs),
     /// Write man pages (phaul.1 and one per subcommand, from these very definitions) into DIR.
     Man {
         #[arg(value_name = "DIR")]
@@ -472,6 +474,36 @@ struct MigrateArgs {
 }
 
 #[derive(Args, Debug)]
+struct ImagesArgs {
+    #[command(subcommand)]
+    action: Option<ImagesAction>,
+    /// Where the image directories are.
+    #[arg(long, global = true, value_name = "DIR", default_value = engine::DEFAULT_IMG_PATH)]
+    img_path: PathBuf,
+    /// Print JSON.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum ImagesAction {
+    /// List the kept image sets (the default).
+    List,
+    /// Remove kept image sets; never those of a session in progress or in doubt, nor any a process has open.
+    Prune {
+        /// Only sets at least this old (7d, 12h, 30m, 45s); without it and --keep-failed, every set.
+        #[arg(long, value_name = "AGE", value_parser = phaul_core::kept::parse_age)]
+        older_than: Option<Duration>,
+        /// Keep the newest N sets of failed migrations (and remove the older ones).
+        #[arg(long, value_name = "N")]
+        keep_failed: Option<usize>,
+        /// Say what would go, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Args, Debug)]
 struct ServeArgs {
     /// Accept sources on this address (with TLS; loopback only with --insecure-loopback). Without it (and without
     /// --fdrpc), the listening socket systemd's socket activation passed (phaul-serve.socket).
@@ -503,6 +535,10 @@ struct ServeArgs {
     /// This side's own option for a filesystem driver (repeatable), e.g. `zfs:dataset=tank/ct`.
     #[arg(long = "fs-opt", value_name = "DRIVER:KEY=VALUE", value_parser = parse_driver_kv)]
     fs_options: Vec<(String, String, String)>,
+    /// After each session, keep only the newest N image sets of failed migrations under --img-path (never one
+    /// of a session in progress or in doubt, nor one a process has open).
+    #[arg(long, value_name = "N")]
+    keep_failed: Option<usize>,
     /// How long a restored copy waits for its source to come back after the control connection broke (seconds;
     /// phaul's own connections only).
     #[arg(long, value_name = "SECONDS", default_value_t = 15)]
@@ -605,6 +641,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
             Ok(())
         }
         Command::Man { dir } => man_pages(&dir),
+        Command::Images(a) => images(&cli.common, a),
         Command::Resolve(a) => resolve_cmd(&cli.common, a),
         Command::Cert(c) => cert(c),
         Command::Guard { journal, watch_fd, patience, tls } => guard(&cli.common, journal, watch_fd, patience, &tls),
@@ -784,7 +821,24 @@ fn serve(c: &Common, a: ServeArgs) -> Result<(), Fail> {
     };
     settle_destination_journals(&cfg.state_dir);
     let ctx = DestinationContext { drivers: &reg, criu: Arc::new(criu), cfg: &cfg };
+    let keep_failed = a.keep_failed;
+    let prune_failed = || {
+        let Some(n) = keep_failed else { return };
+        let rule = phaul_core::kept::PruneRule { keep_failed: Some(n), ..Default::default() };
+        match phaul_core::kept::prune(&cfg.img_path, &cfg.state_dir, rule) {
+            Ok(p) => {
+                for s in &p.removed {
+                    log::info!("--keep-failed {n}: removed {} ({})", s.dir.display(), s.outcome);
+                }
+                for (d, e) in &p.failed {
+                    log::warn!("--keep-failed {n}: could not remove {}: {e}", d.display());
+                }
+            }
+            Err(e) => log::warn!("--keep-failed {n}: {e}"),
+        }
+    };
     let report = |r: Result<engine::ServeSummary, engine::ServeError>| -> Result<(), Fail> {
+        prune_failed();
         match r {
             Ok(s) if s.migrated => {
                 let pid = s.restored_pid.map(|p| p.to_string()).unwrap_or_else(|| "unknown".into());
@@ -1082,6 +1136,86 @@ fn guard(c: &Common, journal: PathBuf, watch_fd: i32, patience: u64, tls: &TlsAr
         log::error!("guard: {m}");
     }
     r
+}
+
+fn human_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+fn human_age(s: u64) -> String {
+    match s {
+        s if s >= 86400 => format!("{}d", s / 86400),
+        s if s >= 3600 => format!("{}h", s / 3600),
+        s if s >= 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// `phaul images [list|prune]`.
+fn images(c: &Common, a: ImagesArgs) -> Result<(), Fail> {
+    use phaul_core::kept;
+    let fail = |e: kept::KeptError| Fail(EXIT_FAILED, e.to_string());
+    match a.action.unwrap_or(ImagesAction::List) {
+        ImagesAction::List => {
+            let sets = kept::list(&a.img_path, &c.state_dir).map_err(fail)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&sets).map_err(|e| Fail(EXIT_FAILED, e.to_string()))?);
+                return Ok(());
+            }
+            if sets.is_empty() {
+                println!("no image sets kept under {}", a.img_path.display());
+                return Ok(());
+            }
+            println!("{:<11} {:>10} {:>5} {:<12} DIRECTORY", "SIDE", "SIZE", "AGE", "OUTCOME");
+            for s in &sets {
+                let note = s.protected.as_ref().map(|p| format!("  (kept: {p})")).unwrap_or_default();
+                let (side, size, age, outcome) = (s.side, human_bytes(s.bytes), human_age(s.age_s), &s.outcome);
+                println!("{side:<11} {size:>10} {age:>5} {outcome:<12} {}{note}", s.dir.display());
+            }
+            let total: u64 = sets.iter().map(|s| s.bytes).sum();
+            println!("{} sets, {}", sets.len(), human_bytes(total));
+            Ok(())
+        }
+        ImagesAction::Prune { older_than, keep_failed, dry_run } => {
+            let older_than = match (older_than, keep_failed) {
+                (None, None) => Some(Duration::ZERO),
+                (o, _) => o,
+            };
+            let rule = kept::PruneRule { older_than, keep_failed, dry_run };
+            let r = kept::prune(&a.img_path, &c.state_dir, rule).map_err(fail)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r).map_err(|e| Fail(EXIT_FAILED, e.to_string()))?);
+            } else {
+                let verb = if dry_run { "would remove" } else { "removed" };
+                for s in &r.removed {
+                    println!("{verb} {} ({}, {})", s.dir.display(), s.outcome, human_bytes(s.bytes));
+                }
+                for s in &r.spared {
+                    println!("kept {}: {}", s.dir.display(), s.protected.as_deref().unwrap_or(""));
+                }
+                for (d, e) in &r.failed {
+                    println!("could not remove {}: {e}", d.display());
+                }
+                let freed: u64 = r.removed.iter().map(|s| s.bytes).sum();
+                println!(
+                    "{verb} {} sets ({}); kept {} that must stay",
+                    r.removed.len(),
+                    human_bytes(freed),
+                    r.spared.len()
+                );
+            }
+            if r.failed.is_empty() {
+                Ok(())
+            } else {
+                Err(Fail(EXIT_FAILED, format!("{} image sets could not be removed", r.failed.len())))
+            }
+        }
+    }
 }
 
 /// `phaul man DIR`: phaul.1 and phaul-SUBCOMMAND.1 for each visible subcommand (clap_mangen).
