@@ -91,6 +91,7 @@ pub fn messages() -> Vec<(&'static str, Body)> {
                 lazy_restore: false,
                 handover: w::Handover::Overlap as i32,
                 max_frozen_ms: 60_000,
+                expected_image_bytes: 64 << 20,
             }),
         ),
         ("setup-reply", Body::SetupReply(w::SetupReply { image_dir: format!("/var/lib/phaul/images/{SESSION}") })),

@@ -55,7 +55,7 @@ fn destination_refuses_an_unknown_host_type() {
     let run =
         lab.migrate(w.pid(), MigrateOptions { dst_plugins: Some(dst_plugins), ..Default::default() }).expect("run");
     assert_still_on_source(&lab, &w, &run);
-    assert!(run.src_stderr.contains("no host type named 'pid' is enabled"), "{}", run.describe());
+    assert!(run.src_stderr.contains("no host type named 'pid' is installed and enabled"), "{}", run.describe());
     assert!(run.src_stderr.contains("keeps running on this host"), "{}", run.describe());
 }
 
@@ -174,4 +174,42 @@ fn source_phaul_dies_mid_transfer() {
     assert_still_on_source(&lab, &w, &run);
     assert_eq!(probe_ok(&w, w.pid())["actual_checksum"], before["expected_checksum"]);
     assert!(!run.dst_status.success(), "the destination must report the roll-back:\n{}", run.describe());
+}
+
+/// A tmpfs of `mib` MiB mounted at `dir` (made if missing), unmounted when dropped.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn new(dir: &std::path::Path, mib: u64) -> SmallFs {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "tmpfs", &dir.display().to_string()])
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount tmpfs on {}", dir.display());
+        SmallFs(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_destination_without_room_for_the_images_refuses_before_anything_is_frozen() {
+    let lab = lab("nospace");
+    let w = lab.start_workload("memory", &["--size-mib", "64"]).expect("start");
+    let before = probe_ok(&w, w.pid());
+    // B's image directory has 16 MiB; the workload holds 64 MiB.
+    let _small = SmallFs::new(&lab.path("dst-images"), 16);
+    let run = lab.migrate(w.pid(), MigrateOptions::default()).expect("run");
+    assert_still_on_source(&lab, &w, &run);
+    let err = &run.src_stderr;
+    assert!(err.contains("MiB free under") && err.contains("of images"), "the numbers are given:\n{}", run.describe());
+    let report = run.report.expect("a report");
+    assert!(report["frozen_ms"].is_null(), "nothing was frozen: {report}");
+    let after = probe_ok(&w, w.pid());
+    assert_eq!(after["actual_checksum"], before["expected_checksum"]);
 }

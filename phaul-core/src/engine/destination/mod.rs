@@ -250,6 +250,28 @@ fn check_token(what: &str, name: &str) -> Result<(), Failed> {
     super::check_name(what, name).map_err(Failed::from)
 }
 
+/// Refuses a session whose images would not fit: `expected` bytes (the source's estimate, with a tenth more for
+/// CRIU's metadata) against what is free for this user under `img_path`.
+fn check_free_space(img_path: &Path, expected: u64) -> Result<(), Failed> {
+    if expected == 0 {
+        return Ok(());
+    }
+    let Ok(st) = nix::sys::statvfs::statvfs(img_path) else { return Ok(()) };
+    let free = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
+    let need = expected.saturating_add(expected / 10);
+    if free < need {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        return Err(Failed::from(format!(
+            "this destination has {:.1} MiB free under {} and the source will send about {:.1} MiB of images (its workload's resident memory, {:.1} MiB, and a tenth more): free space there, or start phaul serve with another --img-path",
+            mib(free),
+            img_path.display(),
+            mib(need),
+            mib(expected)
+        )));
+    }
+    Ok(())
+}
+
 fn criu_failed(e: CriuError) -> Failed {
     Failed { criu_errors: e.criu_errors().to_vec(), message: e.to_string() }
 }
@@ -952,6 +974,7 @@ impl Session<'_> {
             self.dst_rpid = Some(dir.join(&s.dst_rpid));
         }
         private_dir(&self.ctx.cfg.img_path, true)?;
+        check_free_space(&self.ctx.cfg.img_path, s.expected_image_bytes)?;
         let dir = self.ctx.cfg.img_path.join(format!(
             "{}-{}-{}-destination",
             sanitize(&s.htype),
