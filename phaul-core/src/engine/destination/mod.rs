@@ -257,7 +257,7 @@ fn check_free_space(img_path: &Path, expected: u64) -> Result<(), Failed> {
         return Ok(());
     }
     let Ok(st) = nix::sys::statvfs::statvfs(img_path) else { return Ok(()) };
-    let free = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
+    let free = st.blocks_available().saturating_mul(st.fragment_size());
     let need = expected.saturating_add(expected / 10);
     if free < need {
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
