@@ -94,6 +94,26 @@ pub fn messages() -> Vec<(&'static str, Body)> {
                 expected_image_bytes: 64 << 20,
             }),
         ),
+        (
+            "preflight",
+            Body::Preflight(w::Preflight {
+                htype: "lxc".into(),
+                fs_driver: "rsync".into(),
+                mode: w::Mode::Live as i32,
+                pre_copy: true,
+                lazy: false,
+                expected_image_bytes: 256 << 20,
+                source_criu: Some(w::CriuVersion { major: 4, minor: 2, sublevel: 1, text: String::new() }),
+                cpuinfo_image: cpuinfo_like(),
+                tcp: true,
+            }),
+        ),
+        (
+            "preflight-reply",
+            Body::PreflightReply(w::PreflightReply {
+                checks: vec![w::CheckResult { name: "cpu".into(), level: 2, message: "lacks avx512".into() }],
+            }),
+        ),
         ("setup-reply", Body::SetupReply(w::SetupReply { image_dir: format!("/var/lib/phaul/images/{SESSION}") })),
         (
             "start-round",

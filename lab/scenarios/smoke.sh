@@ -18,7 +18,7 @@ phaul check > "$LAB_WORK/phaul-check.txt" 2>&1
 rc=$?
 cat "$LAB_WORK/phaul-check.txt"
 [ "$rc" = 0 ] || fail "phaul check exited $rc: $(tr '\n' ' ' < "$LAB_WORK/phaul-check.txt")"
-grep -q '^pre-copy: *available' "$LAB_WORK/phaul-check.txt" ||
+grep -q 'pre-copy: *available' "$LAB_WORK/phaul-check.txt" ||
   fail "phaul check does not report pre-copy available: $(grep '^pre-copy' "$LAB_WORK/phaul-check.txt")"
 phaul check --json > "$LAB_WORK/check.json" 2>/dev/null && report check "$LAB_WORK/check.json"
 log "pre-copy available"

@@ -661,11 +661,20 @@ pub trait Drivers: Send + Sync {
     fn default_fs(&self, htype: &str) -> Option<String>;
     /// Fails unless a filesystem driver of that name is enabled.
     fn ensure_fs(&self, name: &str) -> Result<(), PluginLoadError>;
+    /// Fails unless a host type of that name is enabled (for `phaul check`; a driver set that cannot tell says
+    /// yes, and creating the driver tells later).
+    fn ensure_htype(&self, name: &str) -> Result<(), PluginLoadError> {
+        let _ = name;
+        Ok(())
+    }
     /// The plugin list, for messages.
     fn config_path(&self) -> PathBuf;
 }
 
 impl Drivers for Registry {
+    fn ensure_htype(&self, name: &str) -> Result<(), PluginLoadError> {
+        self.ensure(PluginKind::HOST_TYPE, name)
+    }
     fn host_type(
         &self,
         name: &str,

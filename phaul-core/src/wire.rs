@@ -76,6 +76,8 @@ pub fn body_name(b: &Body) -> &'static str {
         Body::ResolveReply(_) => "ResolveReply",
         Body::FsRoundStart(_) => "FsRoundStart",
         Body::Working(_) => "Working",
+        Body::Preflight(_) => "Preflight",
+        Body::PreflightReply(_) => "PreflightReply",
     }
 }
 

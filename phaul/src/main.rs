@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
-use phaul_core::criu::{locate_criu, Criu, MIN_CRIU};
+use phaul_core::criu::{locate_criu, Criu};
 use phaul_core::engine::guard::ProcessGuards;
 use phaul_core::engine::resolve::{self, Force, Reach, SourceSettler};
 use phaul_core::engine::{
@@ -190,15 +190,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check this host: the CRIU phaul would use, its version and what the kernel lets it do.
-    Check {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        /// Also try a lazy (post-copy) migration of a throwaway process on this host, as `--mode lazy` does first.
-        #[arg(long)]
-        try_lazy: bool,
-    },
+    /// Check what a migration would need, on this host and (with --to or --fdrpc) on the destination, without
+    /// dumping anything: one line per check, OK / WARN / FAIL with what to do.
+    Check(CheckArgs),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -474,6 +468,43 @@ struct MigrateArgs {
 }
 
 #[derive(Args, Debug)]
+struct CheckArgs {
+    /// The host type of the workload to check (with ID), e.g. `pid 4242` or `lxc web`.
+    htype: Option<String>,
+    /// The workload's id for its host type.
+    id: Option<String>,
+    /// Ask the destination's `phaul serve --listen` at this address too.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "fdrpc")]
+    to: Option<String>,
+    /// Ask the destination on this connected descriptor (a `phaul serve --fdrpc` at its other end).
+    #[arg(long, value_name = "FD")]
+    fdrpc: Option<i32>,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// The filesystem driver the migration would use (default: the host type's).
+    #[arg(long, value_name = "DRIVER")]
+    fs: Option<String>,
+    /// An option for the host type (repeatable), as for `phaul migrate`.
+    #[arg(long = "htype-opt", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    htype_options: Vec<(String, String)>,
+    /// The mode the migration would use.
+    #[arg(long, value_enum, default_value_t = ModeArg::Live)]
+    mode: ModeArg,
+    /// The migration would use pre-copy rounds (then dirty-memory tracking must work on both hosts).
+    #[arg(long)]
+    pre_copy: bool,
+    /// Also try a lazy (post-copy) migration of a throwaway process on this host.
+    #[arg(long)]
+    try_lazy: bool,
+    /// Where this host would keep its images.
+    #[arg(long, value_name = "DIR", default_value = engine::DEFAULT_IMG_PATH)]
+    img_path: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
 struct ImagesArgs {
     #[command(subcommand)]
     action: Option<ImagesAction>,
@@ -635,7 +666,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
         Command::Migrate(a) => migrate(&cli.common, a),
         Command::Serve(a) => serve(&cli.common, a),
         Command::Plugins { json } => plugins(&cli.common, json),
-        Command::Check { json, try_lazy } => check(&cli.common, json, try_lazy),
+        Command::Check(a) => check(&cli.common, a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "phaul", &mut std::io::stdout());
             Ok(())
@@ -1271,55 +1302,130 @@ fn plugins(c: &Common, json: bool) -> Result<(), Fail> {
     Ok(())
 }
 
-fn check(c: &Common, json: bool, try_lazy: bool) -> Result<(), Fail> {
-    let loc = locate_criu(c.criu.as_deref())?;
-    let criu = Criu::new(loc.path.clone(), Duration::from_secs(c.timeout));
-    let version =
-        criu.version().map_err(|e| Fail(EXIT_FAILED, format!("CRIU at {} does not work: {e}", loc.path.display())))?;
-    let features = criu.features().map_err(|e| Fail(EXIT_FAILED, e.to_string()))?;
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
-    let supported = version.triple() >= MIN_CRIU;
-    let min = format!("{}.{}.{}", MIN_CRIU.0, MIN_CRIU.1, MIN_CRIU.2);
-    let lazy_trial = if try_lazy && features.lazy_pages {
+fn check(c: &Common, a: CheckArgs) -> Result<(), Fail> {
+    use phaul_core::engine::preflight::{self, Level, Want};
+    let mut checks = Vec::new();
+    let reg = match registry(c) {
+        Ok(r) => {
+            let files: Vec<String> = r.config_files().iter().map(|f| f.display().to_string()).collect();
+            checks.push(preflight::Check {
+                host: "source",
+                name: "plugins".into(),
+                level: Level::Ok,
+                message: format!("{} drivers from {}", r.plugins().len(), files.join(", ")),
+            });
+            r
+        }
+        Err(Fail(_, m)) => {
+            let asked = a.htype.is_some() || a.fs.is_some();
+            checks.push(preflight::Check {
+                host: "source",
+                name: "plugins".into(),
+                level: if asked { Level::Fail } else { Level::Warn },
+                message: m,
+            });
+            Registry::load_all(&[]).map_err(|e| Fail(EXIT_FAILED, e.to_string()))?
+        }
+    };
+    let loc = locate_criu(c.criu.as_deref());
+    let criu = match &loc {
+        Ok(l) => Criu::new(l.path.clone(), Duration::from_secs(c.timeout)),
+        Err(_) => Criu::new(PathBuf::from("criu"), Duration::from_secs(c.timeout)),
+    };
+    if let Err(e) = &loc {
+        checks.push(preflight::Check {
+            host: "source",
+            name: "criu".into(),
+            level: if matches!(a.mode, ModeArg::Restart) { Level::Warn } else { Level::Fail },
+            message: format!("{e}; run scripts/setup"),
+        });
+    }
+    let work = tempfile_dir("phaul-check")?;
+    let mut want = match (&a.htype, &a.id) {
+        (Some(h), Some(id)) => {
+            let (wc, wl) = preflight::workload_checks(&reg, h, id, &a.htype_options, &work);
+            checks.extend(wc);
+            Want { htype: Some(h.clone()), expected_image_bytes: wl.resident_bytes, tcp: wl.tcp, ..Default::default() }
+        }
+        (Some(h), None) => Want { htype: Some(h.clone()), ..Default::default() },
+        _ => Want::default(),
+    };
+    want.fs = a.fs.clone();
+    want.restart = matches!(a.mode, ModeArg::Restart);
+    want.lazy = matches!(a.mode, ModeArg::Lazy);
+    want.pre_copy = a.pre_copy;
+    want.img_path = a.img_path.clone();
+    let lazy_trial = || -> Result<(), String> {
         let dir = std::env::temp_dir().join(format!("phaul-check-lazy-{}", std::process::id()));
         let r = engine::lazy::trial(&criu, &dir, "this host");
         let _ = std::fs::remove_dir_all(&dir);
-        Some(r.map_err(|e| e.to_string()))
-    } else {
-        None
+        r.map_err(|e| e.to_string())
     };
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "criu": loc.path.display().to_string(), "chosen_by": loc.chosen_by, "version": version.to_string(),
-                "minimum": min, "supported": supported, "kernel": kernel, "features": features,
-                "lazy_trial": lazy_trial.as_ref().map(|r| match r { Ok(()) => "ok".to_string(), Err(e) => e.clone() }),
-            })
-        );
-    } else {
-        println!("CRIU:        {} (chosen by {})", loc.path.display(), loc.chosen_by);
-        println!("version:     {version} (phaul needs {min} or newer: {})", if supported { "ok" } else { "TOO OLD" });
-        println!("kernel:      {kernel}");
-        println!(
-            "pre-copy:    {}",
-            if features.mem_track {
-                "available (dirty-memory tracking works)"
-            } else {
-                "unavailable: the kernel cannot track dirty memory (CONFIG_MEM_SOFT_DIRTY); migrations use stop-and-copy"
-            }
-        );
-        let lazy = match (&lazy_trial, features.lazy_pages) {
-            (_, false) => "unavailable (no userfaultfd)".to_string(),
-            (None, true) => "CRIU reports userfaultfd; --try-lazy checks that lazy pages really work".to_string(),
-            (Some(Ok(())), true) => "work (a trial lazy migration of a throwaway process succeeded)".to_string(),
-            (Some(Err(e)), true) => format!("DO NOT WORK: {e}"),
+    let trial: Option<preflight::LazyTrial<'_>> = if a.try_lazy { Some(&lazy_trial) } else { None };
+    if loc.is_ok() || want.restart {
+        checks.extend(preflight::host_checks("source", &criu, &reg, &want, None, trial));
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    // The destination.
+    let remote = match (&a.to, a.fdrpc) {
+        (Some(to), _) => {
+            let d = dialer(c, &a.tls, to)?;
+            Some(
+                d.dial(to, ChannelName::Rpc, Duration::from_secs(c.timeout), c.link_timeout).map_err(|e| e.to_string()),
+            )
+        }
+        (None, Some(fd)) => Some(Channel::from_raw(ChannelName::Rpc, fd, "--fdrpc").map_err(|e| e.to_string())),
+        (None, None) => None,
+    };
+    if let Some(ch) = remote {
+        let cpuinfo = if want.restart || loc.is_err() {
+            Vec::new()
+        } else {
+            let dir = tempfile_dir("phaul-check-cpu")?;
+            let img = criu.preflight(Some(&dir)).ok().and_then(|(v, _, img)| {
+                want.source_criu = Some(v.triple());
+                img
+            });
+            let _ = std::fs::remove_dir_all(&dir);
+            img.unwrap_or_default()
         };
-        println!("lazy pages:  {lazy}");
+        match ch.and_then(|mut ch| {
+            preflight::ask(&mut ch, preflight::request(&want, cpuinfo), Duration::from_secs(c.timeout.max(30)))
+        }) {
+            Ok(theirs) => checks.extend(theirs),
+            Err(e) => checks.push(preflight::Check {
+                host: "destination",
+                name: "reach".into(),
+                level: Level::Fail,
+                message: format!("cannot ask the destination: {e}"),
+            }),
+        }
     }
-    if supported {
-        Ok(())
+    let worst = checks.iter().map(|c| c.level).max().unwrap_or(Level::Ok);
+    if a.json {
+        let v = serde_json::json!({ "result": worst, "checks": checks });
+        println!("{}", serde_json::to_string_pretty(&v).map_err(|e| Fail(EXIT_FAILED, e.to_string()))?);
     } else {
-        Err(Fail(EXIT_FAILED, format!("CRIU {version} is older than {min}; run scripts/setup")))
+        for ch in &checks {
+            println!("{:<4}  {:<11} {:<14} {}", ch.level.as_str(), ch.host, format!("{}:", ch.name), ch.message);
+        }
     }
+    match worst {
+        Level::Fail => {
+            let n = checks.iter().filter(|c| c.level == Level::Fail).count();
+            Err(Fail(
+                EXIT_FAILED,
+                format!("{n} checks failed: a migration would be refused or fail (see the FAIL lines)"),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A fresh private scratch directory under the system's temporary directory.
+fn tempfile_dir(tag: &str) -> Result<PathBuf, Fail> {
+    let d = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).map_err(|e| Fail(EXIT_FAILED, format!("cannot make {}: {e}", d.display())))?;
+    Ok(d)
 }

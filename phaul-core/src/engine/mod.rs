@@ -9,6 +9,7 @@ mod files;
 pub mod guard;
 pub mod lazy;
 mod policy;
+pub mod preflight;
 mod progress;
 mod report;
 pub mod resolve;

@@ -227,6 +227,13 @@ pub fn serve_forever(
                         let _ = wire::send_failure(&mut ch, e, Vec::new());
                     }
                     Ok((ch, Body::ChannelOpen(o), id)) => reg.park(ch, o, id.map(|i| i.fingerprint)),
+                    Ok((mut ch, Body::Preflight(p), _)) => {
+                        log::info!("answering a preflight (`phaul check --to`) from {peer}");
+                        let (criu, drivers) = (ctx.criu.as_ref(), ctx.drivers);
+                        if let Err(e) = super::preflight::answer(criu, drivers, &ctx.cfg.img_path, &mut ch, p) {
+                            log::warn!("could not answer a preflight from {peer}: {e}");
+                        }
+                    }
                     Ok((ch, Body::Resolve(r), id)) => {
                         let decision = w::Decision::try_from(r.decision).unwrap_or(w::Decision::Query);
                         let peer_fp = id.map(|i| i.fingerprint);

@@ -30,6 +30,21 @@ pub fn tree_processes(root: i32) -> Result<Vec<ProcId>, HoldError> {
     Ok(out)
 }
 
+/// The resident memory of the tree rooted at `root` (the sum of its processes' RSS; shared pages are counted once
+/// per process, so this errs high): about what its image set will take. 0 when it cannot be read.
+pub fn tree_resident_bytes(root: i32) -> u64 {
+    let Ok(procs) = tree_processes(root) else { return 0 };
+    procs
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{}/status", p.pid)).ok())
+        .filter_map(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .sum::<u64>()
+        * 1024
+}
+
 /// Whether none of `procs` is alive any more.
 pub fn all_gone(procs: &[ProcId]) -> bool {
     procs.iter().all(|p| !p.alive())

@@ -292,9 +292,13 @@ pub fn answer_resolution(ctx: &DestinationContext<'_>, mut rpc: Channel) -> Resu
             super::resolve::answer_from_journal(&journals, ctx, rpc, r, &None);
             Ok(ServeSummary { session: String::new(), migrated: false, restored_pid: None, reason: "answered".into() })
         }
+        Body::Preflight(p) => {
+            super::preflight::answer(ctx.criu.as_ref(), ctx.drivers, &ctx.cfg.img_path, &mut rpc, p)?;
+            Ok(ServeSummary { session: String::new(), migrated: false, restored_pid: None, reason: "answered".into() })
+        }
         other => {
             let msg = format!(
-                "with only --fdrpc, phaul serve answers `phaul resolve` only, but the peer sent {}; a migration needs --fdmem too",
+                "with only --fdrpc, phaul serve answers `phaul resolve` and `phaul check` only, but the peer sent {}; a migration needs --fdmem too",
                 wire::body_name(&other)
             );
             let _ = wire::send_failure(&mut rpc, msg.clone(), Vec::new());

@@ -256,21 +256,6 @@ pub struct SourceContext<'a> {
     pub guards: Option<&'a dyn GuardSpawner>,
 }
 
-/// The resident memory of the tree rooted at `root` (the sum of its processes' RSS; shared pages are counted once
-/// per process, so this errs high): about what its image set will take. 0 when it cannot be read.
-fn tree_resident_bytes(root: i32) -> u64 {
-    let Ok(procs) = crate::hold::procs::tree_processes(root) else { return 0 };
-    procs
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{}/status", p.pid)).ok())
-        .filter_map(|s| {
-            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-            line.split_whitespace().nth(1)?.parse::<u64>().ok()
-        })
-        .sum::<u64>()
-        * 1024
-}
-
 /// Runs one migration. Always returns a report; the error, if any, is also in the report.
 pub fn migrate(
     ctx: SourceContext<'_>,
@@ -784,7 +769,7 @@ impl<'c> SourceRun<'c> {
                 w::Handover::Overlap as i32
             },
             max_frozen_ms: cfg.max_frozen.as_millis() as u64,
-            expected_image_bytes: if cfg.restart { 0 } else { tree_resident_bytes(live.root_pid) },
+            expected_image_bytes: if cfg.restart { 0 } else { crate::hold::procs::tree_resident_bytes(live.root_pid) },
         };
         let reply = expect_reply!(live.control.request(Body::Setup(setup), self.wait())?, SetupReply)?;
         self.report.destination_images = Some(reply.image_dir);
