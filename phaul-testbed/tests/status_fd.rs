@@ -61,6 +61,8 @@ fn status_lines_follow_a_migration_from_setup_to_the_report() {
     for s in ["frozen", "committing", "committed", "migrated"] {
         assert!(states.contains(&s), "state {s}: {states:?}");
     }
+    let plan = events.iter().find(|e| e["event"] == "plan").expect("the plan");
+    assert!(plan["expected_image_bytes"].as_u64() > Some(0) && plan["htype"] == "pid", "{plan}");
     let dump = events.iter().find(|e| e["event"] == "round" && e["kind"] == "dump").expect("the final dump's round");
     assert!(dump["bytes"].as_u64() > Some(0) && dump["rate_bytes_s"].as_f64().is_some(), "{dump}");
     let fs: Vec<&Value> = events.iter().filter(|e| e["event"] == "fs_round").collect();

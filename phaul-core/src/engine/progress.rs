@@ -1,5 +1,5 @@
-//! Progress: on a terminal, the phase, the round, bytes and rate on one rewritten line of standard error (nothing
-//! when standard error is not a terminal); and for programs that drive phaul, the same as JSON lines on a status
+//! Progress: on a terminal, the phase, the round, bytes and rate on one line of standard error (an indicatif
+//! spinner; nothing when standard error is not a terminal); and for programs that drive phaul, the same as JSON lines on a status
 //! descriptor (`--status-fd`, [`StatusSink`]), whose schema is written down in docs/status-fd.md.
 
 use std::io::Write;
@@ -118,10 +118,22 @@ impl Phase {
 
 #[derive(Debug)]
 pub struct Progress {
-    enabled: bool,
-    started: Instant,
-    dirty: bool,
+    /// The terminal line (indicatif), when wanted and standard error is a terminal.
+    bar: Option<indicatif::ProgressBar>,
     status: Option<Arc<StatusSink>>,
+}
+
+/// A spinner on standard error with the elapsed time and the phase; `None` unless stderr is a terminal.
+fn terminal_bar() -> Option<indicatif::ProgressBar> {
+    if !crate::sys::stderr_is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    let style = indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_msg}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+    bar.set_style(style);
+    bar.enable_steady_tick(Duration::from_millis(120));
+    Some(bar)
 }
 
 impl Progress {
@@ -129,11 +141,11 @@ impl Progress {
     /// Plugins' own progress reports (`HostServices::progress`) are shown on the same line (at most ten times a
     /// second) and sent as `plugin` events, for as long as this lives.
     pub fn new(wanted: bool, status: Option<Arc<StatusSink>>) -> Progress {
-        let enabled = wanted && crate::sys::stderr_is_terminal();
-        let p = Progress { enabled, started: Instant::now(), dirty: false, status };
-        if p.enabled || p.status.is_some() {
-            let started = p.started;
+        let bar = if wanted { terminal_bar() } else { None };
+        let p = Progress { bar, status };
+        if p.bar.is_some() || p.status.is_some() {
             let status = p.status.clone();
+            let bar = p.bar.clone();
             let last = Mutex::new(None::<Instant>);
             crate::plugins::services::set_progress_sink(Some(Box::new(move |plugin, what, done, total| {
                 let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
@@ -145,12 +157,9 @@ impl Progress {
                 if let Some(s) = &status {
                     s.emit("plugin", json!({ "plugin": plugin, "what": what, "done": done, "total": total }));
                 }
-                if enabled {
+                if let Some(b) = &bar {
                     let of = if total > 0 { format!(" of {total}") } else { String::new() };
-                    let t = started.elapsed().as_secs_f64();
-                    let mut e = std::io::stderr().lock();
-                    let _ = write!(e, "\r\x1b[K[{t:6.1}s] {plugin}: {what} {done}{of}");
-                    let _ = e.flush();
+                    b.set_message(format!("{plugin}: {what} {done}{of}"));
                 }
             })));
         }
@@ -171,12 +180,8 @@ impl Progress {
 
     fn line(&mut self, text: &str) {
         log::info!("{text}");
-        if self.enabled {
-            let t = self.started.elapsed().as_secs_f64();
-            let mut e = std::io::stderr().lock();
-            let _ = write!(e, "\r\x1b[K[{t:6.1}s] {text}");
-            let _ = e.flush();
-            self.dirty = true;
+        if let Some(b) = &self.bar {
+            b.set_message(text.to_string());
         }
     }
 
@@ -223,18 +228,17 @@ impl Progress {
         }
     }
 
+    /// Ends the terminal line, leaving its last message.
     pub fn done(&mut self) {
-        if self.enabled && self.dirty {
-            let mut e = std::io::stderr().lock();
-            let _ = writeln!(e);
-            self.dirty = false;
+        if let Some(b) = self.bar.take() {
+            b.finish();
         }
     }
 }
 
 impl Drop for Progress {
     fn drop(&mut self) {
-        if self.enabled || self.status.is_some() {
+        if self.bar.is_some() || self.status.is_some() {
             crate::plugins::services::set_progress_sink(None);
         }
         self.done();

@@ -771,6 +771,17 @@ impl<'c> SourceRun<'c> {
             max_frozen_ms: cfg.max_frozen.as_millis() as u64,
             expected_image_bytes: if cfg.restart { 0 } else { crate::hold::procs::tree_resident_bytes(live.root_pid) },
         };
+        if let Some(st) = self.progress.status() {
+            st.emit(
+                "plan",
+                serde_json::json!({
+                    "htype": setup.htype, "id": setup.id, "fs_driver": setup.fs_driver, "fs_roots": setup.fs_roots,
+                    "handover": if order == HandoverOrder::Sequential { "sequential" } else { "overlap" },
+                    "expected_image_bytes": setup.expected_image_bytes,
+                    "max_frozen_ms": setup.max_frozen_ms,
+                }),
+            );
+        }
         let reply = expect_reply!(live.control.request(Body::Setup(setup), self.wait())?, SetupReply)?;
         self.report.destination_images = Some(reply.image_dir);
         plugin(live.fs.start(), "filesystem", &live.fs_name)?;
