@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use common::*;
@@ -107,4 +108,25 @@ fn a_status_descriptor_that_is_not_open_is_refused_before_anything_starts() {
     opts.src_args.extend(["--status-fd".into(), "3".into()]);
     let run = lab.migrate(w.pid(), opts).expect("migration ran");
     assert!(run.src_stderr.contains("--status-fd 3 is also a channel descriptor"), "{}", run.describe());
+}
+
+/// A reader that never reads (a FIFO with a one-page buffer) does not hold the migration up: the engine never
+/// waits for the status descriptor, and phaul gives the last lines at most a few seconds at the end.
+#[test]
+fn a_reader_that_never_reads_does_not_stall_the_migration() {
+    use std::os::fd::AsRawFd;
+    let lab = lab("status-stall");
+    let mut w = lab.start_workload("counter", &[]).expect("start");
+    let fifo = lab.path("status.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    // Our end, opened first (without blocking) and never read until the migration is over.
+    let reader =
+        std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NONBLOCK).open(&fifo).expect("open the FIFO");
+    let _ = nix::fcntl::fcntl(reader.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(4096));
+    let mut opts = MigrateOptions::default();
+    with_status_fd(&mut opts, &fifo);
+    let t = std::time::Instant::now();
+    migrate_and_check(&lab, &mut w, opts);
+    assert!(t.elapsed() < std::time::Duration::from_secs(60), "the migration took {:?}", t.elapsed());
+    drop(reader);
 }

@@ -780,6 +780,7 @@ fn migrate(c: &Common, a: MigrateArgs) -> Result<(), Fail> {
         let error = result.as_ref().err().map(|e| e.to_string());
         let report = serde_json::to_value(&report).unwrap_or_default();
         s.emit("end", serde_json::json!({ "outcome": outcome, "error": error, "report": report }));
+        s.finish(Duration::from_secs(5));
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report).map_err(|e| Fail(EXIT_FAILED, e.to_string()))?);

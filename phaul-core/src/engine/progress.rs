@@ -12,16 +12,22 @@ use serde_json::{json, Value};
 /// version; a field removed or changed in meaning gets one.
 pub const STATUS_SCHEMA: &str = "phaul-status/1";
 
-/// Where status lines go: one JSON object per line, each written whole and flushed at once, to a file
-/// (`--status-fd`), or to a callback of a program that embeds phaul-core ([`StatusSink::callback`]). A reader that
-/// goes away does not stop the migration: the first failed write turns the sink off (and is logged).
+/// How many status lines may wait for a slow reader; beyond that lines are dropped (and counted), never waited for.
+const STATUS_QUEUE: usize = 4096;
+
+/// Where status lines go: one JSON object per line, to a file (`--status-fd`), or to a callback of a program
+/// that embeds phaul-core ([`StatusSink::callback`]). The engine never waits for the reader: lines go through a
+/// bounded queue to a writer thread, a full queue drops lines (the next line written says how many in
+/// `dropped`), and a reader that goes away turns the sink off (logged once). [`StatusSink::finish`] waits, bounded,
+/// for the queue to drain.
 pub struct StatusSink {
     out: Mutex<Option<Target>>,
     started: Instant,
+    dropped: std::sync::atomic::AtomicU64,
 }
 
 enum Target {
-    File(std::fs::File),
+    Queue { tx: std::sync::mpsc::SyncSender<String>, writer: std::thread::JoinHandle<()> },
     Callback(Box<dyn Fn(&Value) + Send + Sync>),
 }
 
@@ -32,35 +38,79 @@ impl std::fmt::Debug for StatusSink {
 }
 
 impl StatusSink {
-    pub fn new(out: std::fs::File) -> Arc<StatusSink> {
-        Arc::new(StatusSink { out: Mutex::new(Some(Target::File(out))), started: Instant::now() })
+    pub fn new(mut out: std::fs::File) -> Arc<StatusSink> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(STATUS_QUEUE);
+        let writer = std::thread::spawn(move || {
+            for line in rx {
+                if let Err(e) = out.write_all(line.as_bytes()).and_then(|()| out.flush()) {
+                    log::warn!(
+                        "the status descriptor no longer takes lines ({e}); status output stops, the migration goes on"
+                    );
+                    return;
+                }
+            }
+        });
+        Arc::new(StatusSink {
+            out: Mutex::new(Some(Target::Queue { tx, writer })),
+            started: Instant::now(),
+            dropped: std::sync::atomic::AtomicU64::new(0),
+        })
     }
 
     /// Events as values, handed to `f` (on the engine's threads: keep it short) instead of written as lines.
     pub fn callback(f: impl Fn(&Value) + Send + Sync + 'static) -> Arc<StatusSink> {
-        Arc::new(StatusSink { out: Mutex::new(Some(Target::Callback(Box::new(f)))), started: Instant::now() })
+        Arc::new(StatusSink {
+            out: Mutex::new(Some(Target::Callback(Box::new(f)))),
+            started: Instant::now(),
+            dropped: std::sync::atomic::AtomicU64::new(0),
+        })
     }
 
-    /// Sends `{"schema", "t", "event", ...fields}`; `fields` must be a JSON object.
+    /// Sends `{"schema", "t", "event", ...fields}`; `fields` must be a JSON object. Never blocks on the reader.
     pub fn emit(&self, event: &str, fields: Value) {
+        use std::sync::atomic::Ordering;
         let mut line = json!({ "schema": STATUS_SCHEMA, "t": self.started.elapsed().as_secs_f64(), "event": event });
         if let (Some(l), Value::Object(f)) = (line.as_object_mut(), fields) {
             l.extend(f);
         }
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
         match out.as_mut() {
-            Some(Target::File(f)) => {
+            Some(Target::Queue { tx, .. }) => {
+                let dropped = self.dropped.swap(0, Ordering::SeqCst);
+                if dropped > 0 {
+                    if let Some(l) = line.as_object_mut() {
+                        l.insert("dropped".into(), Value::from(dropped));
+                    }
+                }
                 let mut text = line.to_string();
                 text.push('\n');
-                if let Err(e) = f.write_all(text.as_bytes()).and_then(|()| f.flush()) {
-                    log::warn!(
-                        "the status descriptor no longer takes lines ({e}); status output stops, the migration goes on"
-                    );
-                    *out = None;
+                match tx.try_send(text) {
+                    Ok(()) => {}
+                    Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                        self.dropped.fetch_add(dropped + 1, Ordering::SeqCst);
+                    }
+                    Err(std::sync::mpsc::TrySendError::Disconnected(_)) => *out = None,
                 }
             }
             Some(Target::Callback(f)) => f(&line),
             None => {}
+        }
+    }
+
+    /// No more lines: waits (at most `timeout`) until the queued ones are written.
+    pub fn finish(&self, timeout: Duration) {
+        let target = self.out.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(Target::Queue { tx, writer }) = target {
+            drop(tx);
+            let deadline = Instant::now() + timeout;
+            while !writer.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if writer.is_finished() {
+                let _ = writer.join();
+            } else {
+                log::warn!("the status reader took more than {timeout:?} for the last lines; leaving them");
+            }
         }
     }
 }
