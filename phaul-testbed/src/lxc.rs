@@ -59,32 +59,39 @@ fn run_detached(cmd: &mut Command, timeout: Duration) -> Result<bool, TestbedErr
     }
 }
 
-/// Run by a holder in its new mount namespace: a sysfs mounted there shows this network namespace's devices; its
-/// two network directories are bound over the machine's (the rest of /sys, cgroups included, stays).
-const SYSFS_NET: &str = "d=$(mktemp -d) || exit 97; mount -t sysfs sysfs \"$d\" || exit 97; \
+/// Run in a host's new mount namespace: a sysfs mounted there shows this network namespace's devices; its two
+/// network directories are bound over the machine's (the rest of /sys, cgroups included, stays).
+pub const SYSFS_NET_MOUNTS: &str = "d=$(mktemp -d) || exit 97; mount -t sysfs sysfs \"$d\" || exit 97; \
      mount --bind \"$d/class/net\" /sys/class/net && mount --bind \"$d/devices/virtual/net\" /sys/devices/virtual/net \
-     || exit 97; umount -l \"$d\"; rmdir \"$d\"; exec sleep 86400";
+     || exit 97; umount -l \"$d\"; rmdir \"$d\"; ";
 
-/// A process holding a host's mount namespace (with the host's own sysfs).
+/// A process holding a host's mount namespace (with the host's own sysfs): one this started, or one that
+/// already holds such a namespace (a host's zfs-fuse daemon, [`crate::storage::ZfsHost::new_in`]).
 #[derive(Debug)]
-struct Holder(std::process::Child);
+struct Holder(Option<std::process::Child>, u32);
 
 impl Holder {
+    fn id(&self) -> u32 {
+        self.1
+    }
+
     fn start(host: &Host) -> Result<Holder, TestbedError> {
+        let script = format!("{SYSFS_NET_MOUNTS}exec sleep 86400");
         let child = host
-            .command("unshare", ["--mount", "--propagation", "private", "--", "/bin/sh", "-c", SYSFS_NET])
+            .command("unshare", ["--mount", "--propagation", "private", "--", "/bin/sh", "-c", &script])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| TestbedError::io("starting a mount-namespace holder", e))?;
-        let h = Holder(child);
+        let pid = child.id();
+        let h = Holder(Some(child), pid);
         // Ready once sh has exec'd sleep (its mount namespace then differs from ours and sysfs is remounted).
         let deadline = Instant::now() + Duration::from_secs(10);
         let ours = std::fs::read_link("/proc/self/ns/mnt").ok();
         loop {
-            let comm = std::fs::read_to_string(format!("/proc/{}/comm", h.0.id())).unwrap_or_default();
-            let theirs = std::fs::read_link(format!("/proc/{}/ns/mnt", h.0.id())).ok();
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
             if comm.trim() == "sleep" && theirs != ours {
                 return Ok(h);
             }
@@ -101,9 +108,16 @@ impl Holder {
 
 impl Drop for Holder {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
+}
+
+/// `path` as the process `holder` sees it (through its root, which is its mount namespace's).
+fn host_view(holder: u32, path: &Path) -> PathBuf {
+    PathBuf::from(format!("/proc/{holder}/root")).join(path.strip_prefix("/").unwrap_or(path))
 }
 
 /// Two LXC paths, two bridges joined into one segment, and the containers a test made.
@@ -127,6 +141,26 @@ impl LxcHosts {
     /// As [`LxcHosts::new`] with the LXC paths given (created if missing): e.g. on a host's own btrfs, mounted
     /// before this call so that the hosts' mount namespaces have it.
     pub fn new_at(pair: &HostPair, path_a: &Path, path_b: &Path) -> Result<LxcHosts, TestbedError> {
+        LxcHosts::new_with(pair, path_a, path_b, None)
+    }
+
+    /// As [`LxcHosts::new_at`] in mount namespaces other processes hold (`(A's, B's)` pids; each must have
+    /// mounted its host's sysfs network directories, [`SYSFS_NET_MOUNTS`]).
+    pub fn new_in(
+        pair: &HostPair,
+        path_a: &Path,
+        path_b: &Path,
+        holders: (u32, u32),
+    ) -> Result<LxcHosts, TestbedError> {
+        LxcHosts::new_with(pair, path_a, path_b, Some(holders))
+    }
+
+    fn new_with(
+        pair: &HostPair,
+        path_a: &Path,
+        path_b: &Path,
+        holders: Option<(u32, u32)>,
+    ) -> Result<LxcHosts, TestbedError> {
         let (a, b) = (pair.a().clone(), pair.b().clone());
         let ip = |h: &Host, args: &[&str]| -> Result<(), TestbedError> {
             let mut all = vec!["-n", h.name()];
@@ -143,11 +177,38 @@ impl LxcHosts {
         ip(&a, &["link", "set", BRIDGE_A, "up"])?;
         ip(&b, &["link", "set", BRIDGE_B, "up"])?;
         let (path_a, path_b) = (path_a.to_path_buf(), path_b.to_path_buf());
-        for p in [&path_a, &path_b] {
-            std::fs::create_dir_all(p).map_err(|e| TestbedError::io(format!("creating {}", p.display()), e))?;
+        let (holder_a, holder_b) = match holders {
+            Some((pa, pb)) => (Holder(None, pa), Holder(None, pb)),
+            None => (Holder::start(&a)?, Holder::start(&b)?),
+        };
+        for (p, h) in [(&path_a, &holder_a), (&path_b, &holder_b)] {
+            let seen = host_view(h.id(), p);
+            std::fs::create_dir_all(&seen).map_err(|e| TestbedError::io(format!("creating {}", p.display()), e))?;
         }
-        let (holder_a, holder_b) = (Holder::start(&a)?, Holder::start(&b)?);
         Ok(LxcHosts { a, b, holder_a, holder_b, path_a, path_b, made: Vec::new() })
+    }
+
+    /// `path` as host A (`b == false`) or B sees it, readable from the test's own mount namespace.
+    pub fn view(&self, b: bool, path: &Path) -> PathBuf {
+        host_view(if b { self.holder_b.id() } else { self.holder_a.id() }, path)
+    }
+
+    /// A container's file as the host of its LXC path sees it.
+    pub fn file(&self, lxcpath: &Path, name: &str, rel: &str) -> PathBuf {
+        self.view(self.on_b(lxcpath), &lxcpath.join(name).join(rel))
+    }
+
+    /// The container's root filesystem (its configuration's `lxc.rootfs.path`), as its host sees it.
+    pub fn rootfs(&self, lxcpath: &Path, name: &str) -> Option<PathBuf> {
+        let text = std::fs::read_to_string(self.file(lxcpath, name, "config")).ok()?;
+        let v = text.lines().find_map(|l| l.strip_prefix("lxc.rootfs.path = "))?;
+        let p = v.split_once(':').map(|(_, p)| p).unwrap_or(v).trim();
+        Some(self.view(self.on_b(lxcpath), Path::new(p)))
+    }
+
+    /// The number in the container's `/counter`.
+    pub fn counter(&self, lxcpath: &Path, name: &str) -> Option<u64> {
+        read_counter(&self.rootfs(lxcpath, name)?.join("counter"))
     }
 
     /// A command in host A's (`b == false`) or B's network and mount namespaces.
@@ -157,7 +218,7 @@ impl LxcHosts {
         S: AsRef<std::ffi::OsStr>,
     {
         let (host, holder) = if b { (&self.b, &self.holder_b) } else { (&self.a, &self.holder_a) };
-        let pid = holder.0.id().to_string();
+        let pid = holder.id().to_string();
         let mut all: Vec<std::ffi::OsString> =
             vec!["--mount".into(), "--target".into(), pid.into(), "--".into(), program.into()];
         all.extend(args.into_iter().map(|a| a.as_ref().to_os_string()));
@@ -168,7 +229,7 @@ impl LxcHosts {
     /// ([`crate::MigrateOptions::src_wrapper`]; the network namespace is the host's already).
     pub fn wrapper(&self, b: bool) -> (PathBuf, Vec<String>) {
         let holder = if b { &self.holder_b } else { &self.holder_a };
-        (PathBuf::from("/usr/bin/nsenter"), vec!["--mount".into(), "--target".into(), holder.0.id().to_string()])
+        (PathBuf::from("/usr/bin/nsenter"), vec!["--mount".into(), "--target".into(), holder.id().to_string()])
     }
 
     /// A fresh container name (cgroup names are global to the kernel, so unique per test).
@@ -190,17 +251,14 @@ impl LxcHosts {
         let base = format!(
             "lxc.net.0.type = veth\nlxc.net.0.link = {BRIDGE_A}\nlxc.net.0.flags = up\nlxc.net.0.name = eth0\nlxc.net.0.hwaddr = {LXC_CT_MAC}\nlxc.net.0.ipv4.address = {LXC_CT_ADDR}/24\n"
         );
-        std::fs::write(&conf, base).map_err(|e| TestbedError::io("writing the container's create config", e))?;
+        std::fs::write(self.view(false, &conf), base)
+            .map_err(|e| TestbedError::io("writing the container's create config", e))?;
         let pa = self.path_a.display().to_string();
-        let out = run_command(
-            Command::new("lxc-create")
-                .args(["-P", &pa, "-n", name])
-                .args(store)
-                .args(["-t", "busybox", "-f"])
-                .arg(&conf),
-            Duration::from_secs(120),
-        )?;
-        let _ = std::fs::remove_file(&conf);
+        let mut args: Vec<String> = ["-P", pa.as_str(), "-n", name].iter().map(|s| s.to_string()).collect();
+        args.extend(store.iter().map(|s| s.to_string()));
+        args.extend(["-t".into(), "busybox".into(), "-f".into(), conf.display().to_string()]);
+        let out = run_command(&mut self.command(false, "lxc-create", &args), Duration::from_secs(120))?;
+        let _ = std::fs::remove_file(self.view(false, &conf));
         if !out.status.success() {
             return Err(TestbedError::InvalidArgument(format!(
                 "lxc-create -t busybox failed: {}",
@@ -209,7 +267,14 @@ impl LxcHosts {
         }
         self.made.push(name.to_string());
         let dir = self.path_a.join(name);
-        let rootfs = dir.join("rootfs");
+        let cfg = self.view(false, &dir.join("config"));
+        let mut text = std::fs::read_to_string(&cfg).map_err(|e| TestbedError::io("reading the config", e))?;
+        let rootfs = text
+            .lines()
+            .find_map(|l| l.strip_prefix("lxc.rootfs.path = "))
+            .map(|v| v.split_once(':').map(|(_, p)| p).unwrap_or(v).trim().to_string())
+            .ok_or_else(|| TestbedError::InvalidArgument(format!("{name}'s config names no lxc.rootfs.path")))?;
+        let rootfs = self.view(false, Path::new(&rootfs));
         // Services from the container's own init; no DHCP (the address is static), no getty on a tty.
         let rcs = format!(
             "#!/bin/sh\n/bin/mount -a\n(i=0; while true; do i=$((i+1)); echo $i > /counter; sleep 0.2; done) </dev/null >/dev/null 2>&1 &\n/bin/nc -ll -p {LXC_ECHO_PORT} -e /bin/cat </dev/null >/dev/null 2>&1 &\n"
@@ -217,8 +282,6 @@ impl LxcHosts {
         let inittab = "::sysinit:/etc/init.d/rcS\nconsole::askfirst:/bin/sh\n";
         std::fs::write(rootfs.join("etc/init.d/rcS"), rcs).map_err(|e| TestbedError::io("writing rcS", e))?;
         std::fs::write(rootfs.join("etc/inittab"), inittab).map_err(|e| TestbedError::io("writing inittab", e))?;
-        let cfg = dir.join("config");
-        let mut text = std::fs::read_to_string(&cfg).map_err(|e| TestbedError::io("reading the config", e))?;
         // The template's ttys cannot be carried by CRIU through liblxc: 0 unless the test says otherwise.
         text = text.replace("lxc.tty.max = 5", "lxc.tty.max = 0");
         for l in extra {
@@ -283,10 +346,9 @@ impl LxcHosts {
         if !ok {
             return Err(TestbedError::InvalidArgument(format!("lxc-start of {name} in {pa} failed")));
         }
-        let counter = self.path_a.join(name).join("rootfs/counter");
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if read_counter(&counter).is_some_and(|n| n >= 2) {
+            if self.counter(&self.path_a, name).is_some_and(|n| n >= 2) {
                 return self
                     .init_pid(&self.path_a, name)
                     .ok_or_else(|| TestbedError::InvalidArgument(format!("lxc-info gives no init pid for {name}")));

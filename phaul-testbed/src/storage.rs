@@ -81,19 +81,42 @@ impl ZfsHost {
     /// A daemon in a new mount namespace and the pool `pool` on `image` (created, `size_mib` MiB, sparse),
     /// mounted at `mountpoint` in that namespace.
     pub fn new(image: &Path, pool: &str, mountpoint: &Path, size_mib: u64) -> Result<ZfsHost, TestbedError> {
+        ZfsHost::new_in(image, pool, mountpoint, size_mib, None)
+    }
+
+    /// As [`ZfsHost::new`], the daemon in `host`'s network namespace, and its mount namespace made that host's
+    /// for LXC too (its sysfs shows the host's network devices: [`crate::lxc::SYSFS_NET_MOUNTS`]), so that LXC's
+    /// tools and phaul, run there ([`crate::lxc::LxcHosts::new_in`]), see the datasets this daemon mounts.
+    pub fn new_in(
+        image: &Path,
+        pool: &str,
+        mountpoint: &Path,
+        size_mib: u64,
+        host: Option<&crate::Host>,
+    ) -> Result<ZfsHost, TestbedError> {
         let f = std::fs::File::create(image).map_err(|e| TestbedError::io("creating the pool image", e))?;
         f.set_len(size_mib << 20).map_err(|e| TestbedError::io("sizing the pool image", e))?;
         drop(f);
-        let script = "for d in /var/run/zfs /var/lib/zfs /var/lock/zfs; do \
-                      mkdir -p $d && mount -t tmpfs -o mode=0700 tmpfs $d || exit 97; done; \
-                      exec zfs-fuse --no-daemon --no-kstat-mount";
-        let daemon = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c", script])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| TestbedError::io("starting zfs-fuse (apt-get install zfs-fuse)", e))?;
+        let sysfs = if host.is_some() { crate::lxc::SYSFS_NET_MOUNTS } else { "" };
+        let script = format!(
+            "{sysfs}for d in /var/run/zfs /var/lib/zfs /var/lock/zfs; do \
+             mkdir -p $d && mount -t tmpfs -o mode=0700 tmpfs $d || exit 97; done; \
+             exec zfs-fuse --no-daemon --no-kstat-mount"
+        );
+        let args = ["--mount", "--propagation", "private", "--", "/bin/sh", "-c", script.as_str()];
+        let daemon = match host {
+            Some(h) => h.command("unshare", args),
+            None => {
+                let mut c = Command::new("unshare");
+                c.args(args);
+                c
+            }
+        }
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| TestbedError::io("starting zfs-fuse (apt-get install zfs-fuse)", e))?;
         let mut host = ZfsHost { pool: pool.to_string(), daemon };
         let deadline = std::time::Instant::now() + ZFS_DAEMON_TIMEOUT;
         loop {

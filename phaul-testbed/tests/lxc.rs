@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use phaul_testbed::lxc::{lxc_available, read_counter, LxcHosts, BRIDGE_B, LXC_CT_ADDR, LXC_CT_MAC, LXC_ECHO_PORT};
+use phaul_testbed::lxc::{lxc_available, LxcHosts, BRIDGE_B, LXC_CT_ADDR, LXC_CT_MAC, LXC_ECHO_PORT};
 use phaul_testbed::storage::LoopBtrfs;
 use phaul_testbed::{write_plugins_toml, Lab, MigrateOptions, MigrationRun};
 
@@ -95,7 +95,7 @@ impl Bed {
     }
 
     fn counter(&self, path: &Path, name: &str) -> Option<u64> {
-        read_counter(&path.join(name).join("rootfs/counter"))
+        self.lxc.counter(path, name)
     }
 }
 
