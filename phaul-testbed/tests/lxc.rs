@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use phaul_testbed::lxc::{lxc_available, LxcHosts, BRIDGE_B, LXC_CT_ADDR, LXC_CT_MAC, LXC_ECHO_PORT};
-use phaul_testbed::storage::LoopBtrfs;
+use phaul_testbed::storage::{LoopBtrfs, ZfsHost};
 use phaul_testbed::{write_plugins_toml, Lab, MigrateOptions, MigrationRun};
 
 /// Fields drop in order: the containers (`lxc`) go before the hosts' filesystems, and those before the lab's
@@ -23,6 +23,8 @@ struct Bed {
     fs: &'static str,
     /// Each host's btrfs, when the LXC paths are on btrfs.
     _btrfs: Vec<LoopBtrfs>,
+    /// Each host's ZFS (a zfs-fuse daemon whose mount namespace is the host's), when the root is a dataset.
+    zfs: Vec<ZfsHost>,
     lab: Lab,
 }
 
@@ -47,7 +49,7 @@ fn bed(tag: &str) -> Option<Bed> {
     let lab = Lab::new(tag).expect("lab");
     write_plugins_toml(&lab.plugins, &["lxc", "rsync", "shared"]).expect("plugins.toml");
     let lxc = LxcHosts::new(&lab.pair, lab.scratch.path()).expect("bridges and LXC paths");
-    Some(Bed { lxc, fs: "rsync", _btrfs: Vec::new(), lab })
+    Some(Bed { lxc, fs: "rsync", _btrfs: Vec::new(), zfs: Vec::new(), lab })
 }
 
 /// A bed whose LXC paths are each on its host's own btrfs (a loop device each), the root filesystem carried by
@@ -62,7 +64,23 @@ fn btrfs_bed(tag: &str) -> Option<Bed> {
     let a = LoopBtrfs::new(&lab.path("a.img"), &lab.path("btrfs-a"), 512).expect("A's btrfs");
     let b = LoopBtrfs::new(&lab.path("b.img"), &lab.path("btrfs-b"), 512).expect("B's btrfs");
     let lxc = LxcHosts::new_at(&lab.pair, &a.dir.join("lxc"), &b.dir.join("lxc")).expect("bridges and LXC paths");
-    Some(Bed { lxc, fs: "btrfs", _btrfs: vec![a, b], lab })
+    Some(Bed { lxc, fs: "btrfs", _btrfs: vec![a, b], zfs: Vec::new(), lab })
+}
+
+/// A bed whose hosts' mount namespaces are their zfs-fuse daemons' (each host its own pool `tank`, mounted at the
+/// same path, as on two machines); the containers' root filesystems are datasets, carried by the zfs driver.
+fn zfs_bed(tag: &str) -> Option<Bed> {
+    if !lxc_here() {
+        return None;
+    }
+    let lab = Lab::new(tag).expect("lab");
+    write_plugins_toml(&lab.plugins, &["lxc", "zfs"]).expect("plugins.toml");
+    let mnt = lab.path("tank");
+    let a = ZfsHost::new_in(&lab.path("a.img"), "tank", &mnt, 512, Some(lab.a())).expect("A's pool");
+    let b = ZfsHost::new_in(&lab.path("b.img"), "tank", &mnt, 512, Some(lab.b())).expect("B's pool");
+    let (pa, pb) = (lab.path("lxc-a"), lab.path("lxc-b"));
+    let lxc = LxcHosts::new_in(&lab.pair, &pa, &pb, (a.pid(), b.pid())).expect("bridges and LXC paths");
+    Some(Bed { lxc, fs: "zfs", _btrfs: Vec::new(), zfs: vec![a, b], lab })
 }
 
 impl Bed {
@@ -82,12 +100,13 @@ impl Bed {
         opts.src_wrapper = Some(self.lxc.wrapper(false));
         opts.dst_wrapper = Some(self.lxc.wrapper(true));
         opts.src_args.extend(["--htype-opt".into(), format!("lxcpath={pa}"), "--fs".into(), self.fs.into()]);
-        opts.dst_args.extend([
-            "--htype-opt".into(),
-            format!("lxc:lxcpath={pb}"),
-            "--fs-opt".into(),
-            format!("{}:map={pa}/{name}/rootfs={pb}/{name}/rootfs", self.fs),
-        ]);
+        opts.dst_args.extend(["--htype-opt".into(), format!("lxc:lxcpath={pb}")]);
+        if self.zfs.is_empty() {
+            opts.dst_args.extend(["--fs-opt".into(), format!("{}:map={pa}/{name}/rootfs={pb}/{name}/rootfs", self.fs)]);
+        } else {
+            // Both pools are mounted at the same path: B receives the dataset where A has it.
+            opts.dst_args.extend(["--fs-opt".into(), format!("zfs:allow={}", self.lab.path("tank").display())]);
+        }
         if bridge_b && !opts.dst_args.iter().any(|a| a.starts_with("lxc:bridge=")) {
             opts.dst_args.extend(["--htype-opt".into(), format!("lxc:bridge={BRIDGE_B}")]);
         }
@@ -530,4 +549,32 @@ fn failed_migrations_keep_their_images_until_pruned_and_keep_failed_caps_them() 
     assert_eq!(images_json(&b, "src-images", "src-state", &[]).len(), 2);
     // The container still runs on A throughout.
     assert_eq!(b.lxc.state(&b.lxc.path_a, &name).as_deref(), Some("RUNNING"));
+}
+
+#[test]
+fn a_container_whose_root_is_a_zfs_dataset_moves_by_the_zfs_driver() {
+    let Some(mut b) = zfs_bed("lxc-zfs") else { return };
+    let name = LxcHosts::unique_name("zf");
+    let mnt = b.lab.path("tank");
+    let ds = format!("tank/{name}");
+    b.zfs[0].zfs(&["create", &ds]).expect("A's dataset");
+    let root = mnt.join(&name).display().to_string();
+    b.lxc.create_busybox_on(&name, &[], &["-B", "dir", "--dir", &root]).expect("container on a dataset");
+    b.lxc.start_a(&name).expect("started on A");
+    let mut client = connect_client(&b.lab);
+    assert_eq!(echo(&mut client, "before"), "before");
+    let before = b.counter(&b.lxc.path_a, &name).expect("counter on A");
+
+    let run = b.migrate(&name, MigrateOptions::default());
+    ok(&run);
+    assert_eq!(run.report.as_ref().map(|r| r["fs_driver"].clone()), Some(serde_json::Value::from("zfs")));
+    assert_eq!(b.lxc.state(&b.lxc.path_b, &name).as_deref(), Some("RUNNING"), "{}", run.describe());
+    assert!(b.zfs[1].all().expect("B's datasets").contains(&ds), "B received the dataset");
+    std::thread::sleep(Duration::from_millis(600));
+    let after = b.counter(&b.lxc.path_b, &name).expect("counter on B");
+    assert!(after > before, "the counter went on on B ({before} -> {after})");
+    assert_eq!(echo(&mut client, "after"), "after");
+    assert_eq!(b.lxc.state(&b.lxc.path_a, &name).as_deref(), Some("STOPPED"));
+    assert!(b.zfs[0].all().expect("A's datasets").contains(&ds), "A keeps its dataset");
+    assert!(b.lxc.stop(&b.lxc.path_b, &name, &["-t", "20"]), "lxc-stop on B");
 }
