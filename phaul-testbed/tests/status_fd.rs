@@ -130,3 +130,31 @@ fn a_reader_that_never_reads_does_not_stall_the_migration() {
     assert!(t.elapsed() < std::time::Duration::from_secs(60), "the migration took {:?}", t.elapsed());
     drop(reader);
 }
+
+/// On a terminal, `phaul migrate` shows its progress as an indicatif spinner line (the elapsed time, the phase);
+/// `script` gives the source a terminal.
+#[test]
+fn on_a_terminal_the_progress_is_a_spinner_line() {
+    let lab = lab("status-tty");
+    let mut w = lab.start_workload("counter", &[]).expect("start");
+    let typescript = lab.path("typescript");
+    // script runs the command in a shell on a new pty; the channel descriptors pass through it.
+    let script = format!(
+        "shift; cmd=''; for a in \"$@\"; do cmd=\"$cmd '$a'\"; done; exec script -qfe -c \"$cmd\" '{}' >/dev/null",
+        typescript.display()
+    );
+    let opts = MigrateOptions {
+        human_report: true,
+        src_wrapper: Some((std::path::PathBuf::from("/bin/sh"), vec!["-c".into(), script, "sh".into()])),
+        ..Default::default()
+    };
+    let run = lab.migrate(w.pid(), opts).expect("migration ran");
+    let seen = std::fs::read_to_string(&typescript).unwrap_or_default();
+    assert!(run.succeeded(), "{}\n{seen}", run.describe());
+    let restored = run.restored_pid.expect("restored pid");
+    w.adopt_pid(restored).expect("adopt");
+    assert!(
+        seen.contains("[00:00:0") && seen.contains("final dump"),
+        "the spinner line with elapsed time and phase:\n{seen}"
+    );
+}
