@@ -138,6 +138,19 @@ fn an_installed_phaul_finds_its_plugins_and_migrates_from_an_unrelated_directory
     assert!(bash.contains("complete") && bash.contains("migrate"), "bash completions");
 
     let root = InstalledRoot::new(&stage, &lab.path("overlay-work"));
+    // systemd's own check of the units, at their installed paths (where the command they run exists).
+    if Path::new("/usr/bin/systemd-analyze").exists() {
+        let out = Command::new("nsenter")
+            .args(["--mount", "--target", &root.holder.id().to_string(), "--", "systemd-analyze", "verify", "--man=no"])
+            .args([
+                "/usr/local/lib/systemd/system/phaul-serve.socket",
+                "/usr/local/lib/systemd/system/phaul-serve.service",
+            ])
+            .output()
+            .expect("systemd-analyze");
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && !said.contains("phaul-serve"), "systemd-analyze verify:\n{said}");
+    }
     let plugins = plugins_json(&root);
     let names: Vec<&str> = plugins.iter().filter_map(|p| p["name"].as_str()).collect();
     for want in ["pid", "lxc", "shared", "external", "rsync", "btrfs", "zfs", "lvm"] {
