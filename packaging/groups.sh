@@ -21,7 +21,7 @@ declare -A GROUP_DEFAULTS=(
   [lvm]=""
 )
 declare -A GROUP_DEPENDS=(
-  [phaul]="libc6 (>= 2.36), rsync, nftables, iproute2"
+  [phaul]="libc6 (>= 2.36), libgcc-s1, rsync, nftables, iproute2"
   [lxc]="lxc (>= 1:5.0), iptables"
   [btrfs]="btrfs-progs"
   [zfs]="zfsutils-linux | zfs-fuse"

@@ -296,11 +296,28 @@ impl Registry {
         let mut plugins: Vec<LoadedPlugin> = Vec::new();
         let mut disabled = Vec::new();
         let mut default_fs = BTreeMap::new();
+        let mut main_defaults = BTreeMap::new();
         for config in configs {
             let text = read_plugin_list(config)?;
             let list = parse_plugin_list(&text, config)?;
+            // A package's snippet (plugins.d) whose library is gone (the package removed, its snippet kept) only
+            // disables that entry; a missing library in a list an operator names is an error.
+            let snippet = config.parent().and_then(Path::file_name).is_some_and(|d| d == "plugins.d");
             for PluginListEntry { path, enabled } in list.plugins {
                 if !enabled {
+                    disabled.push(DisabledPlugin { path });
+                    continue;
+                }
+                if plugins.iter().any(|q| q.path == path) {
+                    // The same library listed twice (a main list and a package's snippet): loaded once.
+                    continue;
+                }
+                if snippet && !path.exists() {
+                    log::warn!(
+                        "{} lists {}, which is not installed (its package removed?); that entry is skipped",
+                        config.display(),
+                        path.display()
+                    );
                     disabled.push(DisabledPlugin { path });
                     continue;
                 }
@@ -316,8 +333,14 @@ impl Registry {
                     plugins.push(p);
                 }
             }
-            default_fs.extend(list.default_fs);
+            if snippet {
+                default_fs.extend(list.default_fs);
+            } else {
+                main_defaults.extend(list.default_fs);
+            }
         }
+        // An operator's own list (not a package's snippet) has the last word on defaults.
+        default_fs.extend(main_defaults);
         let config = configs.first().cloned().unwrap_or_default();
         Ok(Registry { config, files: configs.to_vec(), plugins, disabled, default_fs })
     }
@@ -917,6 +940,17 @@ mod tests {
         assert_eq!(r.default_fs("lxc"), Some("rsync"));
         assert_eq!(r.default_fs("pid"), Some("shared"));
         assert_eq!(r.config_files(), &[a.clone(), b.clone()]);
+        // A package's snippet does not override an operator's list, and its missing library is skipped.
+        std::fs::create_dir_all(dir.path().join("plugins.d")).expect("mkdir");
+        let snip = dir.path().join("plugins.d/50-lxc.toml");
+        std::fs::write(
+            &snip,
+            "[[plugin]]\npath = \"/nonexistent/libphaul_htype_lxc.so\"\n[host-type.lxc]\nfs = \"zfs\"\n",
+        )
+        .expect("write");
+        let r2 = Registry::load_all(&[a.clone(), snip]).expect("a stale snippet is not fatal");
+        assert_eq!(r2.default_fs("lxc"), Some("shared"), "the operator's list wins");
+        assert_eq!(r2.disabled().len(), 1);
         let msg = r.ensure(PluginKind::HOST_TYPE, "lxc").expect_err("none loaded").to_string();
         assert!(msg.contains("is installed and enabled") && msg.contains(&b.display().to_string()), "{msg}");
     }

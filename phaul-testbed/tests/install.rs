@@ -265,7 +265,7 @@ fn debian_packages_install_into_a_fresh_root_and_a_driver_needs_the_interface_it
     assert!(!contents.contains("./usr/bin/"), "a driver package holds no command: {contents}");
 
     let root = lab.path("root");
-    fresh_dpkg_root(&root, &["libc6", "rsync", "nftables", "iproute2", "lxc", "iptables"]);
+    fresh_dpkg_root(&root, &["libc6", "libgcc-s1", "rsync", "nftables", "iproute2", "lxc", "iptables"]);
     let r = root.display().to_string();
     let dpkg = |args: &[&str]| {
         let mut all = vec!["--root", r.as_str(), "--log=/dev/null"];
@@ -306,6 +306,26 @@ fn debian_packages_install_into_a_fresh_root_and_a_driver_needs_the_interface_it
         ..Default::default()
     };
     migrate_and_check(&lab, &mut w, opts);
+    drop(inst);
+
+    // Removing a driver package (not purging it) takes its snippet too, and phaul goes on without the driver.
+    let (ok, text) = dpkg(&["-r", "phaul-lxc"]);
+    assert!(ok, "dpkg -r phaul-lxc:\n{text}");
+    assert!(!root.join("etc/phaul/plugins.d/50-lxc.toml").exists(), "the snippet is package data, not a conffile");
+    assert!(root.join("etc/phaul/plugins.toml").exists(), "phaul's own list stays");
+    let inst = InstalledRoot::with_bin(&root, &lab.path("overlay-work-2"), "/usr/bin/phaul");
+    let mut names: Vec<String> =
+        plugins_json(&inst).iter().filter_map(|p| p["name"].as_str().map(str::to_string)).collect();
+    names.sort();
+    assert_eq!(names, ["external", "pid", "rsync", "shared"]);
+    // A snippet left behind without its library (say, by hand) only disables its entry.
+    std::fs::write(
+        root.join("etc/phaul/plugins.d/60-gone.toml"),
+        "[[plugin]]\npath = \"/usr/lib/phaul/plugins/libphaul_gone.so\"\n",
+    )
+    .expect("stale snippet");
+    let (ok, _, err) = inst.phaul(&["plugins"]);
+    assert!(ok, "a stale snippet must not break phaul: {err}");
 }
 
 /// scripts/setup (and the LXC tests' Debian container) take the Debian archive from apt's own configuration.

@@ -1341,7 +1341,8 @@ fn check(c: &Common, a: CheckArgs) -> Result<(), Fail> {
             message: format!("{e}; run scripts/setup"),
         });
     }
-    let work = tempfile_dir("phaul-check")?;
+    let scratch = tempfile_dir("phaul-check-")?;
+    let work = scratch.path().to_path_buf();
     let mut want = match (&a.htype, &a.id) {
         (Some(h), Some(id)) => {
             let (wc, wl) = preflight::workload_checks(&reg, h, id, &a.htype_options, &work);
@@ -1357,16 +1358,14 @@ fn check(c: &Common, a: CheckArgs) -> Result<(), Fail> {
     want.pre_copy = a.pre_copy;
     want.img_path = a.img_path.clone();
     let lazy_trial = || -> Result<(), String> {
-        let dir = std::env::temp_dir().join(format!("phaul-check-lazy-{}", std::process::id()));
-        let r = engine::lazy::trial(&criu, &dir, "this host");
-        let _ = std::fs::remove_dir_all(&dir);
-        r.map_err(|e| e.to_string())
+        let scratch = tempfile::Builder::new().prefix("phaul-check-lazy-").tempdir().map_err(|e| e.to_string())?;
+        engine::lazy::trial(&criu, &scratch.path().join("trial"), "this host").map_err(|e| e.to_string())
     };
     let trial: Option<preflight::LazyTrial<'_>> = if a.try_lazy { Some(&lazy_trial) } else { None };
     if loc.is_ok() || want.restart {
         checks.extend(preflight::host_checks("source", &criu, &reg, &want, None, trial));
     }
-    let _ = std::fs::remove_dir_all(&work);
+    drop(scratch);
     // The destination.
     let remote = match (&a.to, a.fdrpc) {
         (Some(to), _) => {
@@ -1382,12 +1381,11 @@ fn check(c: &Common, a: CheckArgs) -> Result<(), Fail> {
         let cpuinfo = if want.restart || loc.is_err() {
             Vec::new()
         } else {
-            let dir = tempfile_dir("phaul-check-cpu")?;
-            let img = criu.preflight(Some(&dir)).ok().and_then(|(v, _, img)| {
+            let dir = tempfile_dir("phaul-check-cpu-")?;
+            let img = criu.preflight(Some(dir.path())).ok().and_then(|(v, _, img)| {
                 want.source_criu = Some(v.triple());
                 img
             });
-            let _ = std::fs::remove_dir_all(&dir);
             img.unwrap_or_default()
         };
         match ch.and_then(|mut ch| {
@@ -1423,10 +1421,10 @@ fn check(c: &Common, a: CheckArgs) -> Result<(), Fail> {
     }
 }
 
-/// A fresh private scratch directory under the system's temporary directory.
-fn tempfile_dir(tag: &str) -> Result<PathBuf, Fail> {
-    let d = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).map_err(|e| Fail(EXIT_FAILED, format!("cannot make {}: {e}", d.display())))?;
-    Ok(d)
+/// A fresh private scratch directory (random name, mode 0700) under the system's temporary directory, removed
+/// when dropped.
+fn tempfile_dir(prefix: &str) -> Result<tempfile::TempDir, Fail> {
+    tempfile::Builder::new().prefix(prefix).tempdir().map_err(|e| {
+        Fail(EXIT_FAILED, format!("cannot make a scratch directory under {}: {e}", std::env::temp_dir().display()))
+    })
 }

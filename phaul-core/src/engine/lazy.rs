@@ -597,7 +597,11 @@ pub fn trial(criu: &Criu, work: &Path, side: &'static str) -> Result<(), LazyErr
     if !f.lazy_pages {
         return Err(LazyError::NoFeature);
     }
-    std::fs::create_dir_all(work)?;
+    // A directory of its own, made here (mode 0700), never one that already exists: root runs CRIU in it.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(work)?;
+    }
     let r = trial_inner(criu, work, side);
     if r.is_ok() {
         let _ = std::fs::remove_dir_all(work);

@@ -222,15 +222,27 @@ pub fn host_checks(
     out
 }
 
+/// The largest CPU image a peer may send for a check (CRIU's cpuinfo image is a few hundred bytes).
+const MAX_CPUINFO: usize = 64 << 10;
+
 fn cpu_check(host: &'static str, criu: &dyn CriuBackend, img_path: &Path, image: &[u8]) -> Check {
-    let dir = std::env::temp_dir().join(format!("phaul-check-cpu-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let r = std::fs::create_dir_all(&dir)
-        .and_then(|()| std::fs::write(dir.join("cpuinfo.img"), image))
-        .map_err(|e| e.to_string())
-        .and_then(|()| criu.cpuinfo_check(&dir).map_err(|e| e.to_string()));
-    let _ = std::fs::remove_dir_all(&dir);
+    if image.len() > MAX_CPUINFO {
+        return Check::new(
+            host,
+            "cpu",
+            Level::Fail,
+            format!("the source sent a CPU image of {} bytes; a real one is a few hundred", image.len()),
+        );
+    }
+    // A directory of its own per check (random name, mode 0700), so that neither another user nor a concurrent
+    // check can touch what CRIU reads as root.
     let _ = img_path;
+    let r = tempfile::Builder::new()
+        .prefix("phaul-check-cpu-")
+        .tempdir()
+        .and_then(|dir| std::fs::write(dir.path().join("cpuinfo.img"), image).map(|()| dir))
+        .map_err(|e| e.to_string())
+        .and_then(|dir| criu.cpuinfo_check(dir.path()).map_err(|e| e.to_string()));
     match r {
         Ok(()) => Check::new(host, "cpu", Level::Ok, "this CPU has every feature the source's has"),
         Err(e) => Check::new(
