@@ -155,6 +155,7 @@ fn run() -> Result<bool, String> {
         state_dir: work.join("src-state"),
         skip_cpu_check: false,
         skip_criu_check: false,
+        skip_space_check: false,
         timeout,
         max_frozen: Duration::from_secs(30),
         resolve_timeout: Duration::from_secs(60),

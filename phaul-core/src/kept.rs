@@ -44,6 +44,8 @@ impl KeptSet {
 pub enum KeptError {
     #[error("cannot read the image directory {dir}: {source}")]
     Read { dir: PathBuf, source: std::io::Error },
+    #[error("the state directory {0} does not exist, so no session's outcome is known; refusing to prune (give the --state-dir the migrations used)")]
+    NoStateDir(PathBuf),
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
 }
@@ -142,6 +144,8 @@ fn users(dirs: &[PathBuf]) -> BTreeMap<PathBuf, Vec<i32>> {
 
 /// Every image set under `img_path`, oldest first, with its outcome from the journals in `state_dir`.
 pub fn list(img_path: &Path, state_dir: &Path) -> Result<Vec<KeptSet>, KeptError> {
+    // Resolved once: what /proc shows processes holding is resolved too.
+    let img_path = &std::fs::canonicalize(img_path).unwrap_or_else(|_| img_path.to_path_buf());
     let rd = match std::fs::read_dir(img_path) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -179,6 +183,11 @@ pub fn list(img_path: &Path, state_dir: &Path) -> Result<Vec<KeptSet>, KeptError
         let protected = match outcome.as_str() {
             "in-doubt" => Some("its session is in doubt: `phaul resolve` may need these images".to_string()),
             "in-progress" => Some("its session is not settled (in progress, or held)".to_string()),
+            // A session whose journal is not (yet) written, or a --state-dir that is not the one it used.
+            "unknown" => Some(format!(
+                "no journal of its session in {} (a session starting, or another --state-dir); --include-orphans removes such sets",
+                state_dir.display()
+            )),
             _ => None,
         };
         let age_s = SystemTime::now().duration_since(newest_change(&dir)).unwrap_or_default().as_secs();
@@ -207,16 +216,35 @@ pub struct Pruned {
 }
 
 /// Which sets go: with `older_than`, every set at least that old; with `keep_failed`, the failed sets beyond
-/// the newest N. A set with no journal (`unknown`) goes only by age. Protected sets never go.
+/// the newest N. A set with no journal (`unknown`) is protected unless `include_orphans` (then it goes by age, once an
+/// hour old). Protected sets never go.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PruneRule {
     pub older_than: Option<Duration>,
     pub keep_failed: Option<usize>,
     pub dry_run: bool,
+    /// Also sets without a journal (`unknown`), by age only, and only when at least an hour old.
+    pub include_orphans: bool,
 }
 
+/// Orphans (no journal) younger than this are never pruned: their session may be starting.
+const ORPHAN_GRACE: Duration = Duration::from_secs(3600);
+
 pub fn prune(img_path: &Path, state_dir: &Path, rule: PruneRule) -> Result<Pruned, KeptError> {
-    let sets = list(img_path, state_dir)?;
+    if !state_dir.is_dir() {
+        return Err(KeptError::NoStateDir(state_dir.to_path_buf()));
+    }
+    let mut sets = list(img_path, state_dir)?;
+    if rule.include_orphans {
+        for s in &mut sets {
+            if s.outcome == "unknown"
+                && s.age_s >= ORPHAN_GRACE.as_secs()
+                && s.protected.as_deref().is_some_and(|p| p.starts_with("no journal"))
+            {
+                s.protected = None;
+            }
+        }
+    }
     let mut chosen: Vec<KeptSet> = Vec::new();
     if let Some(age) = rule.older_than {
         chosen.extend(sets.iter().filter(|s| s.age_s >= age.as_secs()).cloned());
@@ -332,6 +360,8 @@ mod tests {
         assert!(by(&doubt).protected.is_some());
         assert!(by(&busy).protected.as_deref().is_some_and(|p| p.contains(&std::process::id().to_string())));
 
+        let orphan = img.join(format!("pid-9-{}-destination", "a".repeat(32)));
+        std::fs::create_dir_all(&orphan).expect("a set with no journal");
         let dry =
             prune(&img, &state, PruneRule { older_than: Some(Duration::ZERO), dry_run: true, ..Default::default() })
                 .expect("dry run");
@@ -340,8 +370,20 @@ mod tests {
         let done =
             prune(&img, &state, PruneRule { older_than: Some(Duration::ZERO), ..Default::default() }).expect("prune");
         assert_eq!(done.removed.iter().map(|s| s.dir.clone()).collect::<Vec<_>>(), vec![failed.clone()]);
-        assert_eq!(done.spared.len(), 2);
-        assert!(!failed.exists() && doubt.exists() && busy.exists() && mine.exists());
+        assert_eq!(done.spared.len(), 3);
+        assert!(!failed.exists() && doubt.exists() && busy.exists() && mine.exists() && orphan.exists());
+        // Without the state directory nothing is pruned at all.
+        let e = prune(
+            &img,
+            &root.path().join("nope"),
+            PruneRule { older_than: Some(Duration::ZERO), ..Default::default() },
+        );
+        assert!(matches!(e, Err(KeptError::NoStateDir(_))));
+        // Through a symbolic link to the image directory, a set in use is still seen in use.
+        let link = root.path().join("img-link");
+        std::os::unix::fs::symlink(&img, &link).expect("symlink");
+        let via = list(&link, &state).expect("list");
+        assert!(via.iter().any(|s| s.dir.ends_with(busy.file_name().expect("name")) && s.protected.is_some()));
     }
 
     #[test]

@@ -224,12 +224,30 @@ impl Drop for CorkPusher {
     }
 }
 
+/// The descriptors above 2 this process was started with (recorded by [`cloexec_inherited`]; the read of
+/// /proc/self/fd itself may add one, which is closed again by then).
+static INHERITED: std::sync::OnceLock<Vec<RawFd>> = std::sync::OnceLock::new();
+
+/// Whether `fd` was open when this process started (and not one phaul opened itself since, such as its log file).
+pub fn was_inherited(fd: RawFd) -> bool {
+    INHERITED.get().is_some_and(|v| v.contains(&fd)) && fcntl(fd, FcntlArg::F_GETFD).is_ok()
+}
+
+/// Whether `fd` is open for writing.
+pub fn is_writable(fd: RawFd) -> bool {
+    fcntl(fd, FcntlArg::F_GETFL).is_ok_and(|fl| {
+        let mode = fl & libc::O_ACCMODE;
+        mode == libc::O_WRONLY || mode == libc::O_RDWR
+    })
+}
+
 /// Marks every descriptor above 2 that this process inherited close-on-exec. phaul hands children (CRIU, the
 /// lazy-pages daemon, a trial process) exactly the descriptors they need; a connection a caller handed phaul must
 /// never leak into them (CRIU refuses to dump a process holding a stray TCP socket, for one).
 pub fn cloexec_inherited() {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return };
     let fds: Vec<RawFd> = dir.flatten().filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok())).collect();
+    let _ = INHERITED.set(fds.iter().copied().filter(|fd| *fd > 2).collect());
     for fd in fds.into_iter().filter(|fd| *fd > 2) {
         if let Ok(flags) = fcntl(fd, FcntlArg::F_GETFD) {
             let flags = nix::fcntl::FdFlag::from_bits_truncate(flags) | nix::fcntl::FdFlag::FD_CLOEXEC;

@@ -457,6 +457,10 @@ struct MigrateArgs {
     /// Migrate even if the destination's CRIU is older than this one.
     #[arg(long)]
     skip_criu_check: bool,
+    /// Do not have the destination check its free space against the workload's memory (which can overstate the
+    /// images: pages shared after a fork count once per process).
+    #[arg(long)]
+    skip_space_check: bool,
     /// Print the report as JSON on standard output.
     #[arg(long)]
     json: bool,
@@ -531,6 +535,9 @@ enum ImagesAction {
         /// Say what would go, remove nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Also remove sets whose session has no journal in --state-dir (by age; never younger than an hour).
+        #[arg(long)]
+        include_orphans: bool,
     },
 }
 
@@ -688,6 +695,12 @@ fn migrate(c: &Common, a: MigrateArgs) -> Result<(), Fail> {
                 format!("--status-fd {fd} is also a channel descriptor; give it a descriptor of its own"),
             ))
         }
+        Some(fd) if !phaul_core::sys::was_inherited(fd) => {
+            return Err(Fail(EXIT_USAGE, format!("--status-fd {fd}: descriptor {fd} is not open; open it for writing before starting phaul (e.g. {fd}>status.jsonl)")))
+        }
+        Some(fd) if !phaul_core::sys::is_writable(fd) => {
+            return Err(Fail(EXIT_USAGE, format!("--status-fd {fd}: descriptor {fd} is not open for writing")))
+        }
         Some(fd) => {
             let owned = phaul_core::sys::adopt_inherited(fd).map_err(|e| {
                 Fail(
@@ -759,6 +772,7 @@ fn migrate(c: &Common, a: MigrateArgs) -> Result<(), Fail> {
         state_dir: c.state_dir.clone(),
         skip_cpu_check: a.skip_cpu_check,
         skip_criu_check: a.skip_criu_check,
+        skip_space_check: a.skip_space_check,
         timeout: Duration::from_secs(c.timeout),
         max_frozen: Duration::from_secs(a.max_frozen),
         resolve_timeout: Duration::from_secs(a.resolve_timeout),
@@ -807,6 +821,11 @@ fn guard_spawner(c: &Common, t: &TlsArgs, patience: u64) -> Result<ProcessGuards
     if let Some(p) = &c.criu {
         args.extend(["--criu".into(), p.clone().into_os_string()]);
     }
+    // The guard finds the same plugin lists and settings as this phaul.
+    args.extend([
+        "--sysconfdir".into(),
+        std::path::absolute(&c.sysconfdir).unwrap_or_else(|_| c.sysconfdir.clone()).into_os_string(),
+    ]);
     if let Some(p) = &c.log_file {
         args.extend(["--log-file".into(), p.clone().into_os_string()]);
     }
@@ -1213,12 +1232,12 @@ fn images(c: &Common, a: ImagesArgs) -> Result<(), Fail> {
             println!("{} sets, {}", sets.len(), human_bytes(total));
             Ok(())
         }
-        ImagesAction::Prune { older_than, keep_failed, dry_run } => {
+        ImagesAction::Prune { older_than, keep_failed, dry_run, include_orphans } => {
             let older_than = match (older_than, keep_failed) {
                 (None, None) => Some(Duration::ZERO),
                 (o, _) => o,
             };
-            let rule = kept::PruneRule { older_than, keep_failed, dry_run };
+            let rule = kept::PruneRule { older_than, keep_failed, dry_run, include_orphans };
             let r = kept::prune(&a.img_path, &c.state_dir, rule).map_err(fail)?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&r).map_err(|e| Fail(EXIT_FAILED, e.to_string()))?);

@@ -318,6 +318,7 @@ impl SourceTest {
             state_dir: self.dir.path().join("state"),
             skip_cpu_check: true,
             skip_criu_check: false,
+            skip_space_check: false,
             timeout: Duration::from_secs(10),
             max_frozen: Duration::from_secs(2),
             resolve_timeout: Duration::from_secs(1),

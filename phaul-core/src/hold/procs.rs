@@ -30,17 +30,21 @@ pub fn tree_processes(root: i32) -> Result<Vec<ProcId>, HoldError> {
     Ok(out)
 }
 
-/// The resident memory of the tree rooted at `root` (the sum of its processes' RSS; shared pages are counted once
-/// per process, so this errs high): about what its image set will take. 0 when it cannot be read.
+/// About what the image set of the tree rooted at `root` will take: the anonymous memory its processes hold,
+/// resident or swapped (`RssAnon` + `VmSwap`; file-backed pages are not dumped). Pages processes share after a
+/// fork are counted once per process, so this errs high. 0 when it cannot be read.
 pub fn tree_resident_bytes(root: i32) -> u64 {
     let Ok(procs) = tree_processes(root) else { return 0 };
+    let field = |s: &str, name: &str| -> u64 {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     procs
         .iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{}/status", p.pid)).ok())
-        .filter_map(|s| {
-            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-            line.split_whitespace().nth(1)?.parse::<u64>().ok()
-        })
+        .map(|s| field(&s, "RssAnon:") + field(&s, "VmSwap:"))
         .sum::<u64>()
         * 1024
 }

@@ -93,6 +93,8 @@ pub struct SourceConfig {
     pub state_dir: PathBuf,
     pub skip_cpu_check: bool,
     pub skip_criu_check: bool,
+    /// Do not declare the expected image size, so the destination does not check its free space against it.
+    pub skip_space_check: bool,
     /// The bound on waits for the peer or CRIU while nothing is frozen.
     pub timeout: Duration,
     /// `--max-frozen`: before the point of no return, a freeze longer than this is aborted and the workload
@@ -769,7 +771,12 @@ impl<'c> SourceRun<'c> {
                 w::Handover::Overlap as i32
             },
             max_frozen_ms: cfg.max_frozen.as_millis() as u64,
-            expected_image_bytes: if cfg.restart { 0 } else { crate::hold::procs::tree_resident_bytes(live.root_pid) },
+            // Restart mode sends no images, and post-copy's pages go to the destination's memory, not its disk.
+            expected_image_bytes: if cfg.restart || cfg.lazy || cfg.skip_space_check {
+                0
+            } else {
+                crate::hold::procs::tree_resident_bytes(live.root_pid)
+            },
         };
         if let Some(st) = self.progress.status() {
             st.emit(
