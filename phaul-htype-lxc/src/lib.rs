@@ -105,6 +105,8 @@ struct Lxc {
 impl Drop for Lxc {
     fn drop(&mut self) {
         if let Some(d) = self.rmdir_when_dropped.take() {
+            // The claim was kept until now, so that no other session took the directory meanwhile.
+            let _ = std::fs::remove_file(self.claim_path());
             // Only an empty directory: whatever is still in it is someone's.
             if let Err(e) = std::fs::remove_dir(&d) {
                 log::warn!("leaving {} ({e}): something in it is not this session's", d.display());
@@ -592,7 +594,6 @@ impl Lxc {
                     "{} is not empty yet ({e}); removed once the filesystem driver rolled back",
                     self.dir().display()
                 );
-                let _ = std::fs::remove_file(self.claim_path());
                 self.rmdir_when_dropped = Some(self.dir());
             }
         } else {

@@ -793,7 +793,8 @@ fn migrate(c: &Common, a: MigrateArgs) -> Result<(), Fail> {
         };
         let error = result.as_ref().err().map(|e| e.to_string());
         let report = serde_json::to_value(&report).unwrap_or_default();
-        s.emit("end", serde_json::json!({ "outcome": outcome, "error": error, "report": report }));
+        let end = serde_json::json!({ "outcome": outcome, "error": error, "report": report });
+        s.emit_waiting("end", end, Duration::from_secs(5));
         s.finish(Duration::from_secs(5));
     }
     if a.json {

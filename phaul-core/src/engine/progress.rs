@@ -28,7 +28,25 @@ pub struct StatusSink {
 
 enum Target {
     Queue { tx: std::sync::mpsc::SyncSender<String>, writer: std::thread::JoinHandle<()> },
-    Callback(Box<dyn Fn(&Value) + Send + Sync>),
+    Callback(Arc<dyn Fn(&Value) + Send + Sync>),
+}
+
+/// Writes all of `bytes`, waiting (on this writer thread only) while a non-blocking descriptor is full.
+fn write_all_waiting(out: &mut std::fs::File, mut bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    while !bytes.is_empty() {
+        match out.write(bytes) {
+            Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "the reader took nothing")),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let mut fds = [nix::poll::PollFd::new(out.as_fd(), nix::poll::PollFlags::POLLOUT)];
+                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for StatusSink {
@@ -42,7 +60,7 @@ impl StatusSink {
         let (tx, rx) = std::sync::mpsc::sync_channel::<String>(STATUS_QUEUE);
         let writer = std::thread::spawn(move || {
             for line in rx {
-                if let Err(e) = out.write_all(line.as_bytes()).and_then(|()| out.flush()) {
+                if let Err(e) = write_all_waiting(&mut out, line.as_bytes()) {
                     log::warn!(
                         "the status descriptor no longer takes lines ({e}); status output stops, the migration goes on"
                     );
@@ -60,7 +78,7 @@ impl StatusSink {
     /// Events as values, handed to `f` (on the engine's threads: keep it short) instead of written as lines.
     pub fn callback(f: impl Fn(&Value) + Send + Sync + 'static) -> Arc<StatusSink> {
         Arc::new(StatusSink {
-            out: Mutex::new(Some(Target::Callback(Box::new(f)))),
+            out: Mutex::new(Some(Target::Callback(Arc::new(f)))),
             started: Instant::now(),
             dropped: std::sync::atomic::AtomicU64::new(0),
         })
@@ -68,32 +86,60 @@ impl StatusSink {
 
     /// Sends `{"schema", "t", "event", ...fields}`; `fields` must be a JSON object. Never blocks on the reader.
     pub fn emit(&self, event: &str, fields: Value) {
+        self.send(event, fields, None);
+    }
+
+    /// As [`StatusSink::emit`], but waits up to `timeout` for room in the queue (for the last line, `end`).
+    pub fn emit_waiting(&self, event: &str, fields: Value, timeout: Duration) {
+        self.send(event, fields, Some(Instant::now() + timeout));
+    }
+
+    fn send(&self, event: &str, fields: Value, deadline: Option<Instant>) {
         use std::sync::atomic::Ordering;
         let mut line = json!({ "schema": STATUS_SCHEMA, "t": self.started.elapsed().as_secs_f64(), "event": event });
         if let (Some(l), Value::Object(f)) = (line.as_object_mut(), fields) {
             l.extend(f);
         }
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        match out.as_mut() {
-            Some(Target::Queue { tx, .. }) => {
-                let dropped = self.dropped.swap(0, Ordering::SeqCst);
-                if dropped > 0 {
-                    if let Some(l) = line.as_object_mut() {
-                        l.insert("dropped".into(), Value::from(dropped));
+        let callback = {
+            let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+            match out.as_mut() {
+                Some(Target::Queue { tx, .. }) => {
+                    let dropped = self.dropped.swap(0, Ordering::SeqCst);
+                    if dropped > 0 {
+                        if let Some(l) = line.as_object_mut() {
+                            l.insert("dropped".into(), Value::from(dropped));
+                        }
                     }
-                }
-                let mut text = line.to_string();
-                text.push('\n');
-                match tx.try_send(text) {
-                    Ok(()) => {}
-                    Err(std::sync::mpsc::TrySendError::Full(_)) => {
-                        self.dropped.fetch_add(dropped + 1, Ordering::SeqCst);
+                    let mut text = line.to_string();
+                    text.push('\n');
+                    loop {
+                        match tx.try_send(text) {
+                            Ok(()) => break,
+                            Err(std::sync::mpsc::TrySendError::Full(t))
+                                if deadline.is_some_and(|d| Instant::now() < d) =>
+                            {
+                                text = t;
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                                self.dropped.fetch_add(dropped + 1, Ordering::SeqCst);
+                                break;
+                            }
+                            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                                *out = None;
+                                break;
+                            }
+                        }
                     }
-                    Err(std::sync::mpsc::TrySendError::Disconnected(_)) => *out = None,
+                    None
                 }
+                Some(Target::Callback(f)) => Some(f.clone()),
+                None => None,
             }
-            Some(Target::Callback(f)) => f(&line),
-            None => {}
+        };
+        // Outside the lock: a callback may take its time, or emit again.
+        if let Some(f) = callback {
+            f(&line);
         }
     }
 

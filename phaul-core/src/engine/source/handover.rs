@@ -972,10 +972,11 @@ fn post_copy_frozen(
             record: Box::new(move || {
                 j.state = SourceState::Committing;
                 j.note = "Commit decided (post-copy): the point of no return".into();
-                if let Some(s) = &status {
+                let written = js.write(&mut j).is_ok();
+                if let (true, Some(s)) = (written, &status) {
                     s.emit("state", serde_json::json!({ "state": "committing", "note": j.note }));
                 }
-                js.write(&mut j).is_ok()
+                written
             }),
             cancelled: cancelled.clone(),
         });

@@ -480,15 +480,16 @@ impl<'c> SourceRun<'c> {
         note: &str,
         f: impl FnOnce(&mut SourceJournal),
     ) -> Result<(), MigrateError> {
-        if self.progress.status().is_some() {
-            let name = serde_json::to_value(state).ok().and_then(|v| v.as_str().map(str::to_string));
-            self.progress.state(name.as_deref().unwrap_or("unknown"), note);
-        }
         if let (Some(js), Some(j)) = (self.journals.as_ref(), self.journal.as_mut()) {
             j.state = state;
             j.note = note.to_string();
             f(j);
             js.write(j)?;
+        }
+        // Told once it is on disk: a reader never sees a state the journal does not hold.
+        if self.progress.status().is_some() {
+            let name = serde_json::to_value(state).ok().and_then(|v| v.as_str().map(str::to_string));
+            self.progress.state(name.as_deref().unwrap_or("unknown"), note);
         }
         Ok(())
     }
