@@ -248,9 +248,21 @@ pub fn unsafe_file(path: &Path) -> Option<String> {
             path.display()
         ));
     }
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if let Ok(d) = std::fs::metadata(dir) {
+    // Every directory on the way to the file itself (a symbolic link's target, not the link), from the root
+    // down: each must belong to root or this user, and not be changeable by group or others unless sticky; else
+    // whoever may change it could swap the file.
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    for dir in real.ancestors().skip(1) {
+        let Ok(d) = std::fs::metadata(dir) else { continue };
         let dmode = d.mode() & 0o7777;
+        if d.uid() != 0 && d.uid() != me {
+            return Some(format!(
+                "its directory {} belongs to uid {}, who could swap the file; phaul runs plugin code with its own privileges: `chown root {}`",
+                dir.display(),
+                d.uid(),
+                dir.display()
+            ));
+        }
         if dmode & 0o022 != 0 && dmode & 0o1000 == 0 {
             return Some(format!(
                 "its directory {} may be changed by group or others (mode {dmode:04o}), who could swap the file: `chmod go-w {}`",
@@ -953,6 +965,26 @@ mod tests {
         assert_eq!(r2.disabled().len(), 1);
         let msg = r.ensure(PluginKind::HOST_TYPE, "lxc").expect_err("none loaded").to_string();
         assert!(msg.contains("is installed and enabled") && msg.contains(&b.display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn a_list_under_a_directory_others_may_change_is_refused_however_deep() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = dir.path().join("open");
+        let deep = open.join("deep");
+        std::fs::create_dir_all(&deep).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let list = deep.join("plugins.toml");
+        std::fs::write(&list, "").expect("write");
+        let why = unsafe_file(&list).expect("refused");
+        assert!(why.contains(&open.display().to_string()), "{why}");
+        // Through a symbolic link in a safe place, the target's directories are the ones checked.
+        let link = dir.path().join("link.toml");
+        std::os::unix::fs::symlink(&list, &link).expect("symlink");
+        assert!(unsafe_file(&link).is_some());
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        assert_eq!(unsafe_file(&list), None);
     }
 
     #[test]

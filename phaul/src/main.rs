@@ -157,6 +157,10 @@ fn read_settings(p: &std::path::Path) -> Result<Settings, Fail> {
     if !meta.is_file() {
         return Err(Fail(EXIT_USAGE, format!("the settings file {} is not a regular file", p.display())));
     }
+    // It names the CA and the peers serve accepts: held to the same ownership rules as the plugin lists.
+    if let Some(why) = phaul_core::plugins::unsafe_file(p) {
+        return Err(Fail(EXIT_USAGE, format!("refusing the settings file {}: {why}", p.display())));
+    }
     if meta.len() > 1 << 20 {
         return Err(Fail(EXIT_USAGE, format!("the settings file {} is larger than 1 MiB", p.display())));
     }
