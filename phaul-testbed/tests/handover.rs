@@ -97,7 +97,15 @@ fn a_full_destination_disk_is_noticed_in_seconds_and_named() {
         .migrate(
             w.pid(),
             MigrateOptions {
-                src_args: vec!["--max-frozen".into(), "30".into(), "--timeout".into(), "120".into()],
+                // Past the set-up's free-space check (which would refuse this at once), so that the disk fills
+                // while the pages stream.
+                src_args: vec![
+                    "--max-frozen".into(),
+                    "30".into(),
+                    "--timeout".into(),
+                    "120".into(),
+                    "--skip-space-check".into(),
+                ],
                 ..Default::default()
             },
         )
