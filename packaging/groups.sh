@@ -1,9 +1,9 @@
 # The driver groups phaul is installed and packaged in: one Debian package each (phaul, phaul-lxc, ...), read by
-# scripts/install and scripts/package. The `phaul` group is the command and the core drivers and owns
+# scripts/install (which debian/rules runs once per package). The `phaul` group is the command and the core drivers and owns
 # SYSCONFDIR/phaul/plugins.toml; every other group drops SYSCONFDIR/phaul/plugins.d/50-GROUP.toml.
 #
 # GROUP_LIBS[group]: the plugin libraries (cargo's lib names); GROUP_DEFAULTS[group]: "htype=fs" defaults written
-# as [host-type.HTYPE] fs = "FS"; GROUP_DEPENDS[group]: Debian packages its drivers run; GROUP_SUMMARY[group].
+# as [host-type.HTYPE] fs = "FS". The Debian packages' fields (what each group's drivers run) are in debian/control.
 # shellcheck disable=SC2034
 GROUPS_ALL=(phaul lxc btrfs zfs lvm)
 declare -A GROUP_LIBS=(
@@ -19,18 +19,4 @@ declare -A GROUP_DEFAULTS=(
   [btrfs]=""
   [zfs]=""
   [lvm]=""
-)
-declare -A GROUP_DEPENDS=(
-  [phaul]="libc6 (>= 2.36), libgcc-s1, rsync, nftables, iproute2"
-  [lxc]="lxc (>= 1:5.0), iptables"
-  [btrfs]="btrfs-progs"
-  [zfs]="zfsutils-linux | zfs-fuse"
-  [lvm]="lvm2, thin-provisioning-tools"
-)
-declare -A GROUP_SUMMARY=(
-  [phaul]="live migration of Linux process trees and containers, with CRIU"
-  [lxc]="phaul host type for LXC containers"
-  [btrfs]="phaul filesystem driver: btrfs send/receive rounds"
-  [zfs]="phaul filesystem driver: ZFS send/receive rounds"
-  [lvm]="phaul filesystem driver: LVM thin snapshots"
 )

@@ -66,20 +66,7 @@ fn check_reports_a_destination_without_the_driver_or_the_room() {
     write_plugins_toml(&lab.plugins, &["pid"]).expect("B's plugins");
     let ours = lab.path("a-plugins.toml");
     write_plugins_toml(&ours, &["pid", "shared"]).expect("A's plugins");
-    let images = lab.path("dst-images");
-    std::fs::create_dir_all(&images).expect("dir");
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs", &images.display().to_string()])
-        .status()
-        .expect("mount");
-    assert!(st.success());
-    struct Umount(std::path::PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _u = Umount(images);
+    let _small = SmallDisk::mount(&lab.path("dst-images"), "16m");
     let addr = format!("127.0.0.1:{}", 23000 + (std::process::id() % 17000));
     let _serve = serve_listening(&lab, &addr, false, None);
     let pid = w.pid().to_string();

@@ -176,34 +176,13 @@ fn source_phaul_dies_mid_transfer() {
     assert!(!run.dst_status.success(), "the destination must report the roll-back:\n{}", run.describe());
 }
 
-/// A tmpfs of `mib` MiB mounted at `dir` (made if missing), unmounted when dropped.
-struct SmallFs(std::path::PathBuf);
-
-impl SmallFs {
-    fn new(dir: &std::path::Path, mib: u64) -> SmallFs {
-        std::fs::create_dir_all(dir).expect("mount point");
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "tmpfs", &dir.display().to_string()])
-            .status()
-            .expect("mount");
-        assert!(st.success(), "mount tmpfs on {}", dir.display());
-        SmallFs(dir.to_path_buf())
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_destination_without_room_for_the_images_refuses_before_anything_is_frozen() {
     let lab = lab("nospace");
     let w = lab.start_workload("memory", &["--size-mib", "64"]).expect("start");
     let before = probe_ok(&w, w.pid());
     // B's image directory has 16 MiB; the workload holds 64 MiB.
-    let _small = SmallFs::new(&lab.path("dst-images"), 16);
+    let _small = SmallDisk::mount(&lab.path("dst-images"), "16m");
     let run = lab.migrate(w.pid(), MigrateOptions::default()).expect("run");
     assert_still_on_source(&lab, &w, &run);
     let err = &run.src_stderr;

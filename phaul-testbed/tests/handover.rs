@@ -10,28 +10,6 @@ use common::*;
 use phaul_testbed::{pid_alive, pids_in_netns, MigrateOptions};
 use phaul_workloads::heartbeat::check_log;
 
-/// Mounts a small tmpfs over a directory for the test's lifetime.
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    fn mount(dir: &std::path::Path, size: &str) -> SmallDisk {
-        std::fs::create_dir_all(dir).expect("mkdir");
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "phaul-test", &dir.display().to_string()])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "mount tmpfs on {}", dir.display());
-        SmallDisk(dir.to_path_buf())
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 fn report_str<'a>(r: &'a serde_json::Value, path: &[&str]) -> &'a str {
     let mut v = r;
     for p in path {

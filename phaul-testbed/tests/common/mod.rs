@@ -494,3 +494,25 @@ pub fn assert_cut_done(done: &std::sync::Mutex<Option<Result<(), String>>>, run:
     }
     assert!(!run.src_timed_out && !run.dst_timed_out, "a side did not give up in time:\n{}", run.describe());
 }
+
+/// A small tmpfs mounted over a directory (made if missing) for the test's lifetime: a disk that fills.
+pub struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    pub fn mount(dir: &Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "phaul-test", &dir.display().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "mount tmpfs on {}", dir.display());
+        SmallDisk(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
