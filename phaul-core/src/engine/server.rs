@@ -228,11 +228,19 @@ pub fn serve_forever(
                     }
                     Ok((ch, Body::ChannelOpen(o), id)) => reg.park(ch, o, id.map(|i| i.fingerprint)),
                     Ok((mut ch, Body::Preflight(p), _)) => {
+                        // Each answer runs CRIU twice: a few at a time, however many peers ask.
+                        if PREFLIGHTS.fetch_add(1, Ordering::SeqCst) >= MAX_PREFLIGHTS {
+                            PREFLIGHTS.fetch_sub(1, Ordering::SeqCst);
+                            let msg = "this destination is answering other preflights; try again in a moment";
+                            let _ = wire::send_failure(&mut ch, msg.into(), Vec::new());
+                            return;
+                        }
                         log::info!("answering a preflight (`phaul check --to`) from {peer}");
                         let (criu, drivers) = (ctx.criu.as_ref(), ctx.drivers);
                         if let Err(e) = super::preflight::answer(criu, drivers, &ctx.cfg.img_path, &mut ch, p) {
                             log::warn!("could not answer a preflight from {peer}: {e}");
                         }
+                        PREFLIGHTS.fetch_sub(1, Ordering::SeqCst);
                     }
                     Ok((ch, Body::Resolve(r), id)) => {
                         let decision = w::Decision::try_from(r.decision).unwrap_or(w::Decision::Query);
@@ -254,6 +262,10 @@ pub fn serve_forever(
         Ok(())
     })
 }
+
+/// Preflights answered at once (`phaul check --to`), and the most there may be.
+static PREFLIGHTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+const MAX_PREFLIGHTS: usize = 4;
 
 fn tls_closed() -> &'static str {
     crate::transport::tls::PEER_CLOSED
