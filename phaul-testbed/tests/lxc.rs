@@ -206,6 +206,10 @@ fn busybox_container_moves_and_lxc_manages_it_on_b() {
     assert!(cfg_b.contains(&format!("lxc.rootfs.path = dir:{}", b.lxc.path_b.join(&name).join("rootfs").display())));
     assert!(cfg_b.contains(&format!("lxc.net.0.link = {BRIDGE_B}")));
     let report = run.report.as_ref().expect("report");
+    eprintln!(
+        "lxc busybox migration: total {} ms, frozen {} ms, downtime {} ms, restore {} ms",
+        report["total_ms"], report["frozen_ms"], report["downtime_ms"], report["restore_ms"]
+    );
     assert_eq!(report["htype"], "lxc", "{report}");
     assert_eq!(report["fs_driver"], "rsync", "{report}");
     let d = &report["htype_details"];
