@@ -170,12 +170,6 @@ pub fn find_configs(explicit: Option<&Path>, sysconfdir: &Path) -> Result<Vec<Pa
     Ok(files)
 }
 
-/// [`find_configs`] with the default system configuration directory; the first file found.
-pub fn find_config(explicit: Option<&Path>) -> Result<PathBuf, PluginLoadError> {
-    let mut v = find_configs(explicit, Path::new(DEFAULT_SYSCONFDIR))?;
-    Ok(v.remove(0))
-}
-
 /// What a `plugins.toml` lists, parsed and checked, before any library is loaded.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PluginList {

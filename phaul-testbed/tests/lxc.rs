@@ -42,12 +42,20 @@ fn lxc_here() -> bool {
     false
 }
 
-fn bed(tag: &str) -> Option<Bed> {
+/// A lab listing `drivers` (after the lxc host type), when LXC is here.
+fn lab_with(tag: &str, drivers: &[&str]) -> Option<Lab> {
     if !lxc_here() {
         return None;
     }
     let lab = Lab::new(tag).expect("lab");
-    write_plugins_toml(&lab.plugins, &["lxc", "rsync", "shared"]).expect("plugins.toml");
+    let mut all = vec!["lxc"];
+    all.extend_from_slice(drivers);
+    write_plugins_toml(&lab.plugins, &all).expect("plugins.toml");
+    Some(lab)
+}
+
+fn bed(tag: &str) -> Option<Bed> {
+    let lab = lab_with(tag, &["rsync", "shared"])?;
     let lxc = LxcHosts::new(&lab.pair, lab.scratch.path()).expect("bridges and LXC paths");
     Some(Bed { lxc, fs: "rsync", _btrfs: Vec::new(), zfs: Vec::new(), lab })
 }
@@ -55,11 +63,7 @@ fn bed(tag: &str) -> Option<Bed> {
 /// A bed whose LXC paths are each on its host's own btrfs (a loop device each), the root filesystem carried by
 /// the btrfs driver.
 fn btrfs_bed(tag: &str) -> Option<Bed> {
-    if !lxc_here() {
-        return None;
-    }
-    let lab = Lab::new(tag).expect("lab");
-    write_plugins_toml(&lab.plugins, &["lxc", "btrfs"]).expect("plugins.toml");
+    let lab = lab_with(tag, &["btrfs"])?;
     // Mounted before the hosts' mount namespaces are made, so that each has both.
     let a = LoopBtrfs::new(&lab.path("a.img"), &lab.path("btrfs-a"), 512).expect("A's btrfs");
     let b = LoopBtrfs::new(&lab.path("b.img"), &lab.path("btrfs-b"), 512).expect("B's btrfs");
@@ -70,11 +74,7 @@ fn btrfs_bed(tag: &str) -> Option<Bed> {
 /// A bed whose hosts' mount namespaces are their zfs-fuse daemons' (each host its own pool `tank`, mounted at the
 /// same path, as on two machines); the containers' root filesystems are datasets, carried by the zfs driver.
 fn zfs_bed(tag: &str) -> Option<Bed> {
-    if !lxc_here() {
-        return None;
-    }
-    let lab = Lab::new(tag).expect("lab");
-    write_plugins_toml(&lab.plugins, &["lxc", "zfs"]).expect("plugins.toml");
+    let lab = lab_with(tag, &["zfs"])?;
     let mnt = lab.path("tank");
     let a = ZfsHost::new_in(&lab.path("a.img"), "tank", &mnt, 512, Some(lab.a())).expect("A's pool");
     let b = ZfsHost::new_in(&lab.path("b.img"), "tank", &mnt, 512, Some(lab.b())).expect("B's pool");
@@ -115,6 +115,23 @@ impl Bed {
 
     fn counter(&self, path: &Path, name: &str) -> Option<u64> {
         self.lxc.counter(path, name)
+    }
+
+    /// Starts the container on A with a client connected to its echo server; the client and A's counter.
+    fn start_with_client(&self, name: &str) -> (TcpStream, u64) {
+        self.lxc.start_a(name).expect("started on A");
+        let mut client = connect_client(&self.lab);
+        assert_eq!(echo(&mut client, "before"), "before");
+        (client, self.counter(&self.lxc.path_a, name).expect("counter on A"))
+    }
+
+    /// After `run`: the container is RUNNING on B, its counter went on from `before`, `client`'s connection works.
+    fn assert_goes_on_on_b(&self, name: &str, run: &MigrationRun, client: &mut TcpStream, before: u64) {
+        assert_eq!(self.lxc.state(&self.lxc.path_b, name).as_deref(), Some("RUNNING"), "{}", run.describe());
+        std::thread::sleep(Duration::from_millis(600));
+        let after = self.counter(&self.lxc.path_b, name).expect("counter on B");
+        assert!(after > before, "the counter went on on B ({before} -> {after})");
+        assert_eq!(echo(client, "after"), "after");
     }
 }
 
@@ -465,10 +482,7 @@ fn a_container_on_lxcs_btrfs_backing_store_moves_by_the_btrfs_driver() {
     assert_eq!(subvolumes(&b._btrfs[0]), vec![rootfs.clone()], "lxc-create -B btrfs made a subvolume");
     let cfg_a = std::fs::read_to_string(b.lxc.path_a.join(&name).join("config")).expect("A's config");
     assert!(cfg_a.contains("lxc.rootfs.path = btrfs:"), "{cfg_a}");
-    b.lxc.start_a(&name).expect("started on A");
-    let mut client = connect_client(&b.lab);
-    assert_eq!(echo(&mut client, "before"), "before");
-    let before = b.counter(&b.lxc.path_a, &name).expect("counter on A");
+    let (mut client, before) = b.start_with_client(&name);
 
     let run = b.migrate(&name, MigrateOptions::default());
     ok(&run);
@@ -477,15 +491,11 @@ fn a_container_on_lxcs_btrfs_backing_store_moves_by_the_btrfs_driver() {
     assert!(report["htype_details"]["rootfs"].as_str().is_some_and(|r| r.starts_with("btrfs:")), "{report}");
 
     // B: LXC runs it on a subvolume of B's own btrfs, its config says so, and the counter goes on there.
-    assert_eq!(b.lxc.state(&b.lxc.path_b, &name).as_deref(), Some("RUNNING"), "{}", run.describe());
+    b.assert_goes_on_on_b(&name, &run, &mut client, before);
     assert_eq!(subvolumes(&b._btrfs[1]), vec![rootfs.clone()], "B has the root subvolume and no snapshot");
     let cfg_b = std::fs::read_to_string(b.lxc.path_b.join(&name).join("config")).expect("B's config");
     let want = format!("lxc.rootfs.path = btrfs:{}", b.lxc.path_b.join(&name).join("rootfs").display());
     assert!(cfg_b.contains(&want), "{cfg_b}");
-    std::thread::sleep(Duration::from_millis(600));
-    let after = b.counter(&b.lxc.path_b, &name).expect("counter on B");
-    assert!(after > before, "the counter went on on B ({before} -> {after})");
-    assert_eq!(echo(&mut client, "after"), "after");
     let touched = b.lxc.attach(&b.lxc.path_b, &name, &["sh", "-c", "echo b > /written-on-b && cat /written-on-b"]);
     assert_eq!(touched.expect("lxc-attach on B").trim(), "b", "B's root subvolume is writable");
 
@@ -564,20 +574,13 @@ fn a_container_whose_root_is_a_zfs_dataset_moves_by_the_zfs_driver() {
     b.zfs[0].zfs(&["create", &ds]).expect("A's dataset");
     let root = mnt.join(&name).display().to_string();
     b.lxc.create_busybox_on(&name, &[], &["-B", "dir", "--dir", &root]).expect("container on a dataset");
-    b.lxc.start_a(&name).expect("started on A");
-    let mut client = connect_client(&b.lab);
-    assert_eq!(echo(&mut client, "before"), "before");
-    let before = b.counter(&b.lxc.path_a, &name).expect("counter on A");
+    let (mut client, before) = b.start_with_client(&name);
 
     let run = b.migrate(&name, MigrateOptions::default());
     ok(&run);
     assert_eq!(run.report.as_ref().map(|r| r["fs_driver"].clone()), Some(serde_json::Value::from("zfs")));
-    assert_eq!(b.lxc.state(&b.lxc.path_b, &name).as_deref(), Some("RUNNING"), "{}", run.describe());
+    b.assert_goes_on_on_b(&name, &run, &mut client, before);
     assert!(b.zfs[1].all().expect("B's datasets").contains(&ds), "B received the dataset");
-    std::thread::sleep(Duration::from_millis(600));
-    let after = b.counter(&b.lxc.path_b, &name).expect("counter on B");
-    assert!(after > before, "the counter went on on B ({before} -> {after})");
-    assert_eq!(echo(&mut client, "after"), "after");
     assert_eq!(b.lxc.state(&b.lxc.path_a, &name).as_deref(), Some("STOPPED"));
     assert!(b.zfs[0].all().expect("A's datasets").contains(&ds), "A keeps its dataset");
     assert!(b.lxc.stop(&b.lxc.path_b, &name, &["-t", "20"]), "lxc-stop on B");

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use phaul_proto::wire::envelope::Body;
 use phaul_proto::wire::{self as w, CheckResult, Preflight, PreflightReply};
 
+use super::report::mib;
 use crate::criu::{rpc::CriuBackend, MIN_CRIU};
 use crate::plugins::Drivers;
 use crate::transport::Channel;
@@ -71,10 +72,6 @@ pub struct Want {
     pub img_path: PathBuf,
     /// The source's CRIU version (destination side: its own must be as new).
     pub source_criu: Option<(u32, u32, u32)>,
-}
-
-fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
 }
 
 fn on_path(tool: &str) -> bool {
@@ -254,8 +251,9 @@ fn cpu_check(host: &'static str, criu: &dyn CriuBackend, img_path: &Path, image:
     }
 }
 
-fn space_check(host: &'static str, img_path: &Path, expected: u64) -> Check {
-    // The image directory may not exist yet: its nearest existing parent holds it.
+/// Free space for images under `img_path` (or, while it does not exist yet, its nearest existing parent), and
+/// what `expected` bytes of images need there (a tenth more, for CRIU's metadata). `None` when statvfs fails.
+pub(crate) fn room_for(img_path: &Path, expected: u64) -> Option<(u64, u64)> {
     let mut at = img_path.to_path_buf();
     while !at.exists() {
         match at.parent() {
@@ -263,7 +261,12 @@ fn space_check(host: &'static str, img_path: &Path, expected: u64) -> Check {
             None => break,
         }
     }
-    let Ok(st) = nix::sys::statvfs::statvfs(&at) else {
+    let st = nix::sys::statvfs::statvfs(&at).ok()?;
+    Some((st.blocks_available().saturating_mul(st.fragment_size()), expected.saturating_add(expected / 10)))
+}
+
+fn space_check(host: &'static str, img_path: &Path, expected: u64) -> Check {
+    let Some((free, need)) = room_for(img_path, expected) else {
         return Check::new(
             host,
             "free-space",
@@ -271,8 +274,6 @@ fn space_check(host: &'static str, img_path: &Path, expected: u64) -> Check {
             format!("cannot tell the free space under {}", img_path.display()),
         );
     };
-    let free = st.blocks_available().saturating_mul(st.fragment_size());
-    let need = expected.saturating_add(expected / 10);
     if expected > 0 && free < need {
         Check::new(
             host,

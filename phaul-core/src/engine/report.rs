@@ -163,7 +163,8 @@ pub struct Report {
     pub images_kept: bool,
 }
 
-fn mib(b: u64) -> String {
+/// `b` bytes as "12.3 MiB".
+pub(crate) fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
 }
 

@@ -256,13 +256,11 @@ fn check_free_space(img_path: &Path, expected: u64) -> Result<(), Failed> {
     if expected == 0 {
         return Ok(());
     }
-    let Ok(st) = nix::sys::statvfs::statvfs(img_path) else { return Ok(()) };
-    let free = st.blocks_available().saturating_mul(st.fragment_size());
-    let need = expected.saturating_add(expected / 10);
+    let Some((free, need)) = super::preflight::room_for(img_path, expected) else { return Ok(()) };
     if free < need {
-        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let mib = super::report::mib;
         return Err(Failed::from(format!(
-            "this destination has {:.1} MiB free under {} and the source will send about {:.1} MiB of images (its workload's resident memory, {:.1} MiB, and a tenth more): free space there, or start phaul serve with another --img-path",
+            "this destination has {} free under {} and the source will send about {} of images (its workload's resident memory, {}, and a tenth more): free space there, or start phaul serve with another --img-path",
             mib(free),
             img_path.display(),
             mib(need),
